@@ -1,0 +1,145 @@
+//! The context a handler receives beside its message.
+
+use crate::{
+    envelope::{EncodeError, Envelope, Headers, MessageId},
+    message::Message,
+};
+use std::{
+    fmt,
+    sync::{Arc, Mutex},
+};
+
+/// What a handler knows about the delivery it handles, and a publish-on-success buffer.
+///
+/// Cheap to clone; clones share the buffer.
+///
+/// ```
+/// use steadfast::{Context, HandlerError, Message};
+///
+/// #[derive(serde::Serialize, serde::Deserialize, Message)]
+/// #[message(name = "orders.placed")]
+/// struct OrderPlaced { #[message(key)] order_id: u64 }
+/// #[derive(serde::Serialize, serde::Deserialize, Message)]
+/// #[message(name = "invoices.requested")]
+/// struct InvoiceRequested { order_id: u64 }
+///
+/// async fn on_order(msg: OrderPlaced, cx: Context) -> Result<(), HandlerError> {
+///     println!("attempt {} of message {}", cx.attempt(), cx.id());
+///     // Sent only if this handler returns Ok, after it returned.
+///     cx.publish(&InvoiceRequested { order_id: msg.order_id })?;
+///     Ok(())
+/// }
+/// ```
+#[derive(Clone)]
+pub struct Context {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) envelope: Envelope,
+    pub(crate) group: Arc<str>,
+    pub(crate) key: String,
+    pub(crate) outgoing: Mutex<Vec<Envelope>>,
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("id", &self.inner.envelope.id)
+            .field("name", &self.inner.envelope.name)
+            .field("attempt", &self.inner.envelope.attempt)
+            .field("group", &self.inner.group)
+            .field("idempotency_key", &self.inner.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub(crate) fn new(envelope: Envelope, group: Arc<str>, key: String) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                envelope,
+                group,
+                key,
+                outgoing: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Takes the envelope and the buffered messages back once the handler is done. If the
+    /// handler kept a clone of the context alive, the envelope is copied.
+    pub(crate) fn finish(self) -> (Envelope, String, Vec<Envelope>) {
+        match Arc::try_unwrap(self.inner) {
+            Ok(inner) => (
+                inner.envelope,
+                inner.key,
+                inner
+                    .outgoing
+                    .into_inner()
+                    .unwrap_or_else(|p| p.into_inner()),
+            ),
+            Err(shared) => {
+                let out =
+                    std::mem::take(&mut *shared.outgoing.lock().unwrap_or_else(|p| p.into_inner()));
+                (shared.envelope.clone(), shared.key.clone(), out)
+            }
+        }
+    }
+
+    /// A context for calling a handler directly in a unit test, outside any worker.
+    pub fn for_test(envelope: Envelope, group: &str) -> Self {
+        let key = envelope.id.to_string();
+        Self::new(envelope, Arc::from(group), key)
+    }
+
+    /// The message id.
+    pub fn id(&self) -> MessageId {
+        self.inner.envelope.id
+    }
+
+    /// The message's wire name.
+    pub fn name(&self) -> &str {
+        &self.inner.envelope.name
+    }
+
+    /// Which attempt this is (1 on the first delivery).
+    pub fn attempt(&self) -> u32 {
+        self.inner.envelope.attempt
+    }
+
+    /// The delivery's headers other than the CloudEvents attributes.
+    pub fn headers(&self) -> &Headers {
+        &self.inner.envelope.headers
+    }
+
+    /// The consumer group handling the message.
+    pub fn group(&self) -> &str {
+        &self.inner.group
+    }
+
+    /// The idempotency key: the `#[message(key)]` field, or the message id.
+    pub fn idempotency_key(&self) -> &str {
+        &self.inner.key
+    }
+
+    /// Buffers `msg` to be published if, and only if, this handler succeeds; the worker
+    /// awaits the broker's confirmation before it acks the incoming message. Ids are
+    /// derived from the incoming id, so a retried handler re-sends the same ids.
+    pub fn publish<M: Message>(&self, msg: &M) -> Result<MessageId, EncodeError> {
+        let env = Envelope::encode(msg)?;
+        Ok(self.publish_envelope(env))
+    }
+
+    /// Buffers a ready-made envelope (its id is replaced by a derived one).
+    pub fn publish_envelope(&self, mut env: Envelope) -> MessageId {
+        let mut out = self
+            .inner
+            .outgoing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        env.id = MessageId::derived(self.inner.envelope.id, out.len() as u32);
+        let id = env.id;
+        out.push(env);
+        id
+    }
+}

@@ -1,0 +1,29 @@
+#![doc = include_str!("../docs/crate.md")]
+
+pub mod context;
+pub mod envelope;
+pub mod error;
+pub mod handler;
+pub mod idempotency;
+pub mod message;
+pub mod retry;
+pub mod testing;
+pub mod transport;
+pub mod worker;
+
+pub use context::Context;
+pub use envelope::{Envelope, Headers, MessageId};
+pub use error::{ErrorKind, HandlerError, ResultExt};
+pub use handler::Handler;
+pub use message::Message;
+pub use retry::{Disposition, Failure, RetryPolicy};
+pub use worker::{Worker, shutdown_signal};
+
+/// Derives [`Message`]: `#[message(name = "orders.placed")]` on the type, and optionally
+/// `#[message(key)]` on the field that is the idempotency key.
+pub use steadfast_macros::Message;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use std::borrow::Cow;
+}

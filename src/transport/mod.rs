@@ -1,0 +1,342 @@
+//! The transport contract: subscribe to a consumer group's messages, publish with the
+//! broker's confirmation, and settle each delivery with a [`Disposition`].
+//!
+//! Every transport — [`memory`], RabbitMQ, NATS JetStream — passes the same conformance
+//! suite (`steadfast::testing::conformance`). The rules a transport must keep:
+//!
+//! - [`Transport::publish`] returns `Ok` only once the broker has confirmed the message
+//!   (publisher confirm, PubAck); an unroutable message is an error, never a silent drop.
+//! - [`Delivery::settle`] returns `Ok` only once the disposition is carried out: for
+//!   `Retry` and `DeadLetter` the copy was confirmed *before* the original is acked. A
+//!   settle that may not have reached the broker (a dead channel) is an error.
+//! - A delivery dropped without being settled goes back to the broker (it is redelivered,
+//!   to this worker or the next).
+//! - Dropping the [`DeliveryStream`] stops intake (cancels the consumer) but keeps what is
+//!   needed to settle deliveries already handed out.
+
+pub mod memory;
+
+use crate::{
+    envelope::{Envelope, Headers, MessageId, header},
+    error::ErrorKind,
+    retry::Disposition,
+};
+use futures::{future::BoxFuture, stream::BoxStream};
+use std::{error::Error as StdError, fmt, time::Duration};
+
+/// What a worker subscribes to: its consumer group and the message names it handles,
+/// with the settings a transport needs to declare its topology.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Subscription {
+    /// The consumer group: the work queue (RabbitMQ) or durable consumer (NATS). Workers
+    /// with the same group share its messages.
+    pub group: String,
+    /// The wire names routed to this group.
+    pub names: Vec<String>,
+    /// How many unsettled deliveries the broker may hand out at once (the worker's
+    /// concurrency).
+    pub prefetch: usize,
+    /// The retry policy's attempt limit; a broker-side delivery limit is set above it.
+    pub max_attempts: u32,
+    /// Every delay the retry policy can ask for, ascending (for delay tiers).
+    pub retry_delays: Vec<Duration>,
+    /// The handler timeout; ack deadlines (NATS `ack_wait`) are set above it.
+    pub handler_timeout: Duration,
+    /// Payloads larger than this are dead-lettered without being decoded.
+    pub max_payload_bytes: usize,
+}
+
+impl Subscription {
+    /// A subscription for `group` to `names`, with defaults for the rest.
+    pub fn new(
+        group: impl Into<String>,
+        names: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        Self {
+            group: group.into(),
+            names: names.into_iter().map(Into::into).collect(),
+            prefetch: 16,
+            max_attempts: 5,
+            retry_delays: vec![Duration::from_secs(1)],
+            handler_timeout: Duration::from_secs(30),
+            max_payload_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Whether a transport can currently reach its broker (for readiness).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Connected and consuming.
+    Connected,
+    /// Reconnecting after a failure.
+    Reconnecting,
+    /// Closed for good.
+    Closed,
+}
+
+/// A stream of deliveries for one subscription. It survives reconnects; it ends only
+/// when the transport is closed.
+pub type DeliveryStream = BoxStream<'static, Result<Delivery, TransportError>>;
+
+/// The transport-specific half of a delivery: how to settle it.
+///
+/// Implemented by each transport; users only meet it when writing their own.
+pub trait Acker: Send + Sync + 'static {
+    /// Carries out `disposition` for the delivery whose (possibly re-read) envelope is
+    /// `envelope`. `Ok` only when it is done: see the module docs.
+    fn settle(
+        self: Box<Self>,
+        envelope: Envelope,
+        disposition: Disposition,
+    ) -> BoxFuture<'static, Result<(), TransportError>>;
+
+    /// How often a long-running handler must tell the broker it is still working
+    /// (NATS `ack_wait`), if ever.
+    fn progress_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Tells the broker the handler is still working on this delivery.
+    fn progress(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// One message handed to the worker, with the means to settle it.
+pub struct Delivery {
+    /// The message.
+    pub envelope: Envelope,
+    /// What is wrong with the delivery's headers, if anything; such deliveries are
+    /// dead-lettered without reaching a handler.
+    pub defect: Option<String>,
+    pub(crate) acker: Box<dyn Acker>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("envelope", &self.envelope)
+            .field("defect", &self.defect)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// A delivery settled through `acker`.
+    pub fn new(envelope: Envelope, acker: impl Acker) -> Self {
+        Self {
+            envelope,
+            defect: None,
+            acker: Box::new(acker),
+        }
+    }
+
+    /// Marks the delivery as malformed (builder style).
+    #[must_use]
+    pub fn with_defect(mut self, defect: Option<String>) -> Self {
+        self.defect = defect;
+        self
+    }
+
+    /// Carries out `disposition`. `Ok` only once it is durable at the broker.
+    pub async fn settle(self, disposition: Disposition) -> Result<(), TransportError> {
+        self.acker.settle(self.envelope, disposition).await
+    }
+
+    /// See [`Acker::progress_interval`].
+    pub fn progress_interval(&self) -> Option<Duration> {
+        self.acker.progress_interval()
+    }
+
+    /// See [`Acker::progress`].
+    pub async fn progress(&self) -> Result<(), TransportError> {
+        self.acker.progress().await
+    }
+}
+
+/// A message broker steadfast can consume from and publish to.
+///
+/// Object-safe: workers hold an `Arc<dyn Transport>`. See the module docs for the rules.
+pub trait Transport: Send + Sync + 'static {
+    /// The `messaging.system` name: `"memory"`, `"rabbitmq"`, `"nats"`.
+    fn system(&self) -> &'static str;
+
+    /// Declares the topology of `sub` (queues, bindings, streams, consumers) without
+    /// consuming. Idempotent; [`subscribe`](Self::subscribe) does it too.
+    fn declare<'a>(&'a self, sub: &'a Subscription) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Starts consuming `sub`.
+    fn subscribe<'a>(
+        &'a self,
+        sub: &'a Subscription,
+    ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>>;
+
+    /// Publishes `envelope` to its name's destination; returns once the broker confirmed.
+    fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Publishes several envelopes, confirmations pipelined where the broker allows;
+    /// one result per envelope, in order.
+    fn publish_batch<'a>(
+        &'a self,
+        envelopes: &'a [Envelope],
+    ) -> BoxFuture<'a, Vec<Result<(), TransportError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(envelopes.len());
+            for e in envelopes {
+                out.push(self.publish(e).await);
+            }
+            out
+        })
+    }
+
+    /// Reads up to `limit` dead letters of `group`, oldest first, without removing them.
+    fn dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, TransportError>> {
+        let _ = (group, limit);
+        Box::pin(async {
+            Err(TransportError::new(
+                TransportErrorKind::Unsupported,
+                "this transport cannot list dead letters",
+            ))
+        })
+    }
+
+    /// Whether the broker is reachable now.
+    fn health(&self) -> Health {
+        Health::Connected
+    }
+
+    /// Closes connections after in-flight settles finished.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A dead-lettered message as read back from a dead-letter queue or stream.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The original message: id, name, headers and bytes as they arrived.
+    pub envelope: Envelope,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// The kind of the last error, if the header was readable.
+    pub kind: Option<ErrorKind>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Where it was consumed from.
+    pub original_destination: String,
+    /// When it was dead-lettered (RFC 3339).
+    pub failed_at: String,
+}
+
+impl DeadLetter {
+    /// Splits the framework's failure headers off an envelope read from a dead-letter
+    /// queue; the remaining headers are the original ones.
+    pub fn from_envelope(mut envelope: Envelope) -> Self {
+        let h: &mut Headers = &mut envelope.headers;
+        let reason = h.remove(header::DEAD_LETTER_REASON).unwrap_or_default();
+        let kind = h
+            .remove(header::ERROR_KIND)
+            .and_then(|k| ErrorKind::parse(&k));
+        let attempts = h
+            .remove(header::ATTEMPTS)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0);
+        let original_destination = h.remove(header::ORIGINAL_DESTINATION).unwrap_or_default();
+        let failed_at = h.remove(header::FAILED_AT).unwrap_or_default();
+        Self {
+            envelope,
+            reason,
+            kind,
+            attempts,
+            original_destination,
+            failed_at,
+        }
+    }
+
+    /// The original message id.
+    pub fn id(&self) -> MessageId {
+        self.envelope.id
+    }
+}
+
+/// What went wrong in a transport.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportErrorKind {
+    /// The connection or channel failed or is closed; the operation may not have happened.
+    Connection,
+    /// No queue or stream takes messages of this name.
+    Unroutable,
+    /// The broker refused the message (nack, reject-publish, limits).
+    Rejected,
+    /// The broker did not answer in time; the outcome is unknown.
+    Timeout,
+    /// The configuration or topology is wrong (a clear start-up error).
+    Config,
+    /// The transport was closed by the user.
+    Closed,
+    /// The transport cannot do this.
+    Unsupported,
+    /// Anything else the broker said.
+    Protocol,
+}
+
+/// An error from a transport. Its text never contains credentials.
+#[derive(Debug)]
+pub struct TransportError {
+    kind: TransportErrorKind,
+    message: String,
+    source: Option<Box<dyn StdError + Send + Sync + 'static>>,
+}
+
+impl TransportError {
+    /// An error of `kind` with a message.
+    pub fn new(kind: TransportErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying error. Its text must not contain credentials either.
+    #[must_use]
+    pub fn with_source(
+        mut self,
+        source: impl Into<Box<dyn StdError + Send + Sync + 'static>>,
+    ) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> TransportErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(s) = &self.source {
+            write!(f, ": {s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for TransportError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static))
+    }
+}

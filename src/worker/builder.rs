@@ -1,0 +1,203 @@
+//! Building a worker: every setting validated in `build()`, never a panic.
+
+use super::{
+    Worker, WorkerState,
+    pipeline::{OutcomeHook, Processed, Route, Shared, TypedRoute},
+};
+use crate::{
+    handler::Handler,
+    idempotency::IdempotencyStore,
+    message::{Message, validate_name},
+    retry::RetryPolicy,
+    transport::{Subscription, Transport},
+};
+use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
+use tokio::sync::watch;
+
+/// The most concurrent handlers a worker may run.
+pub const MAX_CONCURRENCY: usize = 10_000;
+
+/// Builds a [`Worker`]; see [`Worker::builder`].
+pub struct WorkerBuilder {
+    transport: Arc<dyn Transport>,
+    group: String,
+    routes: Vec<(&'static str, Arc<dyn Route>)>,
+    policy: RetryPolicy,
+    store: Option<Arc<dyn IdempotencyStore>>,
+    concurrency: usize,
+    handler_timeout: Duration,
+    drain_timeout: Duration,
+    max_payload_bytes: usize,
+    hook: Option<OutcomeHook>,
+}
+
+impl fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("transport", &self.transport.system())
+            .field("group", &self.group)
+            .field(
+                "names",
+                &self.routes.iter().map(|r| r.0).collect::<Vec<_>>(),
+            )
+            .field("policy", &self.policy)
+            .field("idempotency", &self.store.is_some())
+            .field("concurrency", &self.concurrency)
+            .field("handler_timeout", &self.handler_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .finish()
+    }
+}
+
+/// A worker's configuration is invalid.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid worker configuration for group `{group}`: {problems}")]
+pub struct BuildError {
+    group: String,
+    problems: String,
+}
+
+impl WorkerBuilder {
+    pub(super) fn new(transport: Arc<dyn Transport>, group: String) -> Self {
+        Self {
+            transport,
+            group,
+            routes: Vec::new(),
+            policy: RetryPolicy::default(),
+            store: None,
+            concurrency: 16,
+            handler_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(20),
+            max_payload_bytes: 1 << 20,
+            hook: None,
+        }
+    }
+
+    /// Routes messages named `M::NAME` to `handler`. One handler per message name.
+    pub fn handle<M: Message, H: Handler<M>>(mut self, handler: H) -> Self {
+        self.routes
+            .push((M::NAME, Arc::new(TypedRoute::<M, H>::new(handler))));
+        self
+    }
+
+    /// The retry policy (default: [`RetryPolicy::default`]).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Deduplicates deliveries through `store` (keys scoped by group and message name).
+    pub fn idempotency(mut self, store: impl IdempotencyStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// How many messages are handled at once; also the broker prefetch (default 16).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// How long one handler call may run before it counts as a transient failure
+    /// (default 30 s).
+    pub fn handler_timeout(mut self, d: Duration) -> Self {
+        self.handler_timeout = d;
+        self
+    }
+
+    /// How long shutdown waits for in-flight handlers (default 20 s, below the usual
+    /// 30 s container grace period).
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
+
+    /// Payloads larger than this are dead-lettered without being decoded (default 1 MiB).
+    pub fn max_payload_bytes(mut self, n: usize) -> Self {
+        self.max_payload_bytes = n;
+        self
+    }
+
+    /// Calls `hook` with the outcome of every delivery (tests, metrics, audit).
+    pub fn on_outcome(mut self, hook: impl Fn(&Processed) + Send + Sync + 'static) -> Self {
+        self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Validates the configuration and builds the worker.
+    pub fn build(self) -> Result<Worker, BuildError> {
+        let mut problems: Vec<String> = Vec::new();
+        if self.group.is_empty()
+            || self.group.len() > 100
+            || !self
+                .group
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            problems
+                .push("the group must be 1..=100 ASCII letters, digits, `_`, `-` or `.`".into());
+        }
+        if self.routes.is_empty() {
+            problems.push("no handlers: add one with .handle(..)".into());
+        }
+        let mut routes: HashMap<String, Arc<dyn Route>> = HashMap::new();
+        for (name, route) in self.routes {
+            if let Err(e) = validate_name(name) {
+                problems.push(e);
+            }
+            if routes.insert(name.to_owned(), route).is_some() {
+                problems.push(format!("two handlers for message `{name}`"));
+            }
+        }
+        if let Err(e) = self.policy.validate() {
+            problems.push(e.to_string());
+        }
+        if self.concurrency == 0 || self.concurrency > MAX_CONCURRENCY {
+            problems.push(format!(
+                "concurrency must be 1..={MAX_CONCURRENCY}, got {}",
+                self.concurrency
+            ));
+        }
+        if self.handler_timeout.is_zero() {
+            problems.push("handler_timeout must be above zero".into());
+        }
+        if self.max_payload_bytes == 0 {
+            problems.push("max_payload_bytes must be above zero".into());
+        }
+        if !problems.is_empty() {
+            return Err(BuildError {
+                group: self.group,
+                problems: problems.join("; "),
+            });
+        }
+        let mut names: Vec<String> = routes.keys().cloned().collect();
+        names.sort();
+        let mut subscription = Subscription::new(self.group.clone(), names);
+        subscription.prefetch = self.concurrency;
+        subscription.max_attempts = self.policy.attempts();
+        subscription.retry_delays = self.policy.delay_tiers();
+        subscription.handler_timeout = self.handler_timeout;
+        subscription.max_payload_bytes = self.max_payload_bytes;
+        let shared = Shared {
+            group: Arc::from(self.group.as_str()),
+            transport: self.transport,
+            routes,
+            policy: self.policy,
+            store: self.store,
+            handler_timeout: self.handler_timeout,
+            // A crashed worker's key frees itself once the lease ends; it must outlive a
+            // handler that is still legitimately running.
+            lease: self.handler_timeout * 2 + Duration::from_secs(5),
+            max_payload_bytes: self.max_payload_bytes,
+            hook: self.hook,
+        };
+        Ok(Worker {
+            shared: Arc::new(shared),
+            subscription,
+            concurrency: self.concurrency,
+            drain_timeout: self.drain_timeout,
+            state: watch::Sender::new(WorkerState::Starting),
+        })
+    }
+}

@@ -1,0 +1,252 @@
+//! The worker: pulls deliveries from a transport, runs each through the pipeline in its
+//! own task, and shuts down gracefully.
+
+mod builder;
+mod pipeline;
+
+pub use builder::{BuildError, MAX_CONCURRENCY, WorkerBuilder};
+pub use pipeline::{Outcome, Processed};
+
+use crate::transport::{Health, Subscription, Transport, TransportError};
+use futures::StreamExt;
+use pipeline::Shared;
+use std::{future::Future, sync::Arc, time::Duration};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Consumes one consumer group's messages and routes them by name to handlers.
+///
+/// ```
+/// use std::time::Duration;
+/// use steadfast::{Context, HandlerError, Message, RetryPolicy, Worker, transport::memory::MemoryTransport};
+///
+/// #[derive(serde::Serialize, serde::Deserialize, Message)]
+/// #[message(name = "orders.placed")]
+/// struct OrderPlaced { #[message(key)] order_id: u64 }
+///
+/// async fn on_order(msg: OrderPlaced, _cx: Context) -> Result<(), HandlerError> {
+///     println!("order {}", msg.order_id);
+///     Ok(())
+/// }
+///
+/// # fn main() -> Result<(), steadfast::worker::BuildError> {
+/// let worker = Worker::builder(MemoryTransport::new(), "billing")
+///     .handle(on_order)
+///     .retry(RetryPolicy::exponential(Duration::from_millis(200)).max_attempts(5))
+///     .concurrency(32)
+///     .handler_timeout(Duration::from_secs(10))
+///     .build()?;
+/// // worker.run().await runs until SIGTERM or ctrl-c.
+/// # drop(worker); Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Worker {
+    shared: Arc<Shared>,
+    subscription: Subscription,
+    concurrency: usize,
+    drain_timeout: Duration,
+    state: watch::Sender<WorkerState>,
+}
+
+/// Where a worker is in its life (for readiness).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Built, not yet consuming.
+    Starting,
+    /// Consuming.
+    Running,
+    /// Intake stopped; finishing in-flight work.
+    Draining,
+    /// Done.
+    Stopped,
+}
+
+/// A cheap handle to a worker's state, for health endpoints.
+#[derive(Debug, Clone)]
+pub struct StatusHandle {
+    state: watch::Receiver<WorkerState>,
+    transport: Arc<dyn Transport>,
+}
+
+impl std::fmt::Debug for dyn Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Transport({})", self.system())
+    }
+}
+
+impl StatusHandle {
+    /// The worker's state.
+    pub fn state(&self) -> WorkerState {
+        *self.state.borrow()
+    }
+
+    /// Ready to take messages: running, and the transport is connected.
+    pub fn is_ready(&self) -> bool {
+        self.state() == WorkerState::Running && self.transport.health() == Health::Connected
+    }
+}
+
+/// Why a worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// Declaring or subscribing failed at start-up.
+    #[error("could not subscribe consumer group `{group}`: {source}")]
+    Subscribe {
+        /// The group.
+        group: String,
+        /// Why.
+        #[source]
+        source: TransportError,
+    },
+    /// The transport closed the delivery stream while the worker was running.
+    #[error("the transport closed the delivery stream of group `{0}`")]
+    StreamEnded(String),
+}
+
+impl Worker {
+    /// Starts building a worker for `group` on `transport`.
+    pub fn builder(transport: impl Transport, group: impl Into<String>) -> WorkerBuilder {
+        WorkerBuilder::new(Arc::new(transport), group.into())
+    }
+
+    /// Starts building a worker on a transport shared with others.
+    pub fn builder_shared(
+        transport: Arc<dyn Transport>,
+        group: impl Into<String>,
+    ) -> WorkerBuilder {
+        WorkerBuilder::new(transport, group.into())
+    }
+
+    /// The subscription this worker consumes (group, names, limits).
+    pub fn subscription(&self) -> &Subscription {
+        &self.subscription
+    }
+
+    /// A handle to the worker's state, for readiness checks.
+    pub fn status(&self) -> StatusHandle {
+        StatusHandle {
+            state: self.state.subscribe(),
+            transport: self.shared.transport.clone(),
+        }
+    }
+
+    /// Declares the worker's topology without consuming (so producers can publish before
+    /// the first worker starts).
+    pub async fn declare(&self) -> Result<(), WorkerError> {
+        self.shared
+            .transport
+            .declare(&self.subscription)
+            .await
+            .map_err(|source| WorkerError::Subscribe {
+                group: self.subscription.group.clone(),
+                source,
+            })
+    }
+
+    /// Runs until SIGTERM or ctrl-c, then drains and returns.
+    pub async fn run(self) -> Result<(), WorkerError> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Runs until `shutdown` completes: then stops intake, lets in-flight handlers finish
+    /// within the drain timeout, and returns. Handlers still running at the deadline are
+    /// abandoned unsettled, so the broker redelivers their messages.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+        let group = self.subscription.group.clone();
+        let mut stream = self
+            .shared
+            .transport
+            .subscribe(&self.subscription)
+            .await
+            .map_err(|source| WorkerError::Subscribe {
+                group: group.clone(),
+                source,
+            })?;
+        self.state.send_replace(WorkerState::Running);
+        tracing::info!(group = %group, names = ?self.subscription.names, "worker started");
+
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let tracker = TaskTracker::new();
+        let abandon = CancellationToken::new();
+        tokio::pin!(shutdown);
+        let mut result = Ok(());
+        loop {
+            let permit = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            };
+            let next = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                d = stream.next() => d,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    let shared = self.shared.clone();
+                    let abandon = abandon.clone();
+                    tracker.spawn(async move {
+                        tokio::select! {
+                            biased;
+                            () = abandon.cancelled() => {}
+                            () = pipeline::process(&shared, delivery) => {}
+                        }
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(group = %group, error = %e, "delivery stream error; continuing");
+                }
+                None => {
+                    result = Err(WorkerError::StreamEnded(group.clone()));
+                    break;
+                }
+            }
+        }
+
+        // Stop intake first: the consumer is cancelled, nothing new arrives.
+        self.state.send_replace(WorkerState::Draining);
+        drop(stream);
+        tracker.close();
+        let in_flight = self.concurrency - permits.available_permits();
+        tracing::info!(group = %group, in_flight, "draining");
+        if tokio::time::timeout(self.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            let left = tracker.len();
+            tracing::warn!(group = %group, left, "drain deadline passed; abandoning unfinished work unsettled for redelivery");
+            abandon.cancel();
+            tracker.wait().await;
+        }
+        self.state.send_replace(WorkerState::Stopped);
+        tracing::info!(group = %group, "worker stopped");
+        result
+    }
+}
+
+/// Completes on SIGTERM or ctrl-c (SIGINT).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,396 @@
+//! What happens around one handler call: size check, decode, idempotency, the guarded
+//! call (timeout, panic), outgoing messages, the decision and the settle.
+
+use crate::{
+    context::Context,
+    envelope::{Envelope, MessageId, truncate},
+    error::{ErrorKind, HandlerError},
+    handler::Handler,
+    idempotency::{Begin, IdempotencyStore, Key, Lease},
+    message::Message,
+    retry::{Disposition, Failure, RetryPolicy},
+    transport::{Acker, Delivery, Transport},
+};
+use futures::{FutureExt, future::BoxFuture};
+use std::{
+    any::Any, collections::HashMap, fmt, marker::PhantomData, panic::AssertUnwindSafe, sync::Arc,
+    time::Duration,
+};
+use tracing::Instrument;
+
+pub(super) type OutcomeHook = Arc<dyn Fn(&Processed) + Send + Sync>;
+
+/// How long a call to the idempotency store may take before it counts as failed.
+const STORE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the worker did with one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Processed {
+    /// The message id.
+    pub id: MessageId,
+    /// The wire name.
+    pub name: String,
+    /// The attempt that was made.
+    pub attempt: u32,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// The outcome of one delivery, as settled with the broker.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler succeeded and the message was acked.
+    Acked,
+    /// The idempotency key was already done: acked without running the handler.
+    Duplicate,
+    /// Failed transiently; scheduled again after `delay`.
+    Retried {
+        /// The broker-held delay.
+        delay: Duration,
+    },
+    /// Another worker holds the key; put back after `delay` without using an attempt.
+    Deferred {
+        /// The broker-held delay.
+        delay: Duration,
+    },
+    /// Moved to the dead-letter queue.
+    DeadLettered(Failure),
+    /// Settling failed (for example the channel died); the broker will redeliver.
+    NotSettled(String),
+}
+
+pub(super) struct Shared {
+    pub(super) group: Arc<str>,
+    pub(super) transport: Arc<dyn Transport>,
+    pub(super) routes: HashMap<String, Arc<dyn Route>>,
+    pub(super) policy: RetryPolicy,
+    pub(super) store: Option<Arc<dyn IdempotencyStore>>,
+    pub(super) handler_timeout: Duration,
+    pub(super) lease: Duration,
+    pub(super) max_payload_bytes: usize,
+    pub(super) hook: Option<OutcomeHook>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("group", &self.group)
+            .field("transport", &self.transport.system())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One message type's handler, with the type erased so a worker can hold many.
+pub(super) trait Route: Send + Sync + 'static {
+    fn run<'a>(
+        &'a self,
+        shared: &'a Shared,
+        envelope: Envelope,
+        acker: Box<dyn Acker>,
+    ) -> BoxFuture<'a, ()>;
+}
+
+pub(super) struct TypedRoute<M, H> {
+    handler: H,
+    _m: PhantomData<fn() -> M>,
+}
+
+impl<M, H> TypedRoute<M, H> {
+    pub(super) fn new(handler: H) -> Self {
+        Self {
+            handler,
+            _m: PhantomData,
+        }
+    }
+}
+
+impl<M: Message, H: Handler<M>> Route for TypedRoute<M, H> {
+    fn run<'a>(
+        &'a self,
+        shared: &'a Shared,
+        envelope: Envelope,
+        acker: Box<dyn Acker>,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(run_typed::<M, H>(&self.handler, shared, envelope, acker))
+    }
+}
+
+/// Entry point for one delivery, inside its own task.
+pub(super) async fn process(shared: &Shared, delivery: Delivery) {
+    let Delivery {
+        mut envelope,
+        defect,
+        acker,
+    } = delivery;
+    // The attempt header is ours, but anyone can forge it: a value past the policy's
+    // limit is not trusted to skip retries and counts as a first attempt.
+    if envelope.attempt > shared.policy.attempts() {
+        tracing::warn!(id = %envelope.id, claimed = envelope.attempt, "attempt header beyond the policy's limit; treated as attempt 1");
+        envelope.attempt = 1;
+    }
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %ProcessName(&envelope.name),
+        otel.kind = "consumer",
+        messaging.system = shared.transport.system(),
+        messaging.operation.type = "process",
+        messaging.destination.name = %envelope.name,
+        messaging.consumer.group.name = %shared.group,
+        messaging.message.id = %envelope.id,
+        messaging.message.body.size = envelope.payload.len(),
+        steadfast.attempt = envelope.attempt,
+    );
+    async move {
+        if let Some(defect) = defect {
+            return dead_letter_now(
+                shared,
+                envelope,
+                acker,
+                format!("malformed delivery: {defect}"),
+            )
+            .await;
+        }
+        if envelope.payload.len() > shared.max_payload_bytes {
+            let reason = format!(
+                "payload of {} bytes exceeds the limit of {} bytes",
+                envelope.payload.len(),
+                shared.max_payload_bytes
+            );
+            return dead_letter_now(shared, envelope, acker, reason).await;
+        }
+        match shared.routes.get(envelope.name.as_str()) {
+            Some(route) => route.run(shared, envelope, acker).await,
+            None => {
+                let reason = format!(
+                    "no handler for message name `{}` in group `{}`",
+                    truncate(&envelope.name, 200),
+                    shared.group
+                );
+                dead_letter_now(shared, envelope, acker, reason).await
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+struct ProcessName<'a>(&'a str);
+impl fmt::Display for ProcessName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "process {}", self.0)
+    }
+}
+
+async fn dead_letter_now(
+    shared: &Shared,
+    envelope: Envelope,
+    acker: Box<dyn Acker>,
+    reason: String,
+) {
+    settle(
+        shared,
+        envelope,
+        acker,
+        Disposition::DeadLetter(Failure::new(ErrorKind::Decode, reason)),
+    )
+    .await;
+}
+
+async fn run_typed<M: Message, H: Handler<M>>(
+    handler: &H,
+    shared: &Shared,
+    envelope: Envelope,
+    acker: Box<dyn Acker>,
+) {
+    let msg: M = match serde_json::from_slice(&envelope.payload) {
+        Ok(m) => m,
+        Err(e) => {
+            let reason = format!("cannot decode `{}` as JSON: {e}", M::NAME);
+            return dead_letter_now(shared, envelope, acker, reason).await;
+        }
+    };
+    let key = match msg.idempotency_key() {
+        Some(k) => k.into_owned(),
+        None => envelope.id.to_string(),
+    };
+
+    // Idempotency: take the key before the handler, mark it done only after success.
+    let mut lease: Option<Lease> = None;
+    if let Some(store) = &shared.store {
+        let k = Key {
+            group: &shared.group,
+            name: M::NAME,
+            key: &key,
+        };
+        match bounded(store.begin(k, shared.lease)).await {
+            Ok(Begin::Acquired(l)) => lease = Some(l),
+            Ok(Begin::AlreadyDone) => {
+                tracing::debug!("duplicate: idempotency key already done");
+                return settle_as(
+                    shared,
+                    envelope,
+                    acker,
+                    Disposition::Ack,
+                    Outcome::Duplicate,
+                )
+                .await;
+            }
+            Ok(Begin::InFlight) => {
+                // Not a failure: another worker is on it. Look again once it should be done.
+                let delay = shared.policy.base_delay(1).max(Duration::from_millis(100));
+                return settle(shared, envelope, acker, Disposition::Defer { delay }).await;
+            }
+            Err(e) => {
+                let result = Err(e);
+                let d = shared.policy.decide(&result, envelope.attempt, envelope.id);
+                return settle(shared, envelope, acker, d).await;
+            }
+        }
+    }
+
+    let attempt = envelope.attempt;
+    let id = envelope.id;
+    let cx = Context::new(envelope, shared.group.clone(), key);
+    let mut result = call_guarded(
+        handler.handle(msg, cx.clone()),
+        shared.handler_timeout,
+        acker.as_ref(),
+    )
+    .await;
+    let (envelope, key, outgoing) = cx.finish();
+
+    if result.is_ok() && !outgoing.is_empty() {
+        let n = outgoing.len();
+        if let Some(e) = shared
+            .transport
+            .publish_batch(&outgoing)
+            .await
+            .into_iter()
+            .find_map(Result::err)
+        {
+            result = Err(HandlerError::transient(e));
+            tracing::warn!(
+                outgoing = n,
+                "publishing the handler's outgoing messages failed; the message will be retried"
+            );
+        }
+    }
+
+    if let (Some(store), Some(lease)) = (&shared.store, lease) {
+        let k = Key {
+            group: &shared.group,
+            name: M::NAME,
+            key: &key,
+        };
+        if result.is_ok() {
+            // The handler's effects stand; failing to record that only weakens
+            // deduplication of a later duplicate, so the message is still acked.
+            if let Err(e) = bounded(store.complete(k, &lease)).await {
+                tracing::warn!(error = %e, "handled, but the idempotency key could not be marked done");
+            }
+        } else if let Err(e) = bounded(store.release(k, &lease)).await {
+            tracing::warn!(error = %e, "could not release the idempotency key; it frees itself when the lease ends");
+        }
+    }
+
+    let disposition = shared.policy.decide(&result, attempt, id);
+    if let Err(e) = &result {
+        tracing::info!(error = %e, "handler failed");
+    }
+    settle(shared, envelope, acker, disposition).await;
+}
+
+/// Runs the handler future with a timeout, catching panics, and keeps a long handler's
+/// delivery alive at the broker.
+async fn call_guarded(
+    fut: impl std::future::Future<Output = Result<(), HandlerError>> + Send,
+    timeout: Duration,
+    acker: &dyn Acker,
+) -> Result<(), HandlerError> {
+    let guarded = AssertUnwindSafe(tokio::time::timeout(timeout, fut)).catch_unwind();
+    let outcome = match acker.progress_interval() {
+        None => guarded.await,
+        Some(every) => {
+            tokio::pin!(guarded);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tokio::select! {
+                    out = &mut guarded => break out,
+                    _ = tick.tick() => {
+                        if let Err(e) = acker.progress().await {
+                            tracing::warn!(error = %e, "could not extend the delivery's ack deadline");
+                        }
+                    }
+                }
+            }
+        }
+    };
+    match outcome {
+        Ok(Ok(r)) => r,
+        Ok(Err(_elapsed)) => Err(HandlerError::msg(format!(
+            "handler timed out after {}",
+            humantime::format_duration(timeout)
+        ))),
+        Err(panic) => Err(HandlerError::msg(format!(
+            "handler panicked: {}",
+            panic_text(&*panic)
+        ))),
+    }
+}
+
+fn panic_text(p: &(dyn Any + Send)) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-text panic payload)")
+}
+
+async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, HandlerError> {
+    match tokio::time::timeout(STORE_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(HandlerError::transient(e)),
+        Err(_) => Err(HandlerError::msg(format!(
+            "idempotency store did not answer within {STORE_TIMEOUT:?}"
+        ))),
+    }
+}
+
+async fn settle(shared: &Shared, envelope: Envelope, acker: Box<dyn Acker>, d: Disposition) {
+    let outcome = match &d {
+        Disposition::Ack => Outcome::Acked,
+        Disposition::Retry { delay } => Outcome::Retried { delay: *delay },
+        Disposition::Defer { delay } => Outcome::Deferred { delay: *delay },
+        Disposition::DeadLetter(f) => Outcome::DeadLettered(f.clone()),
+    };
+    settle_as(shared, envelope, acker, d, outcome).await;
+}
+
+async fn settle_as(
+    shared: &Shared,
+    envelope: Envelope,
+    acker: Box<dyn Acker>,
+    d: Disposition,
+    mut outcome: Outcome,
+) {
+    let (id, attempt) = (envelope.id, envelope.attempt);
+    let name = shared.hook.as_ref().map(|_| envelope.name.clone());
+    if let Disposition::DeadLetter(f) = &d {
+        tracing::warn!(kind = %f.kind, reason = %f.reason, "dead-lettered");
+    }
+    if let Err(e) = acker.settle(envelope, d).await {
+        tracing::warn!(error = %e, "delivery not settled; the broker will redeliver it");
+        outcome = Outcome::NotSettled(e.to_string());
+    }
+    if let (Some(hook), Some(name)) = (&shared.hook, name) {
+        hook(&Processed {
+            id,
+            name,
+            attempt,
+            outcome,
+        });
+    }
+}
