@@ -79,7 +79,7 @@ fn key_method(input: &DeriveInput) -> syn::Result<TokenStream2> {
                             meta.error("`#[message(key)]` is only allowed on fields of a struct")
                         );
                     }
-                    found = Some((member.clone().unwrap_or_default(), attr.span()));
+                    found = Some((member.clone().unwrap_or_default(), meta.path.span()));
                     Ok(())
                 } else {
                     Err(meta.error("unknown `message` attribute on a field; expected `key`"))
