@@ -44,7 +44,7 @@ async fn retries_wait_exactly_the_policys_delays() {
         report.outcomes(id),
         [Outcome::Retried { delay: want[0] }, Outcome::Retried { delay: want[1] }, Outcome::Retried { delay: want[2] }, Outcome::Acked]
     );
-    let times = times.lock().unwrap();
+    let times = times.lock().unwrap().clone();
     let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
     // The paused clock only moves when every task waits, so each gap is the delay to the
     // millisecond the harness polls at.

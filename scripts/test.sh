@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): makes sure RabbitMQ, NATS JetStream and
+# PostgreSQL answer on 127.0.0.1 — starting the local servers where it can, or
+# `docker compose up -d` on a laptop with Docker — then runs the whole suite with the one
+# feature set CI uses. Test binaries named `*_faults` stop or restart shared servers, so
+# they run last, alone and one test at a time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # port name seconds
+  local i
+  for ((i = 0; i < $3 * 5; i++)); do
+    port_open "$1" && return 0
+    sleep 0.2
+  done
+  echo "error: $2 does not answer on 127.0.0.1:$1 after $3 s" >&2
+  return 1
+}
+
+start_rabbitmq() { command -v rabbitmq-server >/dev/null && rabbitmq-server -detached; }
+start_nats() {
+  command -v start-stop-daemon >/dev/null && [ -x /usr/sbin/nats-server ] &&
+    start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+      -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+}
+start_postgres() {
+  command -v pg_ctlcluster >/dev/null &&
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
+}
+
+ensure() { # port name starter
+  port_open "$1" && return 0
+  echo "$2 is not running on 127.0.0.1:$1; starting it" >&2
+  if ! "$3" 2>/dev/null; then
+    if command -v docker >/dev/null && docker compose version >/dev/null 2>&1; then
+      docker compose up -d
+    else
+      echo "error: cannot start $2: install it locally or run 'docker compose up -d'" >&2
+      return 1
+    fi
+  fi
+  wait_port "$1" "$2" 90
+}
+
+ensure 5672 RabbitMQ start_rabbitmq
+ensure 4222 "NATS JetStream" start_nats
+ensure 5432 PostgreSQL start_postgres
+# RabbitMQ opens its port a moment before it accepts work; wait until it says so.
+if command -v rabbitmqctl >/dev/null; then rabbitmqctl -q await_startup --timeout 90 >/dev/null; fi
+
+export RUST_BACKTRACE=1
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --all-features --no-tests=pass -E 'not binary(/_faults$/)'
+  cargo nextest run --workspace --all-features --no-tests=pass -E 'binary(/_faults$/)' --test-threads 1
+else
+  faults=$(find tests -maxdepth 1 -type d -name '*_faults' -printf '%f\n')
+  skip=()
+  for f in $faults; do skip+=(--exclude-test "$f"); done
+  cargo test --workspace --all-features --lib --bins --tests --examples
+  for f in $faults; do cargo test --all-features --test "$f" -- --test-threads 1; done
+fi
+cargo test --workspace --all-features --doc
+# Every example that needs no broker runs to completion.
+cargo run --all-features --quiet --example quickstart >/dev/null
+echo "scripts/test.sh: all tests passed"
