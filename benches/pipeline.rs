@@ -38,7 +38,11 @@ struct Tick {
 async fn prefill(broker: &MemoryTransport) {
     broker.bind("bench", [Tick::NAME]);
     for n in 0..N as u64 {
-        let env = Envelope::encode(&Tick { n, note: "x".repeat(200) }).expect("encodes");
+        let env = Envelope::encode(&Tick {
+            n,
+            note: "x".repeat(200),
+        })
+        .expect("encodes");
         broker.publish(&env).await.expect("routable");
     }
 }
@@ -48,7 +52,11 @@ async fn tick(_t: Tick, _cx: Context) -> Result<(), HandlerError> {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// The transport alone: pull each delivery and ack it, in a spawned task.
@@ -78,17 +86,23 @@ fn worker(rt: &tokio::runtime::Runtime, idempotency: bool) -> Duration {
         let done = Arc::new(Notify::new());
         let count = Arc::new(AtomicUsize::new(0));
         let (d, c) = (done.clone(), count.clone());
-        let mut builder = Worker::builder(broker.clone(), "bench").handle(tick).concurrency(64).on_outcome(move |_| {
-            if c.fetch_add(1, Ordering::Relaxed) + 1 == N {
-                d.notify_one();
-            }
-        });
+        let mut builder = Worker::builder(broker.clone(), "bench")
+            .handle(tick)
+            .concurrency(64)
+            .on_outcome(move |_| {
+                if c.fetch_add(1, Ordering::Relaxed) + 1 == N {
+                    d.notify_one();
+                }
+            });
         if idempotency {
             builder = builder.idempotency(MemoryStore::new());
         }
         let worker = builder.build().expect("valid");
         let start = Instant::now();
-        worker.run_until(async move { done.notified().await }).await.expect("ran");
+        tokio::spawn(worker.run_until(async move { done.notified().await }))
+            .await
+            .expect("joined")
+            .expect("ran");
         assert_eq!(count.load(Ordering::Relaxed), N);
         start.elapsed()
     })
@@ -97,10 +111,18 @@ fn worker(rt: &tokio::runtime::Runtime, idempotency: bool) -> Duration {
 fn pipeline(c: &mut Criterion) {
     let rt = runtime();
     let mut g = c.benchmark_group("memory_consume_10k");
-    g.throughput(Throughput::Elements(N as u64)).sample_size(10).measurement_time(Duration::from_secs(6));
-    g.bench_function("bare_transport_ack", |b| b.iter_custom(|iters| (0..iters).map(|_| bare(&rt)).sum()));
-    g.bench_function("steadfast_worker", |b| b.iter_custom(|iters| (0..iters).map(|_| worker(&rt, false)).sum()));
-    g.bench_function("steadfast_worker_idempotent", |b| b.iter_custom(|iters| (0..iters).map(|_| worker(&rt, true)).sum()));
+    g.throughput(Throughput::Elements(N as u64))
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(6));
+    g.bench_function("bare_transport_ack", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| bare(&rt)).sum())
+    });
+    g.bench_function("steadfast_worker", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| worker(&rt, false)).sum())
+    });
+    g.bench_function("steadfast_worker_idempotent", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| worker(&rt, true)).sum())
+    });
     g.finish();
 }
 

@@ -38,7 +38,9 @@ pub struct Context {
 pub(crate) struct Inner {
     pub(crate) envelope: Envelope,
     pub(crate) group: Arc<str>,
-    pub(crate) key: String,
+    /// The `#[message(key)]` value, or `None` for "the message id" (formatted lazily).
+    pub(crate) key: Option<String>,
+    pub(crate) id_text: std::sync::OnceLock<String>,
     pub(crate) outgoing: Mutex<Vec<Envelope>>,
 }
 
@@ -49,18 +51,19 @@ impl fmt::Debug for Context {
             .field("name", &self.inner.envelope.name)
             .field("attempt", &self.inner.envelope.attempt)
             .field("group", &self.inner.group)
-            .field("idempotency_key", &self.inner.key)
+            .field("idempotency_key", &self.idempotency_key())
             .finish_non_exhaustive()
     }
 }
 
 impl Context {
-    pub(crate) fn new(envelope: Envelope, group: Arc<str>, key: String) -> Self {
+    pub(crate) fn new(envelope: Envelope, group: Arc<str>, key: Option<String>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 envelope,
                 group,
                 key,
+                id_text: std::sync::OnceLock::new(),
                 outgoing: Mutex::new(Vec::new()),
             }),
         }
@@ -68,7 +71,7 @@ impl Context {
 
     /// Takes the envelope and the buffered messages back once the handler is done. If the
     /// handler kept a clone of the context alive, the envelope is copied.
-    pub(crate) fn finish(self) -> (Envelope, String, Vec<Envelope>) {
+    pub(crate) fn finish(self) -> (Envelope, Option<String>, Vec<Envelope>) {
         match Arc::try_unwrap(self.inner) {
             Ok(inner) => (
                 inner.envelope,
@@ -88,8 +91,7 @@ impl Context {
 
     /// A context for calling a handler directly in a unit test, outside any worker.
     pub fn for_test(envelope: Envelope, group: &str) -> Self {
-        let key = envelope.id.to_string();
-        Self::new(envelope, Arc::from(group), key)
+        Self::new(envelope, Arc::from(group), None)
     }
 
     /// The message id.
@@ -119,7 +121,13 @@ impl Context {
 
     /// The idempotency key: the `#[message(key)]` field, or the message id.
     pub fn idempotency_key(&self) -> &str {
-        &self.inner.key
+        match &self.inner.key {
+            Some(k) => k,
+            None => self
+                .inner
+                .id_text
+                .get_or_init(|| self.inner.envelope.id.to_string()),
+        }
     }
 
     /// Buffers `msg` to be published if, and only if, this handler succeeds; the worker

@@ -211,18 +211,16 @@ async fn run_typed<M: Message, H: Handler<M>>(
             return dead_letter_now(shared, envelope, acker, reason).await;
         }
     };
-    let key = match msg.idempotency_key() {
-        Some(k) => k.into_owned(),
-        None => envelope.id.to_string(),
-    };
+    let key: Option<String> = msg.idempotency_key().map(|k| k.into_owned());
 
     // Idempotency: take the key before the handler, mark it done only after success.
     let mut lease: Option<Lease> = None;
+    let mut key = key;
     if let Some(store) = &shared.store {
         let k = Key {
             group: &shared.group,
             name: M::NAME,
-            key: &key,
+            key: key.get_or_insert_with(|| envelope.id.to_string()),
         };
         match bounded(store.begin(k, shared.lease)).await {
             Ok(Begin::Acquired(l)) => lease = Some(l),
@@ -278,11 +276,11 @@ async fn run_typed<M: Message, H: Handler<M>>(
         }
     }
 
-    if let (Some(store), Some(lease)) = (&shared.store, lease) {
+    if let (Some(store), Some(lease), Some(key)) = (&shared.store, lease, key.as_deref()) {
         let k = Key {
             group: &shared.group,
             name: M::NAME,
-            key: &key,
+            key,
         };
         if result.is_ok() {
             // The handler's effects stand; failing to record that only weakens

@@ -9,9 +9,7 @@ use std::{
 };
 use steadfast::{
     Context, Envelope, ErrorKind, HandlerError, Message, RetryPolicy, Worker,
-    idempotency::memory::MemoryStore,
-    testing::TestHarness,
-    transport::memory::MemoryTransport,
+    idempotency::memory::MemoryStore, testing::TestHarness, transport::memory::MemoryTransport,
     worker::Outcome,
 };
 use tokio::time::Instant;
@@ -24,7 +22,11 @@ struct OrderPlaced {
 }
 
 fn policy() -> RetryPolicy {
-    RetryPolicy::exponential(Duration::from_secs(2)).factor(3.0).max_attempts(4).max_delay(Duration::from_secs(60)).jitter(0.0)
+    RetryPolicy::exponential(Duration::from_secs(2))
+        .factor(3.0)
+        .max_attempts(4)
+        .max_delay(Duration::from_secs(60))
+        .jitter(0.0)
 }
 
 #[tokio::test(start_paused = true)]
@@ -32,24 +34,40 @@ async fn retries_wait_exactly_the_policys_delays() {
     let broker = MemoryTransport::new();
     let times: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let t = times.clone();
-    let builder = Worker::builder(broker.clone(), "billing").retry(policy()).handle(move |_: OrderPlaced, cx: Context| {
-        t.lock().unwrap().push(Instant::now());
-        async move { if cx.attempt() < 4 { Err(HandlerError::msg("busy")) } else { Ok(()) } }
-    });
+    let builder = Worker::builder(broker.clone(), "billing")
+        .retry(policy())
+        .handle(move |_: OrderPlaced, cx: Context| {
+            t.lock().unwrap().push(Instant::now());
+            async move {
+                if cx.attempt() < 4 {
+                    Err(HandlerError::msg("busy"))
+                } else {
+                    Ok(())
+                }
+            }
+        });
     let h = TestHarness::start(&broker, builder).await.unwrap();
     let id = h.publish(&OrderPlaced { order_id: 1 }).await.unwrap();
     let report = h.run_until_idle().await;
     let want = [2, 6, 18].map(Duration::from_secs);
     assert_eq!(
         report.outcomes(id),
-        [Outcome::Retried { delay: want[0] }, Outcome::Retried { delay: want[1] }, Outcome::Retried { delay: want[2] }, Outcome::Acked]
+        [
+            Outcome::Retried { delay: want[0] },
+            Outcome::Retried { delay: want[1] },
+            Outcome::Retried { delay: want[2] },
+            Outcome::Acked
+        ]
     );
     let times = times.lock().unwrap().clone();
     let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
     // The paused clock only moves when every task waits, so each gap is the delay to the
     // millisecond the harness polls at.
     for (gap, want) in gaps.iter().zip(want) {
-        assert!(*gap >= want && *gap < want + Duration::from_millis(5), "gap {gap:?}, want {want:?}");
+        assert!(
+            *gap >= want && *gap < want + Duration::from_millis(5),
+            "gap {gap:?}, want {want:?}"
+        );
     }
     h.stop().await.unwrap();
 }
@@ -57,21 +75,29 @@ async fn retries_wait_exactly_the_policys_delays() {
 #[tokio::test(start_paused = true)]
 async fn retry_after_hint_is_honoured_and_capped() {
     let broker = MemoryTransport::new();
-    let builder = Worker::builder(broker.clone(), "billing").retry(policy().max_delay(Duration::from_secs(30))).handle(
-        |_: OrderPlaced, cx: Context| async move {
+    let builder = Worker::builder(broker.clone(), "billing")
+        .retry(policy().max_delay(Duration::from_secs(30)))
+        .handle(|_: OrderPlaced, cx: Context| async move {
             match cx.attempt() {
                 1 => Err(HandlerError::msg("429").retry_after(Duration::from_secs(10))),
                 2 => Err(HandlerError::msg("429").retry_after(Duration::from_secs(3600))),
                 _ => Ok(()),
             }
-        },
-    );
+        });
     let h = TestHarness::start(&broker, builder).await.unwrap();
     let id = h.publish(&OrderPlaced { order_id: 1 }).await.unwrap();
     let report = h.run_until_idle().await;
     assert_eq!(
         report.outcomes(id),
-        [Outcome::Retried { delay: Duration::from_secs(10) }, Outcome::Retried { delay: Duration::from_secs(30) }, Outcome::Acked]
+        [
+            Outcome::Retried {
+                delay: Duration::from_secs(10)
+            },
+            Outcome::Retried {
+                delay: Duration::from_secs(30)
+            },
+            Outcome::Acked
+        ]
     );
     h.stop().await.unwrap();
 }
@@ -98,7 +124,10 @@ async fn timeout_counts_as_transient_and_exhausts_to_dead_letter() {
     let dl = report.dead_letter(id).expect("dead-lettered");
     assert_eq!(dl.kind, Some(ErrorKind::Transient));
     assert_eq!(dl.attempts, 2);
-    assert_eq!(dl.reason, "gave up after 2 attempts: handler timed out after 5s");
+    assert_eq!(
+        dl.reason,
+        "gave up after 2 attempts: handler timed out after 5s"
+    );
     h.stop().await.unwrap();
 }
 
@@ -143,15 +172,16 @@ async fn concurrent_duplicate_is_deferred_not_run_twice() {
     let broker = MemoryTransport::new();
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
-    let builder = Worker::builder(broker.clone(), "billing").idempotency(MemoryStore::new()).concurrency(4).handle(
-        move |_: OrderPlaced, _cx: Context| {
+    let builder = Worker::builder(broker.clone(), "billing")
+        .idempotency(MemoryStore::new())
+        .concurrency(4)
+        .handle(move |_: OrderPlaced, _cx: Context| {
             c.fetch_add(1, Ordering::SeqCst);
             async {
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 Ok(())
             }
-        },
-    );
+        });
     let h = TestHarness::start(&broker, builder).await.unwrap();
     let env = Envelope::encode(&OrderPlaced { order_id: 1 }).unwrap();
     h.publish_envelope(&env).await.unwrap();
@@ -159,7 +189,12 @@ async fn concurrent_duplicate_is_deferred_not_run_twice() {
     let report = h.run_until_idle().await;
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     let outcomes = report.outcomes(env.id);
-    assert!(outcomes.iter().any(|o| matches!(o, Outcome::Deferred { .. })), "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Deferred { .. })),
+        "{outcomes:?}"
+    );
     assert!(outcomes.contains(&Outcome::Duplicate), "{outcomes:?}");
     assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Acked).count(), 1);
     h.stop().await.unwrap();
@@ -168,21 +203,26 @@ async fn concurrent_duplicate_is_deferred_not_run_twice() {
 #[tokio::test(start_paused = true)]
 async fn stopping_mid_handler_redelivers_to_the_next_worker() {
     let broker = MemoryTransport::new();
-    let builder = Worker::builder(broker.clone(), "billing").drain_timeout(Duration::from_secs(1)).handle(
-        |_: OrderPlaced, _cx: Context| async {
+    let builder = Worker::builder(broker.clone(), "billing")
+        .drain_timeout(Duration::from_secs(1))
+        .handle(|_: OrderPlaced, _cx: Context| async {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Ok(())
-        },
-    );
+        });
     let h = TestHarness::start(&broker, builder).await.unwrap();
     h.publish(&OrderPlaced { order_id: 1 }).await.unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(broker.unacked("billing"), 1);
     h.stop().await.unwrap();
     assert_eq!(broker.unacked("billing"), 0);
-    assert_eq!(broker.ready("billing"), 1, "back in the queue, not lost and not acked");
+    assert_eq!(
+        broker.ready("billing"),
+        1,
+        "back in the queue, not lost and not acked"
+    );
 
-    let builder = Worker::builder(broker.clone(), "billing").handle(|_: OrderPlaced, _cx: Context| async { Ok(()) });
+    let builder = Worker::builder(broker.clone(), "billing")
+        .handle(|_: OrderPlaced, _cx: Context| async { Ok(()) });
     let h2 = TestHarness::start(&broker, builder).await.unwrap();
     let report = h2.run_until_idle().await;
     assert_eq!(report.count(|o| *o == Outcome::Acked), 1);
@@ -192,9 +232,18 @@ async fn stopping_mid_handler_redelivers_to_the_next_worker() {
 #[tokio::test]
 async fn bad_configuration_is_an_error_not_a_panic() {
     let broker = MemoryTransport::new();
-    let err = Worker::builder(broker.clone(), "bad group!").concurrency(0).retry(RetryPolicy::default().max_attempts(0)).build().unwrap_err();
+    let err = Worker::builder(broker.clone(), "bad group!")
+        .concurrency(0)
+        .retry(RetryPolicy::default().max_attempts(0))
+        .build()
+        .unwrap_err();
     let text = err.to_string();
-    for needle in ["group must be", "no handlers", "max_attempts", "concurrency must be"] {
+    for needle in [
+        "group must be",
+        "no handlers",
+        "max_attempts",
+        "concurrency must be",
+    ] {
         assert!(text.contains(needle), "`{text}` lacks `{needle}`");
     }
     let dup = Worker::builder(broker, "g")
@@ -202,5 +251,8 @@ async fn bad_configuration_is_an_error_not_a_panic() {
         .handle(|_: OrderPlaced, _cx: Context| async { Ok(()) })
         .build()
         .unwrap_err();
-    assert!(dup.to_string().contains("two handlers for message `orders.placed`"));
+    assert!(
+        dup.to_string()
+            .contains("two handlers for message `orders.placed`")
+    );
 }
