@@ -23,6 +23,16 @@ pub use worker::{Worker, shutdown_signal};
 /// `#[message(key)]` on the field that is the idempotency key.
 pub use steadfast_macros::Message;
 
+/// Guides, included from `docs/` so that their examples are compiled and run as tests.
+pub mod guide {
+    #[doc = include_str!("../docs/architecture.md")]
+    pub mod architecture {}
+    #[doc = include_str!("../docs/retries-and-dead-letters.md")]
+    pub mod retries_and_dead_letters {}
+    #[doc = include_str!("../docs/testing.md")]
+    pub mod testing {}
+}
+
 #[doc(hidden)]
 pub mod __private {
     pub use std::borrow::Cow;

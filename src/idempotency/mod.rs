@@ -13,6 +13,8 @@
 
 pub mod memory;
 
+pub use memory::MemoryStore;
+
 use futures::future::BoxFuture;
 use std::{error::Error as StdError, fmt, time::Duration};
 use uuid::Uuid;

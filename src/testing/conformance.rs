@@ -4,7 +4,7 @@
 //! is the model), and so can yours: implement [`TransportFactory`] and expand
 //! [`conformance_tests!`](crate::conformance_tests) in a test file.
 //!
-//! ```ignore
+//! ```text
 //! steadfast::conformance_tests!(my_transport_tests, MyFactory::new());
 //! ```
 //!
