@@ -51,14 +51,22 @@ ensure 5432 PostgreSQL start_postgres
 if command -v rabbitmqctl >/dev/null; then rabbitmqctl -q await_startup --timeout 90 >/dev/null; fi
 
 export RUST_BACKTRACE=1
+faults=$(find tests -mindepth 1 -maxdepth 1 -type d -name '*_faults' -printf '%f\n' | sort)
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --all-features --no-tests=pass -E 'not binary(/_faults$/)'
-  cargo nextest run --workspace --all-features --no-tests=pass -E 'binary(/_faults$/)' --test-threads 1
+  if [ -n "$faults" ]; then
+    cargo nextest run --workspace --all-features --no-tests=pass -E 'not binary(/_faults$/)'
+    cargo nextest run --workspace --all-features --no-tests=pass -E 'binary(/_faults$/)' --test-threads 1
+  else
+    cargo nextest run --workspace --all-features --no-tests=pass
+  fi
 else
-  faults=$(find tests -maxdepth 1 -type d -name '*_faults' -printf '%f\n')
-  skip=()
-  for f in $faults; do skip+=(--exclude-test "$f"); done
-  cargo test --workspace --all-features --lib --bins --tests --examples
+  # Without nextest: name every test target except the *_faults ones.
+  targets=()
+  for t in $(find tests -mindepth 1 -maxdepth 1 \( -type d -o -name '*.rs' \) -printf '%f\n' | sed 's/\.rs$//' | sort); do
+    case "$t" in *_faults) ;; *) targets+=(--test "$t") ;; esac
+  done
+  cargo test --all-features -p steadfast --lib --examples "${targets[@]}"
+  cargo test --all-features -p steadfast-macros
   for f in $faults; do cargo test --all-features --test "$f" -- --test-threads 1; done
 fi
 cargo test --workspace --all-features --doc
