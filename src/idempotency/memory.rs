@@ -39,6 +39,9 @@ pub struct MemoryStore {
     retention: Duration,
 }
 
+/// Expired entries are swept once the map has grown by this many since the last sweep.
+const SWEEP_EVERY: usize = 4096;
+
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
@@ -57,6 +60,11 @@ impl MemoryStore {
             keys: Arc::default(),
             retention,
         }
+    }
+
+    /// Drops completed keys older than the retention and leases that ended.
+    pub fn purge_expired(&self) {
+        sweep(&mut self.lock(), Instant::now(), self.retention);
     }
 
     /// How many keys are completed (for tests).
@@ -84,6 +92,13 @@ impl MemoryStore {
     }
 }
 
+fn sweep(map: &mut HashMap<String, State>, now: Instant, retention: Duration) {
+    map.retain(|_, s| match s {
+        State::Done { at } => now.duration_since(*at) < retention,
+        State::Held { until, .. } => *until > now,
+    });
+}
+
 impl IdempotencyStore for MemoryStore {
     fn begin<'a>(
         &'a self,
@@ -93,6 +108,10 @@ impl IdempotencyStore for MemoryStore {
         let now = Instant::now();
         let k = Self::compose(key);
         let mut map = self.lock();
+        // Amortised: sweep each time the map reaches a power of two past SWEEP_EVERY.
+        if map.len() >= SWEEP_EVERY && map.len().is_power_of_two() {
+            sweep(&mut map, now, self.retention);
+        }
         let out = match map.get(&k) {
             Some(State::Done { at }) if now.duration_since(*at) < self.retention => {
                 Begin::AlreadyDone
@@ -190,6 +209,25 @@ mod tests {
             s.begin(other, Duration::from_secs(10)).await.unwrap(),
             Begin::Acquired(_)
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_keys_are_swept() {
+        let s = MemoryStore::with_retention(Duration::from_secs(60));
+        for i in 0..10 {
+            let key = Key {
+                key: &i.to_string(),
+                ..K
+            };
+            let Begin::Acquired(l) = s.begin(key, Duration::from_secs(1)).await.unwrap() else {
+                panic!()
+            };
+            s.complete(key, &l).await.unwrap();
+        }
+        assert_eq!(s.completed(), 10);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        s.purge_expired();
+        assert_eq!(s.completed(), 0);
     }
 
     #[tokio::test(start_paused = true)]
