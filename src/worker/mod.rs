@@ -1,5 +1,6 @@
-//! The worker: pulls deliveries from a transport, runs each through the pipeline in its
-//! own task, and shuts down gracefully.
+//! The worker: pulls deliveries from a transport, runs up to `concurrency` of them
+//! through the pipeline at once (each handler call guarded by a timeout and panic capture),
+//! and shuts down gracefully.
 
 mod builder;
 mod pipeline;
@@ -8,11 +9,10 @@ pub use builder::{BuildError, MAX_CONCURRENCY, WorkerBuilder};
 pub use pipeline::{Outcome, Processed};
 
 use crate::transport::{Health, Subscription, Transport, TransportError};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use pipeline::Shared;
-use std::{future::Future, sync::Arc, time::Duration};
-use tokio::sync::{Semaphore, watch};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
+use tokio::sync::watch;
 
 /// Consumes one consumer group's messages and routes them by name to handlers.
 ///
@@ -167,63 +167,62 @@ impl Worker {
         self.state.send_replace(WorkerState::Running);
         tracing::info!(group = %group, names = ?self.subscription.names, "worker started");
 
-        let permits = Arc::new(Semaphore::new(self.concurrency));
-        let tracker = TaskTracker::new();
-        let abandon = CancellationToken::new();
+        // In-flight deliveries are futures owned by this task, at most `concurrency` of
+        // them. Each handler call is guarded (timeout, panic capture) inside its future;
+        // abandoning work at the drain deadline is dropping the set, which drops each
+        // delivery unsettled so the broker redelivers it.
+        let shared: &Shared = &self.shared;
+        let mut in_flight = FuturesUnordered::new();
         tokio::pin!(shutdown);
         let mut result = Ok(());
         loop {
-            let permit = tokio::select! {
+            tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            };
-            let next = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                d = stream.next() => d,
-            };
-            match next {
-                Some(Ok(delivery)) => {
-                    let shared = self.shared.clone();
-                    let abandon = abandon.clone();
-                    tracker.spawn(async move {
-                        tokio::select! {
-                            biased;
-                            () = abandon.cancelled() => {}
-                            () = pipeline::process(&shared, delivery) => {}
-                        }
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(group = %group, error = %e, "delivery stream error; continuing");
-                }
-                None => {
-                    result = Err(WorkerError::StreamEnded(group.clone()));
-                    break;
-                }
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                next = stream.next(), if in_flight.len() < self.concurrency => match next {
+                    Some(Ok(delivery)) => in_flight.push(guard(pipeline::process(shared, delivery))),
+                    Some(Err(e)) => {
+                        tracing::warn!(group = %group, error = %e, "delivery stream error; continuing");
+                    }
+                    None => {
+                        result = Err(WorkerError::StreamEnded(group.clone()));
+                        break;
+                    }
+                },
             }
         }
 
         // Stop intake first: the consumer is cancelled, nothing new arrives.
         self.state.send_replace(WorkerState::Draining);
         drop(stream);
-        tracker.close();
-        let in_flight = self.concurrency - permits.available_permits();
-        tracing::info!(group = %group, in_flight, "draining");
-        if tokio::time::timeout(self.drain_timeout, tracker.wait())
-            .await
-            .is_err()
-        {
-            let left = tracker.len();
-            tracing::warn!(group = %group, left, "drain deadline passed; abandoning unfinished work unsettled for redelivery");
-            abandon.cancel();
-            tracker.wait().await;
+        tracing::info!(group = %group, in_flight = in_flight.len(), "draining");
+        let drained = tokio::time::timeout(self.drain_timeout, async {
+            while in_flight.next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                group = %group,
+                left = in_flight.len(),
+                "drain deadline passed; abandoning unfinished work unsettled for redelivery"
+            );
+            drop(in_flight);
         }
         self.state.send_replace(WorkerState::Stopped);
         tracing::info!(group = %group, "worker stopped");
         result
+    }
+}
+
+/// Keeps a panic that escapes the pipeline (an `on_outcome` hook, say) from taking the
+/// worker down; handler panics are already caught, and turned into transient failures,
+/// inside the pipeline.
+async fn guard(fut: impl Future<Output = ()>) {
+    if AssertUnwindSafe(fut).catch_unwind().await.is_err() {
+        tracing::error!(
+            "a panic escaped the message pipeline; the delivery goes back to the broker"
+        );
     }
 }
 

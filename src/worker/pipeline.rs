@@ -117,7 +117,7 @@ impl<M: Message, H: Handler<M>> Route for TypedRoute<M, H> {
     }
 }
 
-/// Entry point for one delivery, inside its own task.
+/// Entry point for one delivery: one future in the worker's in-flight set.
 pub(super) async fn process(shared: &Shared, delivery: Delivery) {
     let Delivery {
         mut envelope,
