@@ -3,6 +3,8 @@
 //! real broker shows — broker-held delays, killed workers, raw bad input, dead-letter
 //! headers, delivery limits.
 
+mod bad_input;
+mod broker;
 mod support;
 
 use std::sync::Arc;
