@@ -406,3 +406,93 @@ async fn passwords_never_appear_in_errors_or_debug() {
     );
     t.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_after_the_stream_is_dropped_still_acks() {
+    use futures::StreamExt;
+    use steadfast::{Disposition, transport::Subscription};
+    let t = support::transport("graceful");
+    let t = t.await;
+    let mut sub = Subscription::new("g", [Task::NAME]);
+    sub.prefetch = 10;
+    let mut stream = t.subscribe(&sub).await.unwrap();
+    for n in 0..3 {
+        t.publish(&Envelope::encode(&Task { n }).unwrap())
+            .await
+            .unwrap();
+    }
+    let first = stream.next().await.unwrap().unwrap();
+    let second = stream.next().await.unwrap().unwrap();
+    // Stop intake with two deliveries in hand and one prefetched or waiting.
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first
+        .settle(Disposition::Ack)
+        .await
+        .expect("acked on the kept channel");
+    drop(second); // dropped unsettled: back to the queue
+    let (_conn, ch) = support::raw_channel().await;
+    let q = t.queue_name("g");
+    support::wait_for_async("two messages back in the queue", || async {
+        support::ready(&ch, &q).await == 2
+    })
+    .await;
+    // A new subscription gets exactly those two.
+    let mut stream = t.subscribe(&sub).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("redelivered")
+            .unwrap()
+            .unwrap();
+        got.push(
+            serde_json::from_slice::<Task>(&d.envelope.payload)
+                .unwrap()
+                .n,
+        );
+        d.settle(Disposition::Ack).await.unwrap();
+    }
+    got.sort_unstable();
+    assert_eq!(got, [1, 2]);
+    drop(stream);
+    t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_work_queues_retry_through_quorum_delay_queues() {
+    let name = support::unique("classic");
+    let t = AmqpTransport::builder(support::url())
+        .exchange(name.clone())
+        .queue_prefix(format!("{name}."))
+        .queue_type(steadfast::transport::amqp::QueueType::Classic)
+        .queue_expiry(Duration::from_secs(300))
+        .connect()
+        .await
+        .unwrap();
+    let w = Running::start(
+        Worker::builder(t.clone(), "g")
+            .handle(|_: Task, cx: Context| async move {
+                if cx.attempt() < 2 {
+                    Err(HandlerError::msg("once more"))
+                } else {
+                    Ok(())
+                }
+            })
+            .retry(RetryPolicy::fixed(Duration::from_millis(200)).jitter(0.0)),
+    )
+    .await;
+    t.publish(&Envelope::encode(&Task { n: 1 }).unwrap())
+        .await
+        .unwrap();
+    let o = w.outcomes.clone();
+    support::wait_for("acked on attempt 2", Duration::from_secs(10), || {
+        o.lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.outcome == Outcome::Acked && p.attempt == 2)
+    })
+    .await;
+    w.stop().await;
+    t.close().await;
+}

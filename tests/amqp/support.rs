@@ -149,3 +149,18 @@ pub(crate) async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Polls an async condition for up to 10 s.
+pub(crate) async fn wait_for_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut cond: impl FnMut() -> F,
+) {
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
