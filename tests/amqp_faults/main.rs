@@ -1,0 +1,202 @@
+//! RabbitMQ faults: the broker application restarted (`rabbitmqctl stop_app` /
+//! `start_app`) and every connection closed (`rabbitmqctl close_all_connections`) while a
+//! worker handles 10,000 messages. Every message must be handled (no loss), and the same
+//! worker — same process, same delivery stream — must resume by itself.
+//!
+//! These tests stop a shared broker: the project's test script runs `*_faults` binaries
+//! alone, after everything else. A guard brings the broker back even when a test fails.
+
+use std::{
+    collections::HashSet,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+use steadfast::{
+    Context, Envelope, HandlerError, Message, MessageId, Worker,
+    transport::{Health, Transport, amqp::AmqpTransport},
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+#[message(name = "faults.job")]
+struct Job {
+    n: u64,
+}
+
+const TOTAL: usize = 10_000;
+
+fn url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn rabbitmqctl(args: &[&str]) -> bool {
+    match Command::new("rabbitmqctl").args(args).output() {
+        Ok(o) => {
+            if !o.status.success() {
+                eprintln!(
+                    "rabbitmqctl {args:?} failed: {}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            o.status.success()
+        }
+        Err(e) => {
+            eprintln!("cannot run rabbitmqctl: {e}");
+            false
+        }
+    }
+}
+
+/// Restores the broker when dropped, whatever happened in the test.
+struct BrokerGuard;
+
+impl Drop for BrokerGuard {
+    fn drop(&mut self) {
+        if !rabbitmqctl(&["start_app"]) {
+            // The node itself may be down: start it.
+            let _ = Command::new("rabbitmq-server").arg("-detached").status();
+        }
+        let _ = rabbitmqctl(&["await_startup", "--timeout", "60"]);
+    }
+}
+
+async fn run_ctl(args: &'static [&'static str]) {
+    let ok = tokio::task::spawn_blocking(move || rabbitmqctl(args))
+        .await
+        .unwrap_or(false);
+    assert!(ok, "rabbitmqctl {args:?} failed");
+}
+
+struct Setup {
+    transport: AmqpTransport,
+    handled: Arc<Mutex<HashSet<MessageId>>>,
+    calls: Arc<Mutex<usize>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn setup(tag: &str) -> Setup {
+    let name = format!("sf-faults-{tag}-{}", uuid::Uuid::now_v7().simple());
+    let transport = AmqpTransport::builder(url())
+        .exchange(name.clone())
+        .queue_prefix(format!("{name}."))
+        .queue_expiry(Duration::from_secs(600))
+        .max_reconnect_delay(Duration::from_secs(1))
+        .operation_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("RabbitMQ must be running");
+    let handled: Arc<Mutex<HashSet<MessageId>>> = Arc::default();
+    let calls: Arc<Mutex<usize>> = Arc::default();
+    let (h, c) = (handled.clone(), calls.clone());
+    let worker = Worker::builder(transport.clone(), "jobs")
+        .handle(move |_: Job, cx: Context| {
+            h.lock().unwrap().insert(cx.id());
+            *c.lock().unwrap() += 1;
+            async { Ok::<(), HandlerError>(()) }
+        })
+        .concurrency(100)
+        .build()
+        .unwrap();
+    worker.declare().await.unwrap();
+    let envelopes: Vec<Envelope> = (0..TOTAL as u64)
+        .map(|n| Envelope::encode(&Job { n }).unwrap())
+        .collect();
+    for chunk in envelopes.chunks(500) {
+        for r in transport.publish_batch(chunk).await {
+            r.expect("published");
+        }
+    }
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        worker
+            .run_until(async move { token.cancelled().await })
+            .await
+            .expect("the worker keeps running through the fault");
+    });
+    Setup {
+        transport,
+        handled,
+        calls,
+        stop,
+        task,
+    }
+}
+
+async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn finish(s: Setup, fault: &str) {
+    let started = Instant::now();
+    let handled = s.handled.clone();
+    wait_for("every message handled", Duration::from_secs(50), || {
+        handled.lock().unwrap().len() == TOTAL
+    })
+    .await;
+    let distinct = s.handled.lock().unwrap().len();
+    let calls = *s.calls.lock().unwrap();
+    eprintln!(
+        "{fault}: {distinct} distinct ids handled, {calls} handler calls ({} redeliveries), drained {:?} after recovery",
+        calls - distinct,
+        started.elapsed()
+    );
+    assert_eq!(distinct, TOTAL, "none lost");
+    assert_eq!(s.transport.health(), Health::Connected);
+    s.stop.cancel();
+    s.task.await.expect("worker task");
+    s.transport.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream_loses_nothing() {
+    let _guard = BrokerGuard;
+    let s = setup("restart").await;
+    let handled = s.handled.clone();
+    wait_for("some messages handled", Duration::from_secs(30), || {
+        handled.lock().unwrap().len() >= 1000
+    })
+    .await;
+    run_ctl(&["stop_app"]).await;
+    let down = Instant::now();
+    let t = s.transport.clone();
+    wait_for(
+        "health to report the outage",
+        Duration::from_secs(10),
+        || t.health() == Health::Reconnecting,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(down.elapsed())).await;
+    let before = s.handled.lock().unwrap().len();
+    assert!(
+        before < TOTAL,
+        "the fault hit mid-stream ({before} handled)"
+    );
+    run_ctl(&["start_app"]).await;
+    finish(s, "stop_app/start_app").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_connection_close_loses_nothing() {
+    let _guard = BrokerGuard;
+    let s = setup("close").await;
+    let handled = s.handled.clone();
+    wait_for("some messages handled", Duration::from_secs(30), || {
+        handled.lock().unwrap().len() >= 1000
+    })
+    .await;
+    run_ctl(&["close_all_connections", "steadfast fault test"]).await;
+    let before = s.handled.lock().unwrap().len();
+    assert!(
+        before < TOTAL,
+        "the fault hit mid-stream ({before} handled)"
+    );
+    finish(s, "close_all_connections").await;
+}
