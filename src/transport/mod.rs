@@ -15,6 +15,8 @@
 //!   needed to settle deliveries already handed out.
 
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 
 use crate::{
     envelope::{Envelope, Headers, MessageId, header},
