@@ -54,7 +54,9 @@ impl Drop for NatsAcker {
         rt.spawn(async move {
             let _ = tokio::time::timeout(
                 t.inner.settings.op_timeout,
-                t.inner.client.publish(t.reply.clone(), Bytes::from_static(b"-NAK")),
+                t.inner
+                    .client
+                    .publish(t.reply.clone(), Bytes::from_static(b"-NAK")),
             )
             .await;
             let _ = tokio::time::timeout(t.inner.settings.op_timeout, t.inner.client.flush()).await;
@@ -161,7 +163,7 @@ async fn settle(t: &AckTarget, envelope: Envelope, d: Disposition) -> Result<(),
         Disposition::DeadLetter(failure) => {
             let headers = match &t.headers {
                 Some(h) => h.clone(),
-                None => publish::wire_headers(&envelope),
+                None => publish::wire_headers(&envelope, true),
             };
             publish::publish_dead_letter(
                 inner,

@@ -60,7 +60,13 @@ pub(crate) async fn spawn(
             .client
             .queue_subscribe(subject.clone(), "steadfast-max-deliveries".to_owned())
             .await
-            .map_err(|e| super::err(TransportErrorKind::Connection, format!("subscribing to `{subject}`"), e))?;
+            .map_err(|e| {
+                super::err(
+                    TransportErrorKind::Connection,
+                    format!("subscribing to `{subject}`"),
+                    e,
+                )
+            })?;
         let inner = inner.clone();
         let group = group.clone();
         let names = names.clone();
@@ -130,7 +136,10 @@ async fn move_to_dead_letters(
         })
         .await?;
     let Some(msg) = msg else {
-        tracing::info!(seq = adv.stream_seq, "message past its delivery limit is no longer in the stream");
+        tracing::info!(
+            seq = adv.stream_seq,
+            "message past its delivery limit is no longer in the stream"
+        );
         return Ok(());
     };
     let deliveries = u32::try_from(adv.deliveries).unwrap_or(u32::MAX);
@@ -166,7 +175,13 @@ async fn move_to_dead_letters(
                 match n {
                     Ok(n) if !group_consumers.contains(&n) => others += 1,
                     Ok(_) => {}
-                    Err(e) => return Err(super::err(TransportErrorKind::Protocol, "consumer names", e)),
+                    Err(e) => {
+                        return Err(super::err(
+                            TransportErrorKind::Protocol,
+                            "consumer names",
+                            e,
+                        ));
+                    }
                 }
             }
             Ok(others)

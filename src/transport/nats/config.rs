@@ -30,6 +30,8 @@ pub(crate) struct Settings {
     pub(crate) dlq_max_age: Duration,
     /// Bound on every request to the server (acks, PubAcks, API calls).
     pub(crate) op_timeout: Duration,
+    /// Whether publishes set `Nats-Msg-Id`.
+    pub(crate) dedup: bool,
     /// The URL with any password removed, for logs and errors.
     pub(crate) url_redacted: String,
 }
@@ -72,6 +74,7 @@ pub struct NatsBuilder {
     dlq_max_age: Duration,
     op_timeout: Duration,
     connect_timeout: Duration,
+    dedup: bool,
 }
 
 impl fmt::Debug for NatsBuilder {
@@ -104,6 +107,7 @@ impl NatsBuilder {
             dlq_max_age: Duration::ZERO,
             op_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            dedup: true,
         }
     }
 
@@ -186,6 +190,15 @@ impl NatsBuilder {
         self
     }
 
+    /// Whether publishes carry `Nats-Msg-Id` = the message id (default `true`), so the
+    /// stream's duplicate window (2 minutes) drops a re-sent copy. Turn it off only to
+    /// let deliberate duplicates through (the conformance suite's duplicate case).
+    #[must_use]
+    pub fn deduplicate(mut self, on: bool) -> Self {
+        self.dedup = on;
+        self
+    }
+
     /// Connects. The client reconnects by itself afterwards; the first connection must
     /// succeed within the connect timeout (10 s).
     pub async fn connect(self) -> Result<NatsTransport, TransportError> {
@@ -232,8 +245,11 @@ impl NatsBuilder {
             opts = opts.nkey(seed.clone());
         }
         let connect = opts.connect(self.url.as_str());
-        let client = match tokio::time::timeout(self.connect_timeout + Duration::from_secs(1), connect)
-            .await
+        let client = match tokio::time::timeout(
+            self.connect_timeout + Duration::from_secs(1),
+            connect,
+        )
+        .await
         {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -266,6 +282,7 @@ impl NatsBuilder {
             max_age: self.max_age,
             dlq_max_age: self.dlq_max_age,
             op_timeout: self.op_timeout,
+            dedup: self.dedup,
             url_redacted,
         };
         Ok(NatsTransport {
@@ -343,7 +360,10 @@ mod tests {
     fn builder_debug_hides_the_seed() {
         let b = NatsTransport::builder("nats://u:hunter2@localhost:4222").nkey("SUASECRETSEED");
         let text = format!("{b:?}");
-        assert!(!text.contains("hunter2") && !text.contains("SUASECRETSEED"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("SUASECRETSEED"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -66,10 +66,14 @@ async fn open(st: &PullState) -> Result<pull::Stream, TransportError> {
         .get_stream_no_info(&inner.settings.stream)
         .await
         .map_err(|e| super::err(TransportErrorKind::Connection, "work stream", e))?;
-    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
-        .get_consumer(&st.consumer)
-        .await
-        .map_err(|e| super::err(TransportErrorKind::Connection, format!("consumer `{}`", st.consumer), e))?;
+    let consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(&st.consumer).await.map_err(|e| {
+            super::err(
+                TransportErrorKind::Connection,
+                format!("consumer `{}`", st.consumer),
+                e,
+            )
+        })?;
     consumer
         .stream()
         .max_messages_per_batch(st.sub.prefetch.max(1))
@@ -80,9 +84,7 @@ async fn open(st: &PullState) -> Result<pull::Stream, TransportError> {
         .map_err(|e| super::err(TransportErrorKind::Connection, "starting the pull", e))
 }
 
-async fn next_delivery(
-    mut st: PullState,
-) -> Option<(Result<Delivery, TransportError>, PullState)> {
+async fn next_delivery(mut st: PullState) -> Option<(Result<Delivery, TransportError>, PullState)> {
     loop {
         if st.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
             return None;
@@ -154,7 +156,7 @@ fn to_delivery(st: &PullState, msg: async_nats::jetstream::Message) -> Option<De
             return None;
         }
     };
-    let (message, _acker) = msg.split();
+    let message = msg.message;
     let reply = message.reply.clone()?;
     let prefix = &st.inner.settings.prefix;
     let subject = message.subject.to_string();

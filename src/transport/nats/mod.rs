@@ -243,7 +243,12 @@ impl Transport for NatsTransport {
                 let text = e.to_string();
                 return envelopes
                     .iter()
-                    .map(|_| Err(TransportError::new(TransportErrorKind::Closed, text.clone())))
+                    .map(|_| {
+                        Err(TransportError::new(
+                            TransportErrorKind::Closed,
+                            text.clone(),
+                        ))
+                    })
                     .collect();
             }
             publish::publish_batch(&self.inner, envelopes).await

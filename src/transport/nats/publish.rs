@@ -15,10 +15,12 @@ pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
 
 /// The wire headers of `env`: CloudEvents `ce-*`, the attempt, the others, and
 /// `Nats-Msg-Id` = the envelope id.
-pub(crate) fn wire_headers(env: &Envelope) -> HeaderMap {
+pub(crate) fn wire_headers(env: &Envelope, dedup: bool) -> HeaderMap {
     let mut h = HeaderMap::new();
     env.write_wire("ce-", |k, v| h.insert(k.as_ref(), v.as_ref()));
-    h.insert(MSG_ID, env.id.to_string().as_str());
+    if dedup {
+        h.insert(MSG_ID, env.id.to_string().as_str());
+    }
     h
 }
 
@@ -72,9 +74,8 @@ async fn await_ack(
 }
 
 fn check_name(env: &Envelope) -> Result<(), TransportError> {
-    super::config::validate_token("message name", &env.name).map_err(|e| {
-        TransportError::new(TransportErrorKind::Rejected, e.to_string())
-    })
+    super::config::validate_token("message name", &env.name)
+        .map_err(|e| TransportError::new(TransportErrorKind::Rejected, e.to_string()))
 }
 
 /// Publishes `env` on `{prefix}.{name}`; `Ok` once the stream's PubAck arrived.
@@ -84,7 +85,12 @@ pub(crate) async fn publish_one(inner: &Inner, env: &Envelope) -> Result<(), Tra
     let ack = inner
         .bounded(
             "publish",
-            send(inner, subject.clone(), wire_headers(env), env.payload.clone()),
+            send(
+                inner,
+                subject.clone(),
+                wire_headers(env, inner.settings.dedup),
+                env.payload.clone(),
+            ),
         )
         .await?;
     await_ack(inner, &subject, ack).await.map(|_| ())
@@ -104,7 +110,12 @@ pub(crate) async fn publish_batch(
                 inner
                     .bounded(
                         "publish",
-                        send(inner, subject.clone(), wire_headers(env), env.payload.clone()),
+                        send(
+                            inner,
+                            subject.clone(),
+                            wire_headers(env, inner.settings.dedup),
+                            env.payload.clone(),
+                        ),
                     )
                     .await
                     .map(|ack| (subject, ack))

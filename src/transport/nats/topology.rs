@@ -172,7 +172,8 @@ pub(crate) fn wanted(inner: &Inner, sub: &Subscription) -> Wanted {
         .unwrap_or(sub.handler_timeout + Duration::from_secs(5));
     Wanted {
         ack_wait,
-        max_deliver: i64::from(sub.max_attempts.max(1)) + i64::from(inner.settings.delivery_margin.max(1)),
+        max_deliver: i64::from(sub.max_attempts.max(1))
+            + i64::from(inner.settings.delivery_margin.max(1)),
         max_ack_pending: sub.prefetch.max(1) as i64,
     }
 }
