@@ -17,6 +17,8 @@
 #[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 
 use crate::{
     envelope::{Envelope, Headers, MessageId, header},

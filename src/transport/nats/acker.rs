@@ -1,0 +1,191 @@
+//! Settling a JetStream delivery: acks are awaited (the server's reply to the ack), and
+//! a delivery dropped unsettled is `Nak`ed for prompt redelivery.
+
+use super::{
+    Inner,
+    publish::{self, DeadLetterCopy},
+};
+use crate::{
+    envelope::Envelope,
+    retry::Disposition,
+    transport::{Acker, TransportError, TransportErrorKind},
+};
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use std::{sync::Arc, time::Duration};
+
+/// Everything needed to settle one delivery.
+pub(crate) struct AckTarget {
+    pub(crate) inner: Arc<Inner>,
+    /// The `$JS.ACK...` subject of this delivery.
+    pub(crate) reply: Subject,
+    pub(crate) consumer: Arc<str>,
+    pub(crate) group: Arc<str>,
+    /// The work-stream subject it came from.
+    pub(crate) subject: String,
+    /// Its stream sequence.
+    pub(crate) seq: u64,
+    /// The headers as they arrived (kept for the dead letter).
+    pub(crate) headers: Option<HeaderMap>,
+    pub(crate) ack_wait: Duration,
+}
+
+pub(crate) struct NatsAcker {
+    target: Option<AckTarget>,
+}
+
+impl NatsAcker {
+    pub(crate) fn new(target: AckTarget) -> Self {
+        Self {
+            target: Some(target),
+        }
+    }
+}
+
+impl Drop for NatsAcker {
+    fn drop(&mut self) {
+        // Dropped unsettled (the worker abandoned it or stopped before handing it to a
+        // handler): give it back now rather than after `ack_wait`.
+        let Some(t) = self.target.take() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(
+                t.inner.settings.op_timeout,
+                t.inner
+                    .client
+                    .publish(t.reply.clone(), Bytes::from_static(b"-NAK")),
+            )
+            .await;
+            let _ = tokio::time::timeout(t.inner.settings.op_timeout, t.inner.client.flush()).await;
+        });
+    }
+}
+
+/// Sends an ack-kind `body` to the delivery's ack subject and waits for the server's
+/// reply, so `Ok` means the server processed it.
+async fn ack_request(t: &AckTarget, body: Bytes, what: &str) -> Result<(), TransportError> {
+    let inner = &t.inner;
+    inner
+        .bounded(what, async {
+            inner
+                .client
+                .request(t.reply.clone(), body)
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    let kind = match e.kind() {
+                        async_nats::RequestErrorKind::TimedOut => TransportErrorKind::Timeout,
+                        _ => TransportErrorKind::Connection,
+                    };
+                    super::err(
+                        kind,
+                        format!("{what} of stream sequence {} not confirmed", t.seq),
+                        e,
+                    )
+                })
+        })
+        .await
+}
+
+fn nak_body(delay: Duration) -> Bytes {
+    if delay.is_zero() {
+        Bytes::from_static(b"-NAK")
+    } else {
+        Bytes::from(format!("-NAK {{\"delay\": {}}}", delay.as_nanos()))
+    }
+}
+
+impl Acker for NatsAcker {
+    fn settle(
+        mut self: Box<Self>,
+        envelope: Envelope,
+        disposition: Disposition,
+    ) -> BoxFuture<'static, Result<(), TransportError>> {
+        let t = self.target.take();
+        Box::pin(async move {
+            let Some(t) = t else {
+                return Err(TransportError::new(
+                    TransportErrorKind::Protocol,
+                    "delivery already settled",
+                ));
+            };
+            let result = settle(&t, envelope, disposition).await;
+            if result.is_err() {
+                // Not settled: make sure it comes back promptly.
+                let _ = NatsAcker::new(t);
+            }
+            result
+        })
+    }
+
+    fn progress_interval(&self) -> Option<Duration> {
+        self.target
+            .as_ref()
+            .map(|t| (t.ack_wait / 2).max(Duration::from_millis(100)))
+    }
+
+    fn progress(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async move {
+            let Some(t) = self.target.as_ref() else {
+                return Ok(());
+            };
+            ack_request(t, Bytes::from_static(b"+WPI"), "progress").await
+        })
+    }
+}
+
+async fn settle(t: &AckTarget, envelope: Envelope, d: Disposition) -> Result<(), TransportError> {
+    let inner = &t.inner;
+    match d {
+        Disposition::Ack => {
+            ack_request(t, Bytes::from_static(b"+ACK"), "ack").await?;
+            inner.forget_deferrals(&t.consumer, t.seq);
+            Ok(())
+        }
+        Disposition::Retry { delay } => {
+            // The server holds it for `delay`; its delivery count goes up by one, which
+            // is the attempt count (see `consume::attempt`).
+            ack_request(t, nak_body(delay), "nak").await
+        }
+        Disposition::Defer { delay } => {
+            // Also a Nak, so the delivery count goes up; this process remembers the
+            // deferral and subtracts it, so no attempt is used.
+            inner.record_deferral(&t.consumer, t.seq);
+            let r = ack_request(t, nak_body(delay), "nak").await;
+            if r.is_err() {
+                inner.unrecord_deferral(&t.consumer, t.seq);
+            }
+            r
+        }
+        Disposition::DeadLetter(failure) => {
+            let headers = match &t.headers {
+                Some(h) => h.clone(),
+                None => publish::wire_headers(&envelope, true),
+            };
+            publish::publish_dead_letter(
+                inner,
+                DeadLetterCopy {
+                    group: &t.group,
+                    subject: &t.subject,
+                    headers,
+                    payload: envelope.payload.clone(),
+                    failure: &failure,
+                    attempts: envelope.attempt,
+                    dedup_id: dedup_id(&t.group, t.seq),
+                },
+            )
+            .await?;
+            ack_request(t, Bytes::from_static(b"+TERM"), "term").await?;
+            inner.forget_deferrals(&t.consumer, t.seq);
+            Ok(())
+        }
+    }
+}
+
+/// The dead letter's `Nats-Msg-Id`: one per group and stored message.
+pub(crate) fn dedup_id(group: &str, seq: u64) -> String {
+    format!("dlq:{group}:{seq}")
+}

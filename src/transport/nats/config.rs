@@ -1,0 +1,376 @@
+//! Connecting: the builder, its settings, and URL redaction.
+
+use super::{Inner, NatsTransport, ServerVersion};
+use crate::transport::{TransportError, TransportErrorKind};
+use std::{
+    collections::HashMap,
+    fmt,
+    path::PathBuf,
+    sync::{Arc, Mutex, atomic::AtomicBool},
+    time::Duration,
+};
+
+/// Settings shared by every part of the transport.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// Subjects are `{prefix}.{message name}`.
+    pub(crate) prefix: String,
+    /// The work stream.
+    pub(crate) stream: String,
+    /// The dead-letter stream, `{stream}_DLQ`.
+    pub(crate) dlq_stream: String,
+    /// Overrides the ack deadline derived from the handler timeout.
+    pub(crate) ack_wait: Option<Duration>,
+    /// Deliveries allowed beyond the retry policy's attempts before the server's
+    /// delivery limit (`max_deliver`) stops a message.
+    pub(crate) delivery_margin: u32,
+    /// Work stream retention (`max_age`; zero keeps messages until other limits).
+    pub(crate) max_age: Duration,
+    /// Dead-letter stream retention (zero keeps them until removed).
+    pub(crate) dlq_max_age: Duration,
+    /// Bound on every request to the server (acks, PubAcks, API calls).
+    pub(crate) op_timeout: Duration,
+    /// Whether publishes set `Nats-Msg-Id`.
+    pub(crate) dedup: bool,
+    /// The URL with any password removed, for logs and errors.
+    pub(crate) url_redacted: String,
+}
+
+impl Settings {
+    /// The subject a message name is published on.
+    pub(crate) fn subject(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix)
+    }
+
+    /// The dead-letter subject of a consumer group.
+    pub(crate) fn dlq_subject(&self, group: &str) -> String {
+        format!("{}-dlq.{group}", self.prefix)
+    }
+}
+
+/// Builds a [`NatsTransport`]: subject prefix, stream name, credentials and limits.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), steadfast::transport::TransportError> {
+/// use steadfast::transport::nats::NatsTransport;
+/// let transport = NatsTransport::builder("nats://127.0.0.1:4222")
+///     .subject_prefix("shop")
+///     .stream("SHOP")
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct NatsBuilder {
+    url: String,
+    prefix: String,
+    stream: Option<String>,
+    credentials_file: Option<PathBuf>,
+    nkey: Option<String>,
+    name: Option<String>,
+    ack_wait: Option<Duration>,
+    delivery_margin: u32,
+    max_age: Duration,
+    dlq_max_age: Duration,
+    op_timeout: Duration,
+    connect_timeout: Duration,
+    dedup: bool,
+}
+
+impl fmt::Debug for NatsBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsBuilder")
+            .field("url", &redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("stream", &self.stream)
+            .field("credentials_file", &self.credentials_file)
+            .field("nkey", &self.nkey.as_ref().map(|_| "<redacted>"))
+            .field("ack_wait", &self.ack_wait)
+            .field("delivery_margin", &self.delivery_margin)
+            .field("max_age", &self.max_age)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsBuilder {
+    pub(crate) fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: "steadfast".to_owned(),
+            stream: None,
+            credentials_file: None,
+            nkey: None,
+            name: None,
+            ack_wait: None,
+            delivery_margin: 5,
+            max_age: Duration::ZERO,
+            dlq_max_age: Duration::ZERO,
+            op_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            dedup: true,
+        }
+    }
+
+    /// The subject prefix: messages are published on `{prefix}.{name}` and dead letters on
+    /// `{prefix}-dlq.{group}` (default `steadfast`).
+    #[must_use]
+    pub fn subject_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The work stream's name (default: the prefix in upper case); the dead-letter stream
+    /// is `{stream}_DLQ`.
+    #[must_use]
+    pub fn stream(mut self, name: impl Into<String>) -> Self {
+        self.stream = Some(name.into());
+        self
+    }
+
+    /// Authenticates with a `.creds` file (JWT + NKey seed). Its contents never appear in
+    /// logs or errors.
+    #[must_use]
+    pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.credentials_file = Some(path.into());
+        self
+    }
+
+    /// Authenticates with an NKey seed. Never shown in `Debug` output or errors.
+    #[must_use]
+    pub fn nkey(mut self, seed: impl Into<String>) -> Self {
+        self.nkey = Some(seed.into());
+        self
+    }
+
+    /// The connection name the server shows in its monitoring.
+    #[must_use]
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The consumers' ack deadline. Default: the handler timeout plus 5 s. A shorter one
+    /// is allowed: the worker sends progress every half of it while a handler runs.
+    #[must_use]
+    pub fn ack_wait(mut self, d: Duration) -> Self {
+        self.ack_wait = Some(d);
+        self
+    }
+
+    /// Deliveries allowed beyond the retry policy's attempts before the server stops a
+    /// message (`max_deliver = max_attempts + margin`, default margin 5). Redeliveries
+    /// after a crash or an expired ack deadline use up this margin; a message that
+    /// reaches the limit goes to the dead-letter stream through the server's advisory.
+    #[must_use]
+    pub fn delivery_margin(mut self, margin: u32) -> Self {
+        self.delivery_margin = margin;
+        self
+    }
+
+    /// How long the work stream keeps messages, when this transport creates it (default:
+    /// no age limit). Consumed messages stay in a limits-retention stream until then.
+    #[must_use]
+    pub fn max_age(mut self, d: Duration) -> Self {
+        self.max_age = d;
+        self
+    }
+
+    /// How long the dead-letter stream keeps dead letters, when this transport creates
+    /// it (default: no age limit).
+    #[must_use]
+    pub fn dead_letter_max_age(mut self, d: Duration) -> Self {
+        self.dlq_max_age = d;
+        self
+    }
+
+    /// The bound on every request to the server: acks, PubAcks, API calls (default 10 s).
+    #[must_use]
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.op_timeout = d;
+        self
+    }
+
+    /// Whether publishes carry `Nats-Msg-Id` = the message id (default `true`), so the
+    /// stream's duplicate window (2 minutes) drops a re-sent copy. Turn it off only to
+    /// let deliberate duplicates through (the conformance suite's duplicate case).
+    #[must_use]
+    pub fn deduplicate(mut self, on: bool) -> Self {
+        self.dedup = on;
+        self
+    }
+
+    /// Connects. The client reconnects by itself afterwards; the first connection must
+    /// succeed within the connect timeout (10 s).
+    pub async fn connect(self) -> Result<NatsTransport, TransportError> {
+        let url_redacted = redact_url(&self.url);
+        validate_token("subject prefix", &self.prefix)?;
+        let stream = self
+            .stream
+            .clone()
+            .unwrap_or_else(|| self.prefix.to_ascii_uppercase().replace(['.', '-'], "_"));
+        if stream.is_empty()
+            || stream
+                .chars()
+                .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+        {
+            return Err(TransportError::new(
+                TransportErrorKind::Config,
+                format!("invalid stream name `{stream}`"),
+            ));
+        }
+        if self.op_timeout.is_zero() {
+            return Err(TransportError::new(
+                TransportErrorKind::Config,
+                "request_timeout must be above zero",
+            ));
+        }
+        let mut opts = async_nats::ConnectOptions::new()
+            .connection_timeout(self.connect_timeout)
+            .request_timeout(Some(self.op_timeout))
+            .max_reconnects(None)
+            .name(self.name.clone().unwrap_or_else(|| "steadfast".to_owned()));
+        if let Some(path) = &self.credentials_file {
+            opts = opts.credentials_file(path).await.map_err(|e| {
+                TransportError::new(
+                    TransportErrorKind::Config,
+                    format!(
+                        "cannot read NATS credentials file `{}`: {}",
+                        path.display(),
+                        e.kind()
+                    ),
+                )
+            })?;
+        }
+        if let Some(seed) = &self.nkey {
+            opts = opts.nkey(seed.clone());
+        }
+        let connect = opts.connect(self.url.as_str());
+        let client = match tokio::time::timeout(
+            self.connect_timeout + Duration::from_secs(1),
+            connect,
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                // The error text of async-nats may quote the address it was given; use
+                // only its kind, with our redacted URL.
+                return Err(TransportError::new(
+                    TransportErrorKind::Connection,
+                    format!("cannot connect to NATS at {url_redacted}: {:?}", e.kind()),
+                ));
+            }
+            Err(_) => {
+                return Err(TransportError::new(
+                    TransportErrorKind::Timeout,
+                    format!("connecting to NATS at {url_redacted} timed out"),
+                ));
+            }
+        };
+        let server = ServerVersion::parse(&client.server_info().version);
+        if !client.server_info().jetstream {
+            tracing::warn!(url = %url_redacted, "the NATS server does not announce JetStream; stream operations will fail");
+        }
+        let mut js = async_nats::jetstream::new(client.clone());
+        js.set_timeout(self.op_timeout);
+        let settings = Settings {
+            dlq_stream: format!("{stream}_DLQ"),
+            stream,
+            prefix: self.prefix,
+            ack_wait: self.ack_wait,
+            delivery_margin: self.delivery_margin,
+            max_age: self.max_age,
+            dlq_max_age: self.dlq_max_age,
+            op_timeout: self.op_timeout,
+            dedup: self.dedup,
+            url_redacted,
+        };
+        Ok(NatsTransport {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                settings,
+                server,
+                closed: AtomicBool::new(false),
+                deferrals: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+/// Checks that `s` can be a subject token sequence (no spaces, wildcards or empty tokens).
+pub(crate) fn validate_token(what: &str, s: &str) -> Result<(), TransportError> {
+    let bad = s.is_empty()
+        || s.split('.').any(|t| t.is_empty())
+        || s.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '*' | '>'));
+    if bad {
+        return Err(TransportError::new(
+            TransportErrorKind::Config,
+            format!(
+                "invalid {what} `{}`: must be non-empty subject tokens without spaces or wildcards",
+                crate::envelope::truncate(s, 100)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The URL with its password (and any token in the user part) replaced by `***`.
+pub(crate) fn redact_url(raw: &str) -> String {
+    raw.split(',')
+        .map(|one| match url::Url::parse(one.trim()) {
+            Ok(mut u) if u.has_host() => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("***"));
+                } else if !u.username().is_empty() {
+                    // `nats://TOKEN@host`: the user part is the secret.
+                    let _ = u.set_username("***");
+                }
+                u.to_string()
+            }
+            // Not a URL we can parse (e.g. `host:port`): keep only what follows an `@`.
+            _ => match one.rsplit_once('@') {
+                Some((_, host)) => format!("***@{host}"),
+                None => one.trim().to_owned(),
+            },
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_secrets() {
+        assert_eq!(
+            redact_url("nats://alice:s3cret@host:4222"),
+            "nats://alice:***@host:4222"
+        );
+        assert_eq!(redact_url("nats://tok3n@host:4222"), "nats://***@host:4222");
+        assert_eq!(redact_url("alice:s3cret@host:4222"), "***@host:4222");
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        let many = redact_url("nats://a:pw1@h1:4222,nats://b:pw2@h2:4222");
+        assert!(!many.contains("pw1") && !many.contains("pw2"), "{many}");
+    }
+
+    #[test]
+    fn builder_debug_hides_the_seed() {
+        let b = NatsTransport::builder("nats://u:hunter2@localhost:4222").nkey("SUASECRETSEED");
+        let text = format!("{b:?}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("SUASECRETSEED"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn tokens_are_checked() {
+        assert!(validate_token("name", "orders.placed").is_ok());
+        for bad in ["", "a..b", "a b", "a.*", ">", ".a"] {
+            assert!(validate_token("name", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! Streams and durable consumers, declared idempotently.
+//!
+//! A group's consumers carry the description `steadfast group {group}`. The first
+//! declaration creates one consumer named after the group with every name's subject
+//! (one `filter_subject`, or `filter_subjects` on 2.10+). Names added later get their
+//! own consumer, `{group}--{name}`, so an existing consumer's filter is never changed.
+//! On 2.9, which allows one filter per consumer, a group with several names has one
+//! consumer per name from the start.
+
+use super::{Inner, err};
+use crate::transport::{Subscription, TransportError, TransportErrorKind};
+use async_nats::jetstream::{
+    consumer::{self, AckPolicy, DeliverPolicy, pull},
+    stream,
+};
+use futures::TryStreamExt;
+use std::{collections::BTreeSet, time::Duration};
+
+/// One durable consumer of a group and what it filters.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupConsumer {
+    pub(crate) name: String,
+}
+
+/// The description that marks a consumer as one of `group`'s.
+fn description(group: &str) -> String {
+    format!("steadfast group {group}")
+}
+
+/// A consumer name from a group or message name: `.` and anything else a consumer name
+/// cannot hold become `_`.
+pub(crate) fn consumer_name(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Creates the work and dead-letter streams if they are missing; checks existing ones
+/// capture our subjects.
+pub(crate) async fn ensure_streams(inner: &Inner) -> Result<(), TransportError> {
+    let s = &inner.settings;
+    ensure_stream(
+        inner,
+        &s.stream,
+        &format!("{}.>", s.prefix),
+        s.max_age,
+        "steadfast work stream",
+    )
+    .await?;
+    ensure_stream(
+        inner,
+        &s.dlq_stream,
+        &format!("{}-dlq.>", s.prefix),
+        s.dlq_max_age,
+        "steadfast dead letters",
+    )
+    .await
+}
+
+async fn ensure_stream(
+    inner: &Inner,
+    name: &str,
+    subject: &str,
+    max_age: Duration,
+    desc: &str,
+) -> Result<(), TransportError> {
+    let existing = inner
+        .bounded("stream info", async {
+            match inner.js.get_stream(name).await {
+                Ok(mut st) => match st.info().await {
+                    Ok(info) => Ok(Some(info.config.clone())),
+                    Err(e) => Err(err(
+                        TransportErrorKind::Protocol,
+                        format!("reading stream `{name}`"),
+                        e,
+                    )),
+                },
+                Err(e) if is_not_found(&e) => Ok(None),
+                Err(e) => Err(err(
+                    TransportErrorKind::Connection,
+                    format!("looking up stream `{name}`"),
+                    e,
+                )),
+            }
+        })
+        .await?;
+    if let Some(cfg) = existing {
+        return check_stream(&cfg, name, subject);
+    }
+    let cfg = stream::Config {
+        name: name.to_owned(),
+        description: Some(desc.to_owned()),
+        subjects: vec![subject.to_owned()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age,
+        duplicate_window: Duration::from_secs(120),
+        allow_direct: true,
+        ..Default::default()
+    };
+    let created = inner
+        .bounded("create stream", async {
+            inner
+                .js
+                .create_stream(cfg)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+                .or_else(|e| Err(TransportError::new(TransportErrorKind::Config, e)))
+        })
+        .await;
+    if let Err(e) = created {
+        // Another process may have created it at the same moment: look again.
+        let mut st = inner.js.get_stream(name).await.map_err(|_| {
+            TransportError::new(
+                TransportErrorKind::Config,
+                format!("cannot create stream `{name}`: {e}"),
+            )
+        })?;
+        let info = st
+            .info()
+            .await
+            .map_err(|e2| err(TransportErrorKind::Protocol, format!("stream `{name}`"), e2))?;
+        return check_stream(&info.config, name, subject);
+    }
+    tracing::info!(stream = name, subject, "created stream");
+    Ok(())
+}
+
+fn check_stream(cfg: &stream::Config, name: &str, subject: &str) -> Result<(), TransportError> {
+    if !cfg.subjects.iter().any(|s| s == subject || s == ">") {
+        return Err(TransportError::new(
+            TransportErrorKind::Config,
+            format!(
+                "stream `{name}` exists but its `subjects` ({:?}) do not include `{subject}`",
+                cfg.subjects
+            ),
+        ));
+    }
+    if cfg.storage == stream::StorageType::Memory {
+        tracing::warn!(
+            stream = name,
+            "stream uses memory storage: messages are lost when the server restarts; use file storage"
+        );
+    }
+    Ok(())
+}
+
+fn is_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.code() == 404)
+}
+
+/// The settings a group's consumers need, derived from the subscription.
+#[derive(Debug, Clone)]
+pub(crate) struct Wanted {
+    ack_wait: Duration,
+    max_deliver: i64,
+    max_ack_pending: i64,
+}
+
+pub(crate) fn wanted(inner: &Inner, sub: &Subscription) -> Wanted {
+    let ack_wait = inner
+        .settings
+        .ack_wait
+        .unwrap_or(sub.handler_timeout + Duration::from_secs(5));
+    Wanted {
+        ack_wait,
+        max_deliver: i64::from(sub.max_attempts.max(1))
+            + i64::from(inner.settings.delivery_margin.max(1)),
+        max_ack_pending: sub.prefetch.max(1) as i64,
+    }
+}
+
+/// The ack deadline the group's consumers use (for `progress_interval`).
+pub(crate) fn ack_wait(inner: &Inner, sub: &Subscription) -> Duration {
+    wanted(inner, sub).ack_wait
+}
+
+/// Declares the streams and `sub.group`'s consumers so that every name of `sub` is
+/// covered; returns every consumer of the group (including ones for names declared
+/// earlier, which the group keeps consuming).
+pub(crate) async fn ensure_group(
+    inner: &Inner,
+    sub: &Subscription,
+) -> Result<Vec<GroupConsumer>, TransportError> {
+    super::config::validate_token("consumer group", &sub.group)?;
+    for n in &sub.names {
+        super::config::validate_token("message name", n)?;
+    }
+    ensure_streams(inner).await?;
+    let s = &inner.settings;
+    let desc = description(&sub.group);
+    let main = consumer_name(&sub.group);
+    let want = wanted(inner, sub);
+    let st = inner
+        .bounded("get stream", async {
+            inner
+                .js
+                .get_stream_no_info(&s.stream)
+                .await
+                .map_err(|e| err(TransportErrorKind::Connection, "work stream", e))
+        })
+        .await?;
+
+    // The group's consumers as they are.
+    let existing: Vec<consumer::Info> = inner
+        .bounded("list consumers", async {
+            st.consumers()
+                .try_collect::<Vec<_>>()
+                .await
+                .map_err(|e| err(TransportErrorKind::Protocol, "listing consumers", e))
+        })
+        .await?
+        .into_iter()
+        .filter(|c| c.config.description.as_deref() == Some(desc.as_str()) || c.name == main)
+        .collect();
+
+    let mut covered = BTreeSet::new();
+    for c in &existing {
+        check_consumer(c, &sub.group)?;
+        covered.extend(filters(&c.config));
+    }
+    let missing: Vec<String> = sub
+        .names
+        .iter()
+        .map(|n| s.subject(n))
+        .filter(|subj| !covered.contains(subj))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+
+    let mut out: Vec<GroupConsumer> = Vec::new();
+    // Raise what must be raised on existing consumers (safe for the server to apply).
+    for c in &existing {
+        let cfg = &c.config;
+        let needs = cfg.ack_wait < want.ack_wait
+            || (cfg.max_deliver > 0 && cfg.max_deliver < want.max_deliver)
+            || (cfg.max_ack_pending > 0 && cfg.max_ack_pending < want.max_ack_pending);
+        if needs {
+            let mut cfg = pull_config(cfg);
+            cfg.ack_wait = cfg.ack_wait.max(want.ack_wait);
+            if cfg.max_deliver > 0 {
+                cfg.max_deliver = cfg.max_deliver.max(want.max_deliver);
+            }
+            if cfg.max_ack_pending > 0 {
+                cfg.max_ack_pending = cfg.max_ack_pending.max(want.max_ack_pending);
+            }
+            create(inner, &st, cfg).await?;
+            tracing::info!(consumer = %c.name, "raised ack_wait / max_deliver / max_ack_pending to the worker's needs");
+        }
+        out.push(GroupConsumer {
+            name: c.name.clone(),
+        });
+    }
+
+    // Create consumers for the names not covered yet.
+    if !missing.is_empty() {
+        let base = pull::Config {
+            description: Some(desc.clone()),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: want.ack_wait,
+            max_deliver: want.max_deliver,
+            max_ack_pending: want.max_ack_pending,
+            ..Default::default()
+        };
+        let mut plan: Vec<(String, Vec<String>)> = Vec::new();
+        let main_free = !existing.iter().any(|c| c.name == main);
+        if main_free && (missing.len() == 1 || inner.server.multi_filter()) {
+            plan.push((main.clone(), missing.clone()));
+        } else {
+            for subj in &missing {
+                let name_part = subj.strip_prefix(&format!("{}.", s.prefix)).unwrap_or(subj);
+                let name = if main_free && plan.is_empty() {
+                    main.clone()
+                } else {
+                    format!("{main}--{}", consumer_name(name_part))
+                };
+                plan.push((name, vec![subj.clone()]));
+            }
+        }
+        for (name, subjects) in plan {
+            let mut cfg = base.clone();
+            cfg.durable_name = Some(name.clone());
+            if subjects.len() == 1 {
+                cfg.filter_subject = subjects[0].clone();
+            } else {
+                cfg.filter_subjects = subjects.clone();
+            }
+            // If another process created it meanwhile with another filter, refuse.
+            if let Ok(info) = inner
+                .bounded("consumer info", async {
+                    st.consumer_info(&name)
+                        .await
+                        .map_err(|e| err(TransportErrorKind::Protocol, "consumer info", e))
+                })
+                .await
+            {
+                check_consumer(&info, &sub.group)?;
+                let have: BTreeSet<String> = filters(&info.config).into_iter().collect();
+                let want_f: BTreeSet<String> = subjects.iter().cloned().collect();
+                if have != want_f {
+                    return Err(TransportError::new(
+                        TransportErrorKind::Config,
+                        format!(
+                            "consumer `{name}` exists with filter_subject {have:?}, but group `{}` needs {want_f:?}; steadfast does not change a durable consumer's filter (the server could skip its backlog): delete or rename it",
+                            sub.group
+                        ),
+                    ));
+                }
+            } else {
+                let info = create(inner, &st, cfg).await?;
+                let have: BTreeSet<String> = filters(&info.config).into_iter().collect();
+                if have != subjects.iter().cloned().collect::<BTreeSet<_>>() {
+                    return Err(TransportError::new(
+                        TransportErrorKind::Config,
+                        format!(
+                            "the server created consumer `{name}` with filter {have:?} instead of {subjects:?} (server {})",
+                            inner.client.server_info().version
+                        ),
+                    ));
+                }
+                tracing::info!(consumer = %name, filters = ?subjects, "created durable consumer");
+            }
+            out.push(GroupConsumer { name });
+        }
+    }
+    Ok(out)
+}
+
+fn filters(cfg: &consumer::Config) -> Vec<String> {
+    let mut f = cfg.filter_subjects.clone();
+    if !cfg.filter_subject.is_empty() {
+        f.push(cfg.filter_subject.clone());
+    }
+    f
+}
+
+/// A consumer we bind to must be a pull consumer with explicit acks that starts from
+/// the beginning: anything else is a start-up error naming the field.
+fn check_consumer(c: &consumer::Info, group: &str) -> Result<(), TransportError> {
+    let cfg = &c.config;
+    let bad = |field: &str, have: String, want: &str| {
+        Err(TransportError::new(
+            TransportErrorKind::Config,
+            format!(
+                "durable consumer `{}` of group `{group}` has {field} = {have}, steadfast needs {want}; steadfast does not change it behind your back: fix or delete the consumer",
+                c.name
+            ),
+        ))
+    };
+    if cfg.deliver_subject.is_some() {
+        return bad(
+            "deliver_subject",
+            format!("{:?}", cfg.deliver_subject),
+            "a pull consumer (no deliver_subject)",
+        );
+    }
+    if cfg.ack_policy != AckPolicy::Explicit {
+        return bad("ack_policy", format!("{:?}", cfg.ack_policy), "Explicit");
+    }
+    if cfg.deliver_policy != DeliverPolicy::All {
+        return bad("deliver_policy", format!("{:?}", cfg.deliver_policy), "All");
+    }
+    if filters(cfg).is_empty() {
+        return bad(
+            "filter_subject",
+            "none (every subject)".into(),
+            "the group's subjects",
+        );
+    }
+    Ok(())
+}
+
+fn pull_config(cfg: &consumer::Config) -> pull::Config {
+    pull::Config {
+        durable_name: cfg.durable_name.clone(),
+        name: cfg.name.clone(),
+        description: cfg.description.clone(),
+        deliver_policy: cfg.deliver_policy,
+        ack_policy: cfg.ack_policy,
+        ack_wait: cfg.ack_wait,
+        max_deliver: cfg.max_deliver,
+        filter_subject: cfg.filter_subject.clone(),
+        filter_subjects: cfg.filter_subjects.clone(),
+        replay_policy: cfg.replay_policy,
+        sample_frequency: cfg.sample_frequency,
+        max_waiting: cfg.max_waiting,
+        max_ack_pending: cfg.max_ack_pending,
+        headers_only: cfg.headers_only,
+        max_batch: cfg.max_batch,
+        max_bytes: cfg.max_bytes,
+        max_expires: cfg.max_expires,
+        inactive_threshold: cfg.inactive_threshold,
+        num_replicas: cfg.num_replicas,
+        memory_storage: cfg.memory_storage,
+        backoff: cfg.backoff.clone(),
+        ..Default::default()
+    }
+}
+
+async fn create(
+    inner: &Inner,
+    st: &async_nats::jetstream::stream::Stream<()>,
+    cfg: pull::Config,
+) -> Result<consumer::Info, TransportError> {
+    let name = cfg.durable_name.clone().unwrap_or_default();
+    inner
+        .bounded("create consumer", async {
+            st.create_consumer(cfg)
+                .await
+                .map(|c| c.cached_info().clone())
+                .map_err(|e| {
+                    err(
+                        TransportErrorKind::Config,
+                        format!("creating consumer `{name}`"),
+                        e,
+                    )
+                })
+        })
+        .await
+}

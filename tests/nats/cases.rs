@@ -1,0 +1,502 @@
+//! JetStream-specific cases.
+
+use crate::{URL, cleanup, transport, transport_with, unique};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+use steadfast::{
+    Context, Envelope, ErrorKind, HandlerError, Message, RetryPolicy, Worker,
+    transport::{Health, Subscription, Transport, TransportErrorKind, nats::NatsTransport},
+    worker::{Outcome, Processed, WorkerBuilder},
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(name = "jobs.run")]
+struct Job {
+    n: u64,
+    /// Fail on the first attempt.
+    fail_first: bool,
+    /// Sleep this many milliseconds.
+    sleep_ms: u64,
+}
+
+const WAIT: Duration = Duration::from_secs(40);
+
+#[derive(Clone, Default)]
+struct Seen {
+    calls: Arc<Mutex<Vec<(u64, u32, Instant)>>>,
+    outcomes: Arc<Mutex<Vec<Processed>>>,
+}
+
+impl Seen {
+    fn calls_of(&self, n: u64) -> Vec<(u32, Instant)> {
+        let c = self.calls.lock().unwrap();
+        c.iter().filter(|c| c.0 == n).map(|c| (c.1, c.2)).collect()
+    }
+    fn outcomes(&self) -> Vec<Processed> {
+        self.outcomes.lock().unwrap().clone()
+    }
+}
+
+fn job_builder(t: &Arc<dyn Transport>, group: &str, seen: &Seen) -> WorkerBuilder {
+    let calls = seen.calls.clone();
+    let sink = seen.outcomes.clone();
+    Worker::builder_shared(t.clone(), group)
+        .handle(move |j: Job, cx: Context| {
+            calls
+                .lock()
+                .unwrap()
+                .push((j.n, cx.attempt(), Instant::now()));
+            async move {
+                if j.sleep_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(j.sleep_ms)).await;
+                }
+                if j.fail_first && cx.attempt() == 1 {
+                    return Err(HandlerError::msg("first attempt fails"));
+                }
+                Ok(())
+            }
+        })
+        .on_outcome(move |p| sink.lock().unwrap().push(p.clone()))
+        .retry(
+            RetryPolicy::fixed(Duration::from_secs(2))
+                .max_attempts(3)
+                .jitter(0.0),
+        )
+        .handler_timeout(Duration::from_secs(10))
+        .concurrency(8)
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(b: WorkerBuilder) -> Running {
+    let w = b.build().expect("valid worker");
+    w.declare().await.expect("declare");
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        w.run_until(async move { token.cancelled().await })
+            .await
+            .expect("worker ran");
+    });
+    Running { stop, task }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+    /// Like a killed process: everything dropped at once, nothing settled.
+    fn kill(self) {
+        self.task.abort();
+    }
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn job(n: u64, fail_first: bool, sleep_ms: u64) -> Envelope {
+    Envelope::encode(&Job {
+        n,
+        fail_first,
+        sleep_ms,
+    })
+    .unwrap()
+}
+
+/// A retry is held by the server: a worker killed during the delay loses nothing, and
+/// the next worker sees the next attempt number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_during_delay_keeps_the_attempt_count() {
+    let nt = transport("kill").await;
+    let t: Arc<dyn Transport> = Arc::new(nt.clone());
+    let seen = Seen::default();
+    let a = start(job_builder(&t, "kill", &seen)).await;
+    let env = job(1, true, 0);
+    t.publish(&env).await.unwrap();
+    wait_until("first attempt retried", || {
+        seen.outcomes()
+            .iter()
+            .any(|p| p.id == env.id && matches!(p.outcome, Outcome::Retried { .. }))
+    })
+    .await;
+    a.kill();
+    let b = start(job_builder(&t, "kill", &seen)).await;
+    wait_until("handled by the next worker", || {
+        seen.outcomes()
+            .iter()
+            .any(|p| p.id == env.id && p.outcome == Outcome::Acked)
+    })
+    .await;
+    let calls = seen.calls_of(1);
+    assert_eq!(
+        calls.iter().map(|c| c.0).collect::<Vec<_>>(),
+        [1, 2],
+        "attempt count kept across the kill"
+    );
+    assert!(
+        calls[1].1 - calls[0].1 >= Duration::from_millis(1950),
+        "the server held the 2 s delay"
+    );
+    b.stop().await;
+    cleanup(&nt).await;
+}
+
+/// Bad input straight from a raw client goes to the dead-letter stream at once, with
+/// its bytes; a forged attempt header is not trusted and the message is retried normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_bad_input_is_dead_lettered_at_once() {
+    let nt = transport("raw").await;
+    let t: Arc<dyn Transport> = Arc::new(nt.clone());
+    let seen = Seen::default();
+    let w = start(job_builder(&t, "raw", &seen).max_payload_bytes(1024)).await;
+    let client = async_nats::connect(URL).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let subject = nt.subject_for(Job::NAME);
+
+    let headers = |pairs: &[(&str, &str)]| {
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, *v);
+        }
+        h
+    };
+    let id = || steadfast::MessageId::new().to_string();
+    let (id_json, id_unknown, id_big, id_forged) = (id(), id(), id(), id());
+    let cases: Vec<(async_nats::HeaderMap, Vec<u8>, &str)> = vec![
+        (
+            headers(&[("ce-id", &id_json), ("ce-type", Job::NAME)]),
+            b"{not json".to_vec(),
+            "cannot decode",
+        ),
+        (
+            headers(&[("ce-id", &id_unknown), ("ce-type", "jobs.unknown")]),
+            b"{}".to_vec(),
+            "no handler for message name `jobs.unknown`",
+        ),
+        (
+            headers(&[("ce-id", &id_big), ("ce-type", Job::NAME)]),
+            vec![b' '; 4096],
+            "exceeds the limit of 1024 bytes",
+        ),
+        (
+            headers(&[("ce-type", Job::NAME)]),
+            br#"{"n":9,"fail_first":false,"sleep_ms":0}"#.to_vec(),
+            "missing message id",
+        ),
+        (
+            headers(&[("ce-id", "not-a-uuid"), ("ce-type", Job::NAME)]),
+            br#"{"n":9,"fail_first":false,"sleep_ms":0}"#.to_vec(),
+            "is not a UUID",
+        ),
+        (
+            async_nats::HeaderMap::new(),
+            br#"{"n":9,"fail_first":false,"sleep_ms":0}"#.to_vec(),
+            "missing message id",
+        ),
+    ];
+    for (h, body, _) in &cases {
+        js.publish_with_headers(subject.clone(), h.clone(), body.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // A good message with a forged attempt header: retried normally.
+    js.publish_with_headers(
+        subject.clone(),
+        headers(&[
+            ("ce-id", &id_forged),
+            ("ce-type", Job::NAME),
+            ("steadfast-attempt", "999"),
+        ]),
+        br#"{"n":7,"fail_first":true,"sleep_ms":0}"#.to_vec().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let start_t = Instant::now();
+    let dl = loop {
+        let dl = t.dead_letters("raw", 100).await.unwrap();
+        if dl.len() >= cases.len() {
+            break dl;
+        }
+        assert!(start_t.elapsed() < WAIT, "only {} dead letters", dl.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    wait_until("the forged one handled", || {
+        seen.outcomes()
+            .iter()
+            .any(|p| p.id.to_string() == id_forged && p.outcome == Outcome::Acked)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(dl.len(), cases.len());
+    for (_, body, needle) in &cases {
+        let found = dl
+            .iter()
+            .find(|d| d.envelope.payload.as_ref() == body.as_slice() && d.reason.contains(needle));
+        let d = found.unwrap_or_else(|| panic!("no dead letter for `{needle}`: {dl:#?}"));
+        assert_eq!(d.kind, Some(ErrorKind::Decode));
+        assert_eq!(d.attempts, 1);
+        assert_eq!(d.original_destination, subject);
+    }
+    assert!(
+        seen.calls_of(9).is_empty(),
+        "no malformed delivery reached the handler"
+    );
+    assert_eq!(
+        seen.calls_of(7).iter().map(|c| c.0).collect::<Vec<_>>(),
+        [1, 2],
+        "forged attempt header: retried normally"
+    );
+    w.stop().await;
+    cleanup(&nt).await;
+}
+
+/// A handler slower than `ack_wait` keeps its delivery through progress acks: it runs
+/// once, not twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_slower_than_ack_wait_completes_once() {
+    let nt = transport_with("slow", |b| b.ack_wait(Duration::from_secs(1))).await;
+    let t: Arc<dyn Transport> = Arc::new(nt.clone());
+    let seen = Seen::default();
+    let w = start(job_builder(&t, "slow", &seen)).await;
+    let env = job(3, false, 3500);
+    t.publish(&env).await.unwrap();
+    wait_until("acked", || {
+        seen.outcomes()
+            .iter()
+            .any(|p| p.id == env.id && p.outcome == Outcome::Acked)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(seen.calls_of(3).len(), 1, "handled once");
+    assert_eq!(seen.outcomes().len(), 1);
+    w.stop().await;
+    cleanup(&nt).await;
+}
+
+/// A message that is delivered again and again without being settled (a worker that
+/// crashes on it) hits `max_deliver`; the advisory moves it to the dead-letter stream
+/// with a reason saying so, and it leaves the work stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_deliveries_advisory_dead_letters_a_crash_loop() {
+    let nt = transport_with("maxd", |b| {
+        b.delivery_margin(1).ack_wait(Duration::from_secs(2))
+    })
+    .await;
+    let mut sub = Subscription::new("maxd", [Job::NAME]);
+    sub.max_attempts = 2;
+    sub.prefetch = 1;
+    let mut stream = nt.subscribe(&sub).await.unwrap();
+    let env = job(5, false, 0);
+    nt.publish(&env).await.unwrap();
+    // max_deliver = 2 + 1: three deliveries, each dropped unsettled like a crash.
+    for i in 1..=3 {
+        let d = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("delivered")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.envelope.id, env.id);
+        assert_eq!(
+            d.envelope.attempt,
+            i.min(2),
+            "attempt capped at max_attempts"
+        );
+        assert_eq!(d.progress_interval(), Some(Duration::from_secs(1)));
+        drop(d);
+    }
+    // Keep pulling, as a worker would (the server finds the limit on its next pull).
+    let extra = Arc::new(Mutex::new(0usize));
+    let counter = extra.clone();
+    let puller = tokio::spawn(async move {
+        while let Some(d) = stream.next().await {
+            drop(d);
+            *counter.lock().unwrap() += 1;
+        }
+    });
+    let start_t = Instant::now();
+    let dl = loop {
+        let dl = nt.dead_letters("maxd", 10).await.unwrap();
+        if !dl.is_empty() {
+            break dl;
+        }
+        assert!(start_t.elapsed() < WAIT, "advisory never dead-lettered it");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].id(), env.id);
+    assert!(
+        dl[0].reason.contains("delivery limit reached"),
+        "{}",
+        dl[0].reason
+    );
+    assert_eq!(dl[0].attempts, 3);
+    assert_eq!(dl[0].envelope.payload, env.payload);
+    // Gone from the work stream (this group is its only reader).
+    let client = async_nats::connect(URL).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let start_t = Instant::now();
+    loop {
+        let mut st = js.get_stream(nt.stream_name()).await.unwrap();
+        if st.info().await.unwrap().state.messages == 0 {
+            break;
+        }
+        assert!(start_t.elapsed() < WAIT, "still in the work stream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And never delivered again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(*extra.lock().unwrap(), 0, "delivered past the limit");
+    puller.abort();
+    cleanup(&nt).await;
+}
+
+/// A durable consumer whose deliver policy differs is not changed behind the user's
+/// back: start-up fails and names the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differing_consumer_config_is_a_start_up_error() {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+    let nt = transport("cfg").await;
+    nt.declare(&Subscription::new("other", ["x.y"]))
+        .await
+        .unwrap();
+    let client = async_nats::connect(URL).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let st = js.get_stream(nt.stream_name()).await.unwrap();
+    st.create_consumer(pull::Config {
+        durable_name: Some("mine".into()),
+        filter_subject: nt.subject_for(Job::NAME),
+        deliver_policy: DeliverPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = nt
+        .declare(&Subscription::new("mine", [Job::NAME]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), TransportErrorKind::Config);
+    assert!(e.to_string().contains("deliver_policy"), "{e}");
+    let info = st.consumer_info("mine").await.unwrap();
+    assert_eq!(
+        info.config.deliver_policy,
+        DeliverPolicy::New,
+        "left as it was"
+    );
+    cleanup(&nt).await;
+}
+
+/// A group gets names added over time: each new name gets its own consumer, earlier
+/// ones keep theirs, and the group consumes all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_added_later_get_their_own_consumer() {
+    let nt = transport("names").await;
+    nt.declare(&Subscription::new("g", ["a.one"]))
+        .await
+        .unwrap();
+    nt.declare(&Subscription::new("g", ["a.one", "b.two", "c.three"]))
+        .await
+        .unwrap();
+    // Idempotent.
+    nt.declare(&Subscription::new("g", ["b.two"]))
+        .await
+        .unwrap();
+    let mut stream = nt
+        .subscribe(&Subscription::new("g", ["c.three"]))
+        .await
+        .unwrap();
+    let mut want = Vec::new();
+    for name in ["a.one", "b.two", "c.three"] {
+        let env = Envelope::new(name, &b"{}"[..]);
+        want.push(env.id);
+        nt.publish(&env).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let d = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        got.push(d.envelope.id);
+        d.settle(steadfast::Disposition::Ack).await.unwrap();
+    }
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    drop(stream);
+    cleanup(&nt).await;
+}
+
+/// With the default settings a re-sent envelope (same id) is absorbed by the stream's
+/// duplicate window; publishing without a stream is an error; batches pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_unroutable_batch_and_health() {
+    let nt = transport("dedup").await;
+    let env = job(1, false, 0);
+    let e = nt.publish(&env).await.unwrap_err();
+    assert_eq!(e.kind(), TransportErrorKind::Unroutable, "{e}");
+    nt.declare(&Subscription::new("dedup", [Job::NAME]))
+        .await
+        .unwrap();
+    nt.publish(&env).await.unwrap();
+    nt.publish(&env).await.unwrap();
+    let batch: Vec<Envelope> = (10..110).map(|n| job(n, false, 0)).collect();
+    let results = nt.publish_batch(&batch).await;
+    assert!(results.iter().all(Result::is_ok));
+    let client = async_nats::connect(URL).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut st = js.get_stream(nt.stream_name()).await.unwrap();
+    assert_eq!(
+        st.info().await.unwrap().state.messages,
+        101,
+        "duplicate absorbed"
+    );
+    assert_eq!(nt.health(), Health::Connected);
+    let first = st.get_raw_message(1).await.unwrap();
+    assert_eq!(
+        first.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some(env.id.to_string().as_str())
+    );
+    assert_eq!(
+        first.headers.get("ce-type").map(|v| v.as_str()),
+        Some(Job::NAME)
+    );
+    nt.close().await;
+    assert_eq!(nt.health(), Health::Closed);
+    cleanup(&nt).await;
+}
+
+/// Secrets never show: not in errors, not in Debug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_stay_hidden() {
+    let e = NatsTransport::builder("nats://alice:canary-pw-123@127.0.0.1:1")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(!format!("{e} {e:?}").contains("canary-pw-123"), "{e}");
+    let t = NatsTransport::builder("nats://alice:canary-pw-123@127.0.0.1:4222")
+        .subject_prefix(format!("sft{}", unique("sec")))
+        .connect()
+        .await
+        .unwrap();
+    assert!(!format!("{t:?}").contains("canary-pw-123"));
+}

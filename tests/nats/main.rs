@@ -1,0 +1,122 @@
+//! The NATS JetStream transport against the local nats-server (127.0.0.1:4222): the
+//! conformance suite, then what is particular to JetStream (raw bad input, broker-held
+//! delays across a worker kill, progress past `ack_wait`, the max-deliveries advisory,
+//! consumer config checks, deduplication). Every test has its own subject prefix and
+//! streams; streams carry a max_age and old test streams are removed at start.
+
+mod cases;
+
+use futures::future::BoxFuture;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+use steadfast::{
+    testing::conformance::TransportFactory,
+    transport::{Transport, nats::NatsTransport},
+};
+use tokio::sync::OnceCell;
+
+/// The shared local server.
+pub const URL: &str = "nats://127.0.0.1:4222";
+/// Streams of this test binary start with this, so stale ones can be found.
+pub const STREAM_PREFIX: &str = "SFTEST_";
+
+/// A unique token for names: process id, time and a counter.
+pub fn unique(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{tag}{}x{:x}x{}",
+        std::process::id(),
+        nanos & 0xffff_ffff,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+    .replace('-', "")
+}
+
+/// Removes this binary's test streams older than ten minutes (left by earlier runs).
+pub async fn sweep_old_streams() {
+    static ONCE: OnceCell<()> = OnceCell::const_new();
+    ONCE.get_or_init(|| async {
+        let Ok(client) = async_nats::connect(URL).await else {
+            return;
+        };
+        let js = async_nats::jetstream::new(client);
+        use futures::StreamExt;
+        let mut names = js.stream_names();
+        let mut old = Vec::new();
+        while let Some(Ok(n)) = names.next().await {
+            if n.starts_with(STREAM_PREFIX) {
+                old.push(n);
+            }
+        }
+        for n in old {
+            if let Ok(mut s) = js.get_stream(&n).await
+                && let Ok(info) = s.info().await
+            {
+                let age = time::OffsetDateTime::now_utc() - info.created;
+                if age > time::Duration::minutes(10) {
+                    let _ = js.delete_stream(&n).await;
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// A transport with its own prefix and streams (which expire after an hour).
+pub async fn transport(tag: &str) -> NatsTransport {
+    transport_with(tag, |b| b).await
+}
+
+/// Like [`transport`], with builder tweaks.
+pub async fn transport_with(
+    tag: &str,
+    f: impl FnOnce(steadfast::transport::nats::NatsBuilder) -> steadfast::transport::nats::NatsBuilder,
+) -> NatsTransport {
+    sweep_old_streams().await;
+    let u = unique(tag);
+    let b = NatsTransport::builder(URL)
+        .subject_prefix(format!("sft{u}"))
+        .stream(format!("{STREAM_PREFIX}{}", u.to_uppercase()))
+        .max_age(Duration::from_secs(3600))
+        .dead_letter_max_age(Duration::from_secs(3600));
+    f(b).connect()
+        .await
+        .expect("a nats-server with JetStream on 127.0.0.1:4222")
+}
+
+/// Deletes a transport's streams.
+pub async fn cleanup(t: &NatsTransport) {
+    let client = async_nats::connect(URL).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let _ = js.delete_stream(t.stream_name()).await;
+    let _ = js.delete_stream(t.dead_letter_stream_name()).await;
+}
+
+/// The conformance factory: a fresh prefix and stream per case. Publishes do not set
+/// `Nats-Msg-Id`, because the duplicate case re-sends the same envelope on purpose and
+/// the stream's duplicate window would absorb it before the consumer could.
+#[derive(Debug)]
+pub struct Factory;
+
+impl TransportFactory for Factory {
+    fn create<'a>(&'a self, case: &'a str) -> BoxFuture<'a, Arc<dyn Transport>> {
+        Box::pin(async move {
+            let t = transport_with(&format!("c{}", case.replace('-', "")), |b| {
+                b.deduplicate(false)
+            })
+            .await;
+            Arc::new(t) as Arc<dyn Transport>
+        })
+    }
+}
+
+steadfast::conformance_tests!(nats_conformance, crate::Factory);
