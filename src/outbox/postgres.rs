@@ -325,7 +325,13 @@ impl PostgresOutbox {
         let mut slot = self.inner.listener.lock().await;
         if slot.is_none() {
             let connect = async {
-                let mut l = PgListener::connect_with(&self.inner.pool).await?;
+                // A pool of its own, so the listener's connection never holds up the
+                // user's pool (its `close()` waits for every connection).
+                let own = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_lazy_with((*self.inner.pool.connect_options()).clone());
+                let mut l = PgListener::connect_with(&own).await?;
                 l.listen(&self.inner.channel).await?;
                 Ok::<_, sqlx::Error>(l)
             };
