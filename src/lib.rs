@@ -6,6 +6,8 @@ pub mod error;
 pub mod handler;
 pub mod idempotency;
 pub mod message;
+pub mod outbox;
+mod redact;
 pub mod retry;
 pub mod testing;
 pub mod transport;

@@ -12,8 +12,16 @@
 //! independently, and `OrderPlaced{order_id: 1}` never shadows `OrderCancelled{order_id: 1}`.
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
 
 use futures::future::BoxFuture;
 use std::{error::Error as StdError, fmt, time::Duration};

@@ -1,0 +1,179 @@
+//! Storage costs, measured against the same work without them (harness = false, short):
+//!
+//! 1. consuming: a handler writing one row per message in a transaction, without
+//!    idempotency vs with the PostgreSQL inbox (worker `begin`/`complete` + `mark` in
+//!    the handler's transaction), on the in-memory transport;
+//! 2. outbox: enqueue (one transaction per message) vs the same plain INSERT, and the
+//!    relay's drain rate (claim → publish_batch → confirm → mark sent) vs the bare
+//!    `publish_batch` of the same envelopes.
+//!
+//! Run: `cargo bench --bench storage --features postgres` (needs PostgreSQL on
+//! `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`).
+
+use sqlx::{AssertSqlSafe, PgPool};
+use std::{sync::Arc, time::Duration};
+use steadfast::{
+    Context, Envelope, HandlerError, Message, Worker,
+    idempotency::{PostgresStore, postgres::connect},
+    outbox::{PostgresOutbox, Relay},
+    transport::{Transport, memory::MemoryTransport},
+};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const N: i64 = 2000;
+
+#[derive(serde::Serialize, serde::Deserialize, Message)]
+#[message(name = "bench.item")]
+struct Item {
+    #[message(key)]
+    id: i64,
+}
+
+async fn consume(pool: &PgPool, schema: &str, inbox: Option<PostgresStore>) -> f64 {
+    let broker = MemoryTransport::new();
+    broker.bind("bench", ["bench.item"]);
+    for id in 0..N {
+        broker.publish(&Envelope::encode(&Item { id }).unwrap()).await.unwrap();
+    }
+    let table = format!("{schema}.effects");
+    let (p, i2) = (pool.clone(), inbox.clone());
+    let mut builder = Worker::builder(broker.clone(), "bench")
+        .concurrency(16)
+        .handle(move |m: Item, cx: Context| {
+            let (pool, inbox, table) = (p.clone(), i2.clone(), table.clone());
+            async move {
+                let mut tx = pool.begin().await?;
+                if let Some(inbox) = &inbox {
+                    if !inbox.mark(&mut tx, &cx).await? {
+                        return Ok::<_, HandlerError>(());
+                    }
+                }
+                sqlx::query(AssertSqlSafe(format!("INSERT INTO {table} (id) VALUES ($1)")))
+                    .bind(m.id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        });
+    if let Some(inbox) = inbox {
+        builder = builder.idempotency(inbox);
+    }
+    let worker = builder.build().unwrap();
+    let stop = CancellationToken::new();
+    let start = Instant::now();
+    let task = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
+    while !broker.is_idle("bench") {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    N as f64 / secs
+}
+
+async fn enqueue_rate(pool: &PgPool, outbox: Option<&PostgresOutbox>, schema: &str) -> f64 {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (pool, outbox, schema) = (pool.clone(), outbox.cloned(), schema.to_owned());
+        tasks.push(tokio::spawn(async move {
+            for id in (w..N).step_by(8) {
+                let mut tx = pool.begin().await.unwrap();
+                match &outbox {
+                    Some(o) => {
+                        o.enqueue(&mut tx, &Item { id }).await.unwrap();
+                    }
+                    None => {
+                        let env = Envelope::encode(&Item { id }).unwrap();
+                        sqlx::query(AssertSqlSafe(format!(
+                            "INSERT INTO {schema}.plain (id, name, payload) VALUES ($1, $2, $3)"
+                        )))
+                        .bind(*env.id.as_uuid())
+                        .bind(&env.name)
+                        .bind(&env.payload[..])
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    }
+                }
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    N as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn relay_rate(outbox: &PostgresOutbox, transport: Arc<dyn Transport>) -> f64 {
+    let relay = Relay::builder(outbox.clone(), transport).batch_size(200).build().unwrap();
+    let start = Instant::now();
+    loop {
+        let s = relay.run_once().await.unwrap();
+        if s.claimed == 0 {
+            break;
+        }
+    }
+    N as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn raw_publish_rate(transport: &dyn Transport) -> f64 {
+    let envs: Vec<Envelope> = (0..N).map(|id| Envelope::encode(&Item { id }).unwrap()).collect();
+    let start = Instant::now();
+    for chunk in envs.chunks(200) {
+        for r in transport.publish_batch(chunk).await {
+            r.unwrap();
+        }
+    }
+    N as f64 / start.elapsed().as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let pool = connect(&url).await.expect("PostgreSQL must run");
+    let schema = format!("bench_{}", uuid::Uuid::now_v7().simple());
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE SCHEMA {schema};
+         CREATE TABLE {schema}.effects (id bigint NOT NULL);
+         CREATE TABLE {schema}.plain (id uuid PRIMARY KEY, seq bigint GENERATED ALWAYS AS IDENTITY, name text NOT NULL, payload bytea NOT NULL);"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let inbox = PostgresStore::new(pool.clone())
+        .with_table(&format!("{schema}.steadfast_inbox"))
+        .unwrap();
+    let outbox = PostgresOutbox::new(pool.clone())
+        .with_table(&format!("{schema}.steadfast_outbox"))
+        .unwrap();
+    inbox.migrate().await.unwrap();
+    outbox.migrate().await.unwrap();
+    let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&pool).await.unwrap();
+    println!("PostgreSQL {version}, {N} messages per figure, concurrency 16 / 8 producers");
+
+    let without = consume(&pool, &schema, None).await;
+    let with = consume(&pool, &schema, Some(inbox.clone())).await;
+    println!("consume, tx write, no idempotency   {without:>9.0} msg/s");
+    println!("consume, tx write + PostgreSQL inbox {with:>9.0} msg/s  ({:.2}x)", with / without);
+
+    let plain = enqueue_rate(&pool, None, &schema).await;
+    let enq = enqueue_rate(&pool, Some(&outbox), &schema).await;
+    println!("plain INSERT, 1 tx per row           {plain:>9.0} rows/s");
+    println!("outbox enqueue (+NOTIFY), 1 tx/row   {enq:>9.0} rows/s  ({:.2}x)", enq / plain);
+
+    let memory = MemoryTransport::new();
+    memory.bind("bench", ["bench.item"]);
+    let raw = raw_publish_rate(&memory).await;
+    let relayed = relay_rate(&outbox, Arc::new(memory.clone())).await;
+    println!("memory: bare publish_batch           {raw:>9.0} msg/s");
+    println!("memory: relay claim→publish→mark     {relayed:>9.0} msg/s");
+
+    let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&pool)
+        .await;
+}

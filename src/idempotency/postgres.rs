@@ -1,0 +1,420 @@
+//! The PostgreSQL idempotency store and transactional inbox.
+
+use super::{Begin, IdempotencyStore, Key, Lease, StoreError};
+use crate::{
+    context::Context,
+    outbox::{Table, bounded, db_err},
+};
+use futures::future::BoxFuture;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
+use std::{fmt, sync::Arc, time::Duration};
+use uuid::Uuid;
+
+const SCHEMA: &str = include_str!("../../sql/postgres/inbox.sql");
+/// The advisory lock taken while creating steadfast's tables, so concurrent starts do not
+/// race on `CREATE TABLE IF NOT EXISTS`.
+pub(crate) const MIGRATE_LOCK: i64 = 0x5354_4541_4446_4153; // "STEADFAS"
+
+/// Idempotency keys and the transactional inbox in a PostgreSQL table (default
+/// `steadfast_inbox`).
+///
+/// Give one to the worker (`.idempotency(store.clone())`) and use the same store inside
+/// the handler: [`mark`](Self::mark) marks the delivery's key done in *your*
+/// transaction, so the business write, the inbox key and any outbox rows commit
+/// together, exactly once.
+///
+/// ```no_run
+/// use steadfast::{Context, HandlerError, Message, idempotency::PostgresStore, outbox::PostgresOutbox};
+///
+/// #[derive(serde::Serialize, serde::Deserialize, Message)]
+/// #[message(name = "orders.placed")]
+/// struct OrderPlaced { #[message(key)] order_id: i64, cents: i64 }
+/// #[derive(serde::Serialize, serde::Deserialize, Message)]
+/// #[message(name = "billing.charged")]
+/// struct Charged { order_id: i64 }
+///
+/// async fn charge(
+///     pool: &sqlx::PgPool, inbox: &PostgresStore, outbox: &PostgresOutbox,
+///     msg: OrderPlaced, cx: Context,
+/// ) -> Result<(), HandlerError> {
+///     let mut tx = pool.begin().await?;
+///     if !inbox.mark(&mut tx, &cx).await? {
+///         return Ok(()); // already handled: nothing to do, the delivery is acked
+///     }
+///     sqlx::query("INSERT INTO charges (order_id, cents) VALUES ($1, $2)")
+///         .bind(msg.order_id).bind(msg.cents).execute(&mut *tx).await?;
+///     outbox.enqueue(&mut tx, &Charged { order_id: msg.order_id }).await?;
+///     tx.commit().await?;
+///     Ok(())
+/// }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    table: Table,
+    retention: Duration,
+    timeout: Duration,
+    sql: Sql,
+}
+
+struct Sql {
+    begin: Arc<str>,
+    state: Arc<str>,
+    complete: Arc<str>,
+    release: Arc<str>,
+    mark: Arc<str>,
+    cleanup: Arc<str>,
+}
+
+impl Sql {
+    fn new(t: &Table) -> Self {
+        let r = |s: &str| Arc::<str>::from(t.render(s));
+        Self {
+            begin: r(
+                "INSERT INTO {table} AS t (grp, name, key, state, token, lease_until) \
+                 VALUES ($1, $2, $3, 'held', $4, now() + make_interval(secs => $5)) \
+                 ON CONFLICT (grp, name, key) DO UPDATE \
+                 SET state = 'held', token = EXCLUDED.token, lease_until = EXCLUDED.lease_until, done_at = NULL \
+                 WHERE (t.state = 'held' AND t.lease_until <= now()) \
+                    OR (t.state = 'done' AND t.done_at <= now() - make_interval(secs => $6)) \
+                 RETURNING t.token",
+            ),
+            state: r("SELECT state FROM {table} WHERE grp = $1 AND name = $2 AND key = $3"),
+            complete: r("INSERT INTO {table} AS t (grp, name, key, state, done_at) \
+                 VALUES ($1, $2, $3, 'done', now()) \
+                 ON CONFLICT (grp, name, key) DO UPDATE \
+                 SET state = 'done', done_at = now(), token = NULL, lease_until = NULL \
+                 WHERE t.state = 'held'"),
+            release: r("DELETE FROM {table} \
+                 WHERE grp = $1 AND name = $2 AND key = $3 AND state = 'held' AND token = $4"),
+            mark: r("INSERT INTO {table} AS t (grp, name, key, state, done_at) \
+                 VALUES ($1, $2, $3, 'done', now()) \
+                 ON CONFLICT (grp, name, key) DO UPDATE \
+                 SET state = 'done', done_at = now(), token = NULL, lease_until = NULL \
+                 WHERE t.state = 'held' \
+                    OR (t.state = 'done' AND t.done_at <= now() - make_interval(secs => $4)) \
+                 RETURNING 1"),
+            cleanup: r("DELETE FROM {table} \
+                 WHERE (state = 'done' AND done_at < now() - make_interval(secs => $1)) \
+                    OR (state = 'held' AND lease_until < now() - interval '1 hour')"),
+        }
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.inner.table.name)
+            .field("retention", &self.inner.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// A store in table `steadfast_inbox` of `pool`'s database, keeping completed keys
+    /// for 7 days.
+    pub fn new(pool: PgPool) -> Self {
+        Self::build(
+            pool,
+            Table::parse("steadfast_inbox").expect("a valid constant name"),
+            Duration::from_secs(7 * 24 * 3600),
+            Duration::from_secs(10),
+        )
+    }
+
+    fn build(pool: PgPool, table: Table, retention: Duration, timeout: Duration) -> Self {
+        let sql = Sql::new(&table);
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                table,
+                retention,
+                timeout,
+                sql,
+            }),
+        }
+    }
+
+    /// Uses table `name` (`table` or `schema.table`) instead of `steadfast_inbox`.
+    pub fn with_table(self, name: &str) -> Result<Self, StoreError> {
+        let table = Table::parse(name)?;
+        let i = &self.inner;
+        Ok(Self::build(i.pool.clone(), table, i.retention, i.timeout))
+    }
+
+    /// Keeps completed keys for `retention` (default 7 days): a duplicate arriving later
+    /// than that runs the handler again. Make it longer than the broker can hold a message.
+    #[must_use]
+    pub fn with_retention(self, retention: Duration) -> Self {
+        let i = &self.inner;
+        Self::build(i.pool.clone(), i.table.clone(), retention, i.timeout)
+    }
+
+    /// Bounds every store call (default 10 s).
+    #[must_use]
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        let i = &self.inner;
+        Self::build(i.pool.clone(), i.table.clone(), i.retention, timeout)
+    }
+
+    /// The table's name.
+    pub fn table(&self) -> &str {
+        &self.inner.table.name
+    }
+
+    /// The SQL that creates the table, for your own migrations. Idempotent.
+    pub fn schema_sql(&self) -> String {
+        self.inner.table.render(SCHEMA)
+    }
+
+    /// Creates the table if it does not exist (plain `CREATE ... IF NOT EXISTS`, no
+    /// migrations table of its own) and warns if `synchronous_commit` is off.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let sql = self.schema_sql();
+        bounded(
+            self.inner.timeout,
+            "creating the inbox table",
+            apply_schema(&self.inner.pool, sql),
+        )
+        .await?;
+        warn_unsafe_settings(&self.inner.pool).await;
+        Ok(())
+    }
+
+    /// Marks the delivery of `cx` handled, inside your transaction `conn`. Returns
+    /// `false` if it was handled before: then do nothing and return `Ok(())`.
+    ///
+    /// Race-safe: two deliveries of the same message marking at once end with one `true`
+    /// (the second waits on the first's row lock and sees it done once it commits; if
+    /// the first rolls back, the second goes ahead).
+    pub async fn mark(&self, conn: &mut PgConnection, cx: &Context) -> Result<bool, StoreError> {
+        self.mark_key(
+            conn,
+            Key {
+                group: cx.group(),
+                name: cx.name(),
+                key: cx.idempotency_key(),
+            },
+        )
+        .await
+    }
+
+    /// [`mark`](Self::mark) for an explicit key.
+    pub async fn mark_key(
+        &self,
+        conn: &mut PgConnection,
+        key: Key<'_>,
+    ) -> Result<bool, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.inner.sql.mark.clone()))
+            .bind(key.group)
+            .bind(key.name)
+            .bind(key.key)
+            .bind(self.inner.retention.as_secs_f64())
+            .fetch_optional(conn)
+            .await
+            .map_err(db_err("could not mark the inbox key"))?;
+        Ok(row.is_some())
+    }
+
+    /// Deletes completed keys older than the retention and leases abandoned for over an
+    /// hour; returns how many rows went.
+    pub async fn cleanup(&self) -> Result<u64, StoreError> {
+        let fut = async {
+            sqlx::query(AssertSqlSafe(self.inner.sql.cleanup.clone()))
+                .bind(self.inner.retention.as_secs_f64())
+                .execute(&self.inner.pool)
+                .await
+                .map(|r| r.rows_affected())
+                .map_err(db_err("could not clean up the inbox"))
+        };
+        bounded(self.inner.timeout, "inbox cleanup", fut).await
+    }
+
+    /// Runs [`cleanup`](Self::cleanup) every `every` until the returned handle is
+    /// aborted or dropped with the runtime. Errors are logged and retried next time.
+    pub fn spawn_cleanup(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+            loop {
+                tick.tick().await;
+                match store.cleanup().await {
+                    Ok(n) if n > 0 => tracing::debug!(removed = n, "inbox cleanup"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "inbox cleanup failed"),
+                }
+            }
+        })
+    }
+
+    async fn begin_inner(&self, key: Key<'_>, lease: Duration) -> Result<Begin, StoreError> {
+        let sql = &self.inner.sql;
+        // Two tries: a key released between the upsert and the read is free again.
+        for _ in 0..2 {
+            let token = Uuid::now_v7();
+            let got = sqlx::query(AssertSqlSafe(sql.begin.clone()))
+                .bind(key.group)
+                .bind(key.name)
+                .bind(key.key)
+                .bind(token)
+                .bind(lease.as_secs_f64())
+                .bind(self.inner.retention.as_secs_f64())
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(db_err("could not take the idempotency key"))?;
+            if got.is_some() {
+                return Ok(Begin::Acquired(Lease { token }));
+            }
+            let state = sqlx::query(AssertSqlSafe(sql.state.clone()))
+                .bind(key.group)
+                .bind(key.name)
+                .bind(key.key)
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(db_err("could not read the idempotency key"))?;
+            match state.map(|r| r.try_get::<String, _>(0)).transpose() {
+                Ok(Some(s)) if s == "done" => return Ok(Begin::AlreadyDone),
+                Ok(Some(_)) => return Ok(Begin::InFlight),
+                Ok(None) => continue,
+                Err(e) => return Err(db_err("could not read the idempotency key")(e)),
+            }
+        }
+        Ok(Begin::InFlight)
+    }
+}
+
+impl IdempotencyStore for PostgresStore {
+    fn begin<'a>(
+        &'a self,
+        key: Key<'a>,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Begin, StoreError>> {
+        Box::pin(bounded(
+            self.inner.timeout,
+            "idempotency begin",
+            self.begin_inner(key, lease),
+        ))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: Key<'a>,
+        _lease: &'a Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        // Completing is right even if the lease lapsed: the handler did succeed. A key the
+        // handler already marked through the inbox stays as it is.
+        let fut = async move {
+            sqlx::query(AssertSqlSafe(self.inner.sql.complete.clone()))
+                .bind(key.group)
+                .bind(key.name)
+                .bind(key.key)
+                .execute(&self.inner.pool)
+                .await
+                .map(drop)
+                .map_err(db_err("could not complete the idempotency key"))
+        };
+        Box::pin(bounded(self.inner.timeout, "idempotency complete", fut))
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: Key<'a>,
+        lease: &'a Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let fut = async move {
+            sqlx::query(AssertSqlSafe(self.inner.sql.release.clone()))
+                .bind(key.group)
+                .bind(key.name)
+                .bind(key.key)
+                .bind(lease.token)
+                .execute(&self.inner.pool)
+                .await
+                .map(drop)
+                .map_err(db_err("could not release the idempotency key"))
+        };
+        Box::pin(bounded(self.inner.timeout, "idempotency release", fut))
+    }
+}
+
+/// Runs a schema script in one transaction under steadfast's advisory lock.
+pub(crate) async fn apply_schema(pool: &PgPool, sql: String) -> Result<(), StoreError> {
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(db_err("could not start the schema transaction"))?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATE_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("could not take the schema lock"))?;
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("could not create steadfast's table"))?;
+    tx.commit()
+        .await
+        .map_err(db_err("could not commit steadfast's schema"))
+}
+
+/// Warns when the server would acknowledge commits it could still lose.
+pub(crate) async fn warn_unsafe_settings(pool: &PgPool) {
+    let fut = sqlx::query_scalar::<_, String>("SHOW synchronous_commit").fetch_one(pool);
+    if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_secs(5), fut).await
+        && v == "off"
+    {
+        tracing::warn!(
+            "PostgreSQL synchronous_commit is off: a committed inbox key or outbox row can be lost in a server crash; set it to on"
+        );
+    }
+}
+
+/// Connects a pool to `url` (for example `DATABASE_URL`). The password never appears in
+/// errors or logs.
+pub async fn connect(url: &str) -> Result<PgPool, StoreError> {
+    use sqlx::postgres::PgPoolOptions;
+    let shown = crate::redact::redact_url(url);
+    let secret = crate::redact::password(url);
+    let fail = |what: &str, e: sqlx::Error| {
+        StoreError::new(format!(
+            "{what} {shown}: {}",
+            crate::redact::scrub(&e.to_string(), secret.as_deref())
+        ))
+    };
+    let opts: sqlx::postgres::PgConnectOptions =
+        url.parse().map_err(|e| fail("invalid PostgreSQL url", e))?;
+    if !is_loopback(url) && matches!(sslmode(url).as_deref(), None | Some("disable" | "allow")) {
+        tracing::warn!(url = %shown, "connecting to a non-loopback PostgreSQL host without requiring TLS; add sslmode=require");
+    }
+    let connect = PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts);
+    match tokio::time::timeout(Duration::from_secs(15), connect).await {
+        Ok(Ok(pool)) => Ok(pool),
+        Ok(Err(e)) => Err(fail("could not connect to", e)),
+        Err(_) => Err(StoreError::new(format!(
+            "could not connect to {shown}: no answer within 15s"
+        ))),
+    }
+}
+
+fn is_loopback(url: &str) -> bool {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .is_none_or(|h| {
+            h == "localhost" || h.starts_with("127.") || h == "[::1]" || h.starts_with('/')
+        })
+}
+
+fn sslmode(url: &str) -> Option<String> {
+    url::Url::parse(url).ok().and_then(|u| {
+        u.query_pairs()
+            .find(|(k, _)| k == "sslmode")
+            .map(|(_, v)| v.into_owned())
+    })
+}

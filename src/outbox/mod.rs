@@ -1,0 +1,256 @@
+//! The transactional outbox: messages written in the same database transaction as the
+//! business data, published by a [`Relay`] once that transaction committed.
+//!
+//! Publishing straight from a handler or a request can lose a message (the process dies
+//! after the commit, before the publish) or send a message for a change that was rolled
+//! back (publish, then the commit fails). The outbox closes both windows:
+//!
+//! 1. the write side is an inherent `enqueue(&mut PgConnection | &mut SqliteConnection,
+//!    &M)` (`PostgresOutbox::enqueue`, `SqliteOutbox::enqueue`, behind the `postgres` and
+//!    `sqlite` features): the compiler makes you pass the connection of *your*
+//!    transaction, so the row commits or rolls back with your data;
+//! 2. the [`Relay`] claims committed rows (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so
+//!    several relays are safe), publishes them through any
+//!    [`Transport`](crate::transport::Transport) awaiting the broker's confirmation, and
+//!    only then marks them sent. A relay killed between the confirmation and the mark
+//!    publishes the row again: a duplicate with the same message id, absorbed by the
+//!    consumer's idempotency — never a loss.
+//!
+//! Rows are never read with an `id > last_seen` cursor: every claim looks at all pending
+//! rows, so a transaction that commits late (with a lower sequence number than rows
+//! already sent) is still published. A row that keeps failing (unroutable, rejected,
+//! oversize) is *parked* with its error and attempt count and blocks no row behind it.
+//!
+//! The relay side is the small [`OutboxSource`] trait, so one [`Relay`] serves every
+//! backend. See `docs/outbox.md` for the guarantees and failure windows.
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub mod relay;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresOutbox;
+pub use relay::{Relay, RelayBuilder, RelayConfigError, RelayStats};
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteOutbox;
+
+use crate::{envelope::Envelope, envelope::MessageId, idempotency::StoreError};
+use futures::future::BoxFuture;
+use std::time::Duration;
+
+/// A row claimed by a relay: the envelope to publish and how often it failed before.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Claimed {
+    /// The message; its id is the row's id.
+    pub envelope: Envelope,
+    /// Failed publish attempts so far.
+    pub attempts: u32,
+}
+
+impl Claimed {
+    /// A claimed row.
+    pub fn new(envelope: Envelope, attempts: u32) -> Self {
+        Self { envelope, attempts }
+    }
+}
+
+/// A row whose publish failed, as the relay reports it back to the store.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct FailedRow {
+    /// The row (and message) id.
+    pub id: MessageId,
+    /// Why it failed (kept in the row).
+    pub error: String,
+    /// Park the row: stop trying until an operator requeues it.
+    pub park: bool,
+    /// When to try again if not parked.
+    pub retry_after: Duration,
+}
+
+/// A parked row, as listed for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParkedRow {
+    /// The row (and message) id.
+    pub id: MessageId,
+    /// The message's wire name.
+    pub name: String,
+    /// Failed publish attempts.
+    pub attempts: u32,
+    /// The last error.
+    pub error: String,
+}
+
+/// The relay's view of an outbox table. Implemented by `PostgresOutbox` and
+/// `SqliteOutbox`; implement it to relay from another store.
+///
+/// Rules: [`claim`](Self::claim) returns committed pending rows whose time has come, in
+/// sequence order, and hides them from other claims for `lease` (a crashed relay's rows
+/// come back when it ends); it must never use a cursor that could skip rows committed
+/// out of order.
+pub trait OutboxSource: Send + Sync + 'static {
+    /// `"postgres"`, `"sqlite"`, ...
+    fn backend(&self) -> &'static str;
+
+    /// Claims up to `limit` pending rows for `lease`.
+    fn claim(
+        &self,
+        limit: usize,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Claimed>, StoreError>>;
+
+    /// Marks rows sent (the broker confirmed them), in one statement.
+    fn mark_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Records failed publishes: attempts + 1, the error, parked or retried later.
+    fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Deletes rows sent more than `older_than` ago; returns how many.
+    fn purge_sent(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// Waits until new rows may be there (a notification) or `max` passed.
+    fn wait(&self, max: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(tokio::time::sleep(max))
+    }
+}
+
+/// A validated table name (`name` or `schema.name`) and the SQL rendered for it.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+#[derive(Debug, Clone)]
+pub(crate) struct Table {
+    pub(crate) name: String,
+    /// The unqualified name, for index names and the NOTIFY channel.
+    pub(crate) base: String,
+}
+
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+impl Table {
+    /// Accepts `[A-Za-z_][A-Za-z0-9_]*`, optionally schema-qualified, each part at most 50
+    /// characters (index names add a suffix within PostgreSQL's 63).
+    pub(crate) fn parse(name: &str) -> Result<Self, StoreError> {
+        let ok_part = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 50
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !p.starts_with(|c: char| c.is_ascii_digit())
+        };
+        let parts: Vec<&str> = name.split('.').collect();
+        if parts.is_empty() || parts.len() > 2 || !parts.iter().all(|p| ok_part(p)) {
+            return Err(StoreError::new(format!(
+                "invalid table name `{}`: use letters, digits and `_`, optionally `schema.table`",
+                crate::envelope::truncate(name, 120)
+            )));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            base: parts[parts.len() - 1].to_owned(),
+        })
+    }
+
+    /// `template` with `{table}` and `{index}` filled in.
+    pub(crate) fn render(&self, template: &str) -> String {
+        template
+            .replace("{table}", &self.name)
+            .replace("{index}", &self.base)
+    }
+}
+
+/// Wraps a database error; sqlx's error text carries no connection URL.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn db_err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| StoreError::new(what).with_source(e)
+}
+
+/// Runs `fut` with a time limit, turning a timeout into a [`StoreError`].
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) async fn bounded<T>(
+    limit: Duration,
+    what: &'static str,
+    fut: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::new(format!(
+            "{what}: the database did not answer within {}",
+            humantime::format_duration(limit)
+        ))),
+    }
+}
+
+/// Headers as stored in a row: a JSON array of `[name, value]` pairs.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn headers_json(h: &crate::envelope::Headers) -> String {
+    let pairs: Vec<(&str, &str)> = h.iter().collect();
+    serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// Builds an envelope from a stored row. Unreadable headers are dropped with a warning
+/// rather than blocking the row.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn envelope_from_row(
+    id: MessageId,
+    name: String,
+    source: Option<String>,
+    time: Option<String>,
+    headers: &str,
+    payload: Vec<u8>,
+) -> Envelope {
+    let headers = match serde_json::from_str::<Vec<(String, String)>>(headers) {
+        Ok(pairs) => pairs.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(%id, error = %e, "outbox row has unreadable headers; publishing without them");
+            crate::envelope::Headers::new()
+        }
+    };
+    Envelope {
+        id,
+        name,
+        source,
+        time,
+        attempt: 1,
+        headers,
+        payload: payload.into(),
+    }
+}
+
+/// The envelope for `msg`, carrying the trace context of `cx` when given.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn encode<M: crate::Message>(
+    msg: &M,
+    cx: Option<&crate::Context>,
+) -> Result<Envelope, StoreError> {
+    use crate::envelope::header;
+    let mut env =
+        Envelope::encode(msg).map_err(|e| StoreError::new("cannot enqueue").with_source(e))?;
+    if let Some(cx) = cx {
+        for h in [header::TRACEPARENT, header::TRACESTATE] {
+            if let Some(v) = cx.headers().get(h) {
+                env.headers.insert(h, v);
+            }
+        }
+    }
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Table;
+
+    #[test]
+    fn table_names_are_validated() {
+        assert!(Table::parse("steadfast_outbox").is_ok());
+        let t = Table::parse("tenant_1.steadfast_outbox").unwrap();
+        assert_eq!(t.base, "steadfast_outbox");
+        assert_eq!(
+            t.render("{table}/{index}_x"),
+            "tenant_1.steadfast_outbox/steadfast_outbox_x"
+        );
+        for bad in ["", "a.b.c", "x; drop table y", "1abc", "a-b", "a."] {
+            assert!(Table::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

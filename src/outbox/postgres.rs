@@ -1,0 +1,425 @@
+//! The PostgreSQL outbox: `enqueue` in your transaction, claimed by [`Relay`]s with
+//! `FOR UPDATE SKIP LOCKED`, woken by `LISTEN/NOTIFY` with a polling fallback.
+//!
+//! [`Relay`]: super::Relay
+
+use super::{
+    Claimed, FailedRow, OutboxSource, ParkedRow, Table, bounded, db_err, encode, envelope_from_row,
+    headers_json,
+};
+use crate::{
+    Context, Message,
+    envelope::{Envelope, MessageId},
+    idempotency::{
+        StoreError,
+        postgres::{apply_schema, warn_unsafe_settings},
+    },
+};
+use futures::future::BoxFuture;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, postgres::PgListener};
+use std::{fmt, sync::Arc, time::Duration};
+use uuid::Uuid;
+
+const SCHEMA: &str = include_str!("../../sql/postgres/outbox.sql");
+
+/// An outbox table in PostgreSQL (default `steadfast_outbox`). Cheap to clone.
+///
+/// ```no_run
+/// # async fn f(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use steadfast::{Message, outbox::PostgresOutbox};
+/// #[derive(serde::Serialize, serde::Deserialize, Message)]
+/// #[message(name = "orders.placed")]
+/// struct OrderPlaced { order_id: i64 }
+///
+/// let outbox = PostgresOutbox::new(pool.clone());
+/// outbox.migrate().await?;
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("INSERT INTO orders (id) VALUES ($1)").bind(7_i64).execute(&mut *tx).await?;
+/// outbox.enqueue(&mut tx, &OrderPlaced { order_id: 7 }).await?;
+/// tx.commit().await?; // the order and the message, or neither
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresOutbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    table: Table,
+    channel: String,
+    notify: bool,
+    timeout: Duration,
+    sql: Sql,
+    listener: tokio::sync::Mutex<Option<PgListener>>,
+}
+
+struct Sql {
+    insert: Arc<str>,
+    insert_notify: Arc<str>,
+    claim: Arc<str>,
+    sent: Arc<str>,
+    failed: Arc<str>,
+    purge: Arc<str>,
+    parked: Arc<str>,
+    requeue: Arc<str>,
+    pending: Arc<str>,
+}
+
+impl Sql {
+    fn new(t: &Table) -> Self {
+        let r = |s: &str| Arc::<str>::from(t.render(s));
+        let insert = "INSERT INTO {table} (id, name, source, time, headers, payload) \
+                      VALUES ($1, $2, $3, $4, $5::jsonb, $6)";
+        Self {
+            insert: r(insert),
+            // One round trip: the notification is delivered when the transaction commits.
+            insert_notify: r(&format!(
+                "WITH ins AS ({insert} RETURNING id) SELECT pg_notify($7, '') FROM ins"
+            )),
+            claim: r("WITH c AS ( \
+                    SELECT id FROM {table} \
+                    WHERE state = 'pending' AND available_at <= now() \
+                    ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                 UPDATE {table} o SET available_at = now() + make_interval(secs => $2) \
+                 FROM c WHERE o.id = c.id \
+                 RETURNING o.id, o.seq, o.name, o.source, o.time, o.headers::text, o.payload, o.attempts"),
+            sent: r("UPDATE {table} SET state = 'sent', sent_at = now() WHERE id = ANY($1)"),
+            failed: r(
+                "UPDATE {table} SET attempts = attempts + 1, last_error = $2, \
+                 state = CASE WHEN $3 THEN 'parked' ELSE 'pending' END, \
+                 available_at = now() + make_interval(secs => $4) WHERE id = $1",
+            ),
+            purge: r(
+                "DELETE FROM {table} WHERE state = 'sent' AND sent_at < now() - make_interval(secs => $1)",
+            ),
+            parked: r(
+                "SELECT id, name, attempts, coalesce(last_error, '') FROM {table} \
+                 WHERE state = 'parked' ORDER BY seq LIMIT $1",
+            ),
+            requeue: r(
+                "UPDATE {table} SET state = 'pending', attempts = 0, available_at = now() \
+                 WHERE id = $1 AND state = 'parked'",
+            ),
+            pending: r("SELECT count(*) FROM {table} WHERE state = 'pending'"),
+        }
+    }
+}
+
+impl fmt::Debug for PostgresOutbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresOutbox")
+            .field("table", &self.inner.table.name)
+            .field("channel", &self.inner.channel)
+            .field("notify", &self.inner.notify)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresOutbox {
+    /// An outbox in table `steadfast_outbox` of `pool`'s database.
+    pub fn new(pool: PgPool) -> Self {
+        Self::build(
+            pool,
+            Table::parse("steadfast_outbox").expect("a valid constant name"),
+            true,
+            Duration::from_secs(10),
+        )
+    }
+
+    fn build(pool: PgPool, table: Table, notify: bool, timeout: Duration) -> Self {
+        let sql = Sql::new(&table);
+        let channel = table.name.replace('.', "_");
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                table,
+                channel,
+                notify,
+                timeout,
+                sql,
+                listener: tokio::sync::Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Uses table `name` (`table` or `schema.table`) instead of `steadfast_outbox`. The
+    /// NOTIFY channel is the name with `.` replaced by `_`.
+    pub fn with_table(self, name: &str) -> Result<Self, StoreError> {
+        let table = Table::parse(name)?;
+        let i = &self.inner;
+        Ok(Self::build(i.pool.clone(), table, i.notify, i.timeout))
+    }
+
+    /// Whether `enqueue` sends a NOTIFY to wake relays at once (default true). NOTIFY
+    /// serialises committing transactions on a server-wide lock; at very high commit
+    /// rates turn it off and let relays poll.
+    #[must_use]
+    pub fn with_notify(self, notify: bool) -> Self {
+        let i = &self.inner;
+        Self::build(i.pool.clone(), i.table.clone(), notify, i.timeout)
+    }
+
+    /// Bounds every relay-side database call (default 10 s).
+    #[must_use]
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        let i = &self.inner;
+        Self::build(i.pool.clone(), i.table.clone(), i.notify, timeout)
+    }
+
+    /// The table's name.
+    pub fn table(&self) -> &str {
+        &self.inner.table.name
+    }
+
+    /// The SQL that creates the table, for your own migrations. Idempotent.
+    pub fn schema_sql(&self) -> String {
+        self.inner.table.render(SCHEMA)
+    }
+
+    /// Creates the table if it does not exist (no migrations table of its own) and warns
+    /// if `synchronous_commit` is off.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let sql = self.schema_sql();
+        bounded(
+            self.inner.timeout,
+            "creating the outbox table",
+            apply_schema(&self.inner.pool, sql),
+        )
+        .await?;
+        warn_unsafe_settings(&self.inner.pool).await;
+        Ok(())
+    }
+
+    /// Writes `msg` to the outbox in your transaction `conn` (`&mut tx` works). It is
+    /// published after the transaction commits, and never if it rolls back. Returns the
+    /// message id (the row id).
+    pub async fn enqueue<M: Message>(
+        &self,
+        conn: &mut PgConnection,
+        msg: &M,
+    ) -> Result<MessageId, StoreError> {
+        self.enqueue_envelope(conn, encode(msg, None)?).await
+    }
+
+    /// [`enqueue`](Self::enqueue) from a handler: the outgoing message carries the trace
+    /// context (`traceparent`, `tracestate`) of the delivery being handled.
+    pub async fn enqueue_from<M: Message>(
+        &self,
+        conn: &mut PgConnection,
+        msg: &M,
+        cx: &Context,
+    ) -> Result<MessageId, StoreError> {
+        self.enqueue_envelope(conn, encode(msg, Some(cx))?).await
+    }
+
+    /// Writes a ready-made envelope (its id, name, headers and payload) in your
+    /// transaction.
+    pub async fn enqueue_envelope(
+        &self,
+        conn: &mut PgConnection,
+        envelope: Envelope,
+    ) -> Result<MessageId, StoreError> {
+        let sql = if self.inner.notify {
+            &self.inner.sql.insert_notify
+        } else {
+            &self.inner.sql.insert
+        };
+        let mut q = sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(*envelope.id.as_uuid())
+            .bind(&envelope.name)
+            .bind(&envelope.source)
+            .bind(&envelope.time)
+            .bind(headers_json(&envelope.headers))
+            .bind(&envelope.payload[..]);
+        if self.inner.notify {
+            q = q.bind(&self.inner.channel);
+        }
+        q.execute(conn)
+            .await
+            .map_err(db_err("could not write the outbox row"))?;
+        Ok(envelope.id)
+    }
+
+    /// Up to `limit` parked rows, oldest first, with their errors.
+    pub async fn parked(&self, limit: i64) -> Result<Vec<ParkedRow>, StoreError> {
+        let fut = async {
+            let rows = sqlx::query(AssertSqlSafe(self.inner.sql.parked.clone()))
+                .bind(limit)
+                .fetch_all(&self.inner.pool)
+                .await
+                .map_err(db_err("could not list parked outbox rows"))?;
+            rows.into_iter()
+                .map(|r| {
+                    Ok(ParkedRow {
+                        id: r.try_get::<Uuid, _>(0)?.into(),
+                        name: r.try_get(1)?,
+                        attempts: u32::try_from(r.try_get::<i32, _>(2)?).unwrap_or(0),
+                        error: r.try_get(3)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(db_err("could not read parked outbox rows"))
+        };
+        bounded(self.inner.timeout, "listing parked rows", fut).await
+    }
+
+    /// Puts a parked row back in line (after the cause was fixed). Returns whether it was
+    /// parked.
+    pub async fn requeue(&self, id: MessageId) -> Result<bool, StoreError> {
+        let fut = async {
+            sqlx::query(AssertSqlSafe(self.inner.sql.requeue.clone()))
+                .bind(*id.as_uuid())
+                .execute(&self.inner.pool)
+                .await
+                .map(|r| r.rows_affected() == 1)
+                .map_err(db_err("could not requeue the outbox row"))
+        };
+        bounded(self.inner.timeout, "requeueing a row", fut).await
+    }
+
+    /// How many rows wait to be published.
+    pub async fn pending(&self) -> Result<i64, StoreError> {
+        let fut = async {
+            sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.inner.sql.pending.clone()))
+                .fetch_one(&self.inner.pool)
+                .await
+                .map_err(db_err("could not count pending outbox rows"))
+        };
+        bounded(self.inner.timeout, "counting pending rows", fut).await
+    }
+
+    async fn claim_inner(&self, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.claim.clone()))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(lease.as_secs_f64())
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(db_err("could not claim outbox rows"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let read = || -> Result<(i64, Claimed), sqlx::Error> {
+                let id: Uuid = r.try_get(0)?;
+                let seq: i64 = r.try_get(1)?;
+                let headers: String = r.try_get(5)?;
+                let env = envelope_from_row(
+                    id.into(),
+                    r.try_get(2)?,
+                    r.try_get(3)?,
+                    r.try_get(4)?,
+                    &headers,
+                    r.try_get(6)?,
+                );
+                let attempts = u32::try_from(r.try_get::<i32, _>(7)?).unwrap_or(0);
+                Ok((seq, Claimed::new(env, attempts)))
+            };
+            out.push(read().map_err(db_err("could not read a claimed outbox row"))?);
+        }
+        // UPDATE ... RETURNING does not keep the claim's order.
+        out.sort_by_key(|(seq, _)| *seq);
+        Ok(out.into_iter().map(|(_, c)| c).collect())
+    }
+
+    async fn wait_inner(&self, max: Duration) {
+        let deadline = tokio::time::Instant::now() + max;
+        let mut slot = self.inner.listener.lock().await;
+        if slot.is_none() {
+            let connect = async {
+                // A pool of its own, so the listener's connection never holds up the
+                // user's pool (its `close()` waits for every connection).
+                let own = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_lazy_with((*self.inner.pool.connect_options()).clone());
+                let mut l = PgListener::connect_with(&own).await?;
+                l.listen(&self.inner.channel).await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            match tokio::time::timeout(max.min(Duration::from_secs(5)), connect).await {
+                Ok(Ok(l)) => *slot = Some(l),
+                Ok(Err(e)) => tracing::debug!(error = %e, "outbox LISTEN unavailable; polling"),
+                Err(_) => tracing::debug!("outbox LISTEN connect timed out; polling"),
+            }
+        }
+        let Some(listener) = slot.as_mut() else {
+            tokio::time::sleep_until(deadline).await;
+            return;
+        };
+        match tokio::time::timeout_at(deadline, listener.recv()).await {
+            Ok(Ok(_)) => {
+                // Coalesce a burst of notifications into one wake-up.
+                while listener.next_buffered().is_some() {}
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "outbox LISTEN connection lost; reconnecting next time");
+                *slot = None;
+                tokio::time::sleep_until(deadline).await;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+impl OutboxSource for PostgresOutbox {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn claim(
+        &self,
+        limit: usize,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Claimed>, StoreError>> {
+        Box::pin(bounded(
+            self.inner.timeout,
+            "claiming outbox rows",
+            self.claim_inner(limit, lease),
+        ))
+    }
+
+    fn mark_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
+        let fut = async move {
+            let ids: Vec<Uuid> = ids.iter().map(|i| *i.as_uuid()).collect();
+            sqlx::query(AssertSqlSafe(self.inner.sql.sent.clone()))
+                .bind(ids)
+                .execute(&self.inner.pool)
+                .await
+                .map(drop)
+                .map_err(db_err("could not mark outbox rows sent"))
+        };
+        Box::pin(bounded(self.inner.timeout, "marking rows sent", fut))
+    }
+
+    fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>> {
+        let fut = async move {
+            for row in rows {
+                sqlx::query(AssertSqlSafe(self.inner.sql.failed.clone()))
+                    .bind(*row.id.as_uuid())
+                    .bind(crate::envelope::truncate(&row.error, 2000))
+                    .bind(row.park)
+                    .bind(row.retry_after.as_secs_f64())
+                    .execute(&self.inner.pool)
+                    .await
+                    .map_err(db_err("could not record an outbox failure"))?;
+            }
+            Ok(())
+        };
+        Box::pin(bounded(self.inner.timeout, "recording failures", fut))
+    }
+
+    fn purge_sent(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, StoreError>> {
+        let fut = async move {
+            sqlx::query(AssertSqlSafe(self.inner.sql.purge.clone()))
+                .bind(older_than.as_secs_f64())
+                .execute(&self.inner.pool)
+                .await
+                .map(|r| r.rows_affected())
+                .map_err(db_err("could not purge sent outbox rows"))
+        };
+        Box::pin(bounded(self.inner.timeout, "purging sent rows", fut))
+    }
+
+    fn wait(&self, max: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(self.wait_inner(max))
+    }
+}

@@ -1,0 +1,344 @@
+//! PostgreSQL idempotency store and inbox.
+
+use crate::common::*;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+use steadfast::{
+    idempotency::{Begin, IdempotencyStore, Key},
+    transport::{Transport, memory::MemoryTransport},
+    worker::Outcome,
+};
+
+const K: Key<'static> = Key {
+    group: "billing",
+    name: "orders.placed",
+    key: "1",
+};
+
+#[tokio::test]
+async fn lease_release_complete_and_scoping() {
+    let pg = Pg::new().await;
+    let s = &pg.inbox;
+    let Begin::Acquired(l1) = s.begin(K, Duration::from_millis(300)).await.unwrap() else {
+        panic!("first begin must acquire")
+    };
+    assert_eq!(
+        s.begin(K, Duration::from_secs(5)).await.unwrap(),
+        Begin::InFlight
+    );
+    // Another message name or group is another key.
+    for other in [
+        Key {
+            name: "orders.cancelled",
+            ..K
+        },
+        Key {
+            group: "audit",
+            ..K
+        },
+    ] {
+        assert!(matches!(
+            s.begin(other, Duration::from_secs(5)).await.unwrap(),
+            Begin::Acquired(_)
+        ));
+    }
+    // A crashed holder's key frees itself when the lease ends.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let Begin::Acquired(l2) = s.begin(K, Duration::from_secs(5)).await.unwrap() else {
+        panic!("an expired lease must be taken over")
+    };
+    s.release(K, &l1).await.unwrap(); // stale holder: no effect
+    assert_eq!(
+        s.begin(K, Duration::from_secs(5)).await.unwrap(),
+        Begin::InFlight
+    );
+    s.release(K, &l2).await.unwrap();
+    let Begin::Acquired(l3) = s.begin(K, Duration::from_secs(5)).await.unwrap() else {
+        panic!("a released key is free")
+    };
+    s.complete(K, &l3).await.unwrap();
+    assert_eq!(
+        s.begin(K, Duration::from_secs(5)).await.unwrap(),
+        Begin::AlreadyDone
+    );
+    s.release(K, &l3).await.unwrap(); // release after complete keeps it done
+    assert_eq!(
+        s.begin(K, Duration::from_secs(5)).await.unwrap(),
+        Begin::AlreadyDone
+    );
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn retention_and_cleanup() {
+    let pg = Pg::new().await;
+    let s = pg.inbox.clone().with_retention(Duration::from_millis(200));
+    let Begin::Acquired(l) = s.begin(K, Duration::from_secs(5)).await.unwrap() else {
+        panic!()
+    };
+    s.complete(K, &l).await.unwrap();
+    assert_eq!(
+        s.begin(K, Duration::from_secs(5)).await.unwrap(),
+        Begin::AlreadyDone
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.cleanup().await.unwrap(), 1);
+    assert!(matches!(
+        s.begin(K, Duration::from_secs(5)).await.unwrap(),
+        Begin::Acquired(_)
+    ));
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn concurrent_marks_in_transactions_make_one_effect() {
+    let pg = Pg::new().await;
+    let key = Key { key: "race", ..K };
+    let mut a = pg.pool.begin().await.unwrap();
+    let mut b = pg.pool.begin().await.unwrap();
+    assert!(pg.inbox.mark_key(&mut a, key).await.unwrap());
+    // b waits on a's row lock; it learns the outcome only when a finishes.
+    let inbox = pg.inbox.clone();
+    let waiter = tokio::spawn(async move {
+        let won = inbox.mark_key(&mut b, key).await.unwrap();
+        b.commit().await.unwrap();
+        won
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the second mark must wait for the first transaction"
+    );
+    a.commit().await.unwrap();
+    assert!(
+        !waiter.await.unwrap(),
+        "after the first commits, the second sees it done"
+    );
+
+    // If the first rolls back, the second goes ahead.
+    let key = Key {
+        key: "rollback",
+        ..K
+    };
+    let mut a = pg.pool.begin().await.unwrap();
+    assert!(pg.inbox.mark_key(&mut a, key).await.unwrap());
+    let inbox = pg.inbox.clone();
+    let pool = pg.pool.clone();
+    let waiter = tokio::spawn(async move {
+        let mut b = pool.begin().await.unwrap();
+        let won = inbox.mark_key(&mut b, key).await.unwrap();
+        b.commit().await.unwrap();
+        won
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.rollback().await.unwrap();
+    assert!(waiter.await.unwrap());
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn duplicate_delivery_makes_one_effect() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    let outcomes = Outcomes::default();
+    let billing = pg.billing();
+    let calls = billing.calls.clone();
+    let w = start_worker(
+        Arc::new(broker.clone()),
+        billing,
+        pg.inbox.clone(),
+        &outcomes,
+        4,
+    );
+    let env = order(1);
+    broker.bind("billing", ["orders.placed"]);
+    broker.publish(&env).await.unwrap();
+    eventually(10, "first delivery acked", || async {
+        outcomes.count(|o| *o == Outcome::Acked) == 1
+    })
+    .await;
+    broker.publish(&env).await.unwrap(); // the broker delivers it again
+    eventually(10, "duplicate acked", || async {
+        outcomes.count(|o| *o == Outcome::Duplicate) == 1
+    })
+    .await;
+    assert_eq!(pg.effects().await, (1, 1));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the duplicate must not run the handler"
+    );
+    assert_eq!(
+        pg.outbox.pending().await.unwrap(),
+        1,
+        "one outgoing message"
+    );
+    w.stop().await;
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn same_message_to_two_workers_at_once_makes_one_effect() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    let outcomes = Outcomes::default();
+    let mut billing = pg.billing();
+    billing.hold = Duration::from_millis(300); // both deliveries overlap in time
+    let w1 = start_worker(
+        Arc::new(broker.clone()),
+        billing.clone(),
+        pg.inbox.clone(),
+        &outcomes,
+        1,
+    );
+    let w2 = start_worker(
+        Arc::new(broker.clone()),
+        billing.clone(),
+        pg.inbox.clone(),
+        &outcomes,
+        1,
+    );
+    for id in 1..=5 {
+        let env = order(id);
+        broker.publish(&env).await.unwrap();
+        broker.publish(&env).await.unwrap();
+    }
+    eventually(20, "all deliveries settled", || async {
+        outcomes.count(|o| matches!(o, Outcome::Acked | Outcome::Duplicate)) == 10
+    })
+    .await;
+    assert_eq!(pg.effects().await, (5, 5));
+    assert!(broker.is_idle("billing"));
+    w1.stop().await;
+    w2.stop().await;
+
+    // Without the worker's store (two plain consumers racing), the inbox mark alone
+    // still makes one effect.
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    let outcomes = Outcomes::default();
+    let mut billing = pg.billing();
+    billing.hold = Duration::from_millis(200);
+    let none = steadfast::idempotency::MemoryStore::new();
+    let w1 = start_worker(
+        Arc::new(broker.clone()),
+        billing.clone(),
+        none.clone(),
+        &outcomes,
+        1,
+    );
+    let w2 = start_worker(
+        Arc::new(broker.clone()),
+        billing.clone(),
+        steadfast::idempotency::MemoryStore::new(),
+        &outcomes,
+        1,
+    );
+    let env = order(6);
+    broker.publish(&env).await.unwrap();
+    broker.publish(&env).await.unwrap();
+    eventually(20, "both acked", || async {
+        outcomes.count(|o| *o == Outcome::Acked) == 2
+    })
+    .await;
+    assert_eq!(billing.calls.load(Ordering::SeqCst), 2, "both handlers ran");
+    assert_eq!(pg.effects().await, (6, 6), "but only one wrote");
+    w1.stop().await;
+    w2.stop().await;
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn handler_failing_after_partial_work_is_rolled_back_and_retried() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    let outcomes = Outcomes::default();
+    let mut billing = pg.billing();
+    billing.fail_first_attempt = true;
+    let calls = billing.calls.clone();
+    let w = start_worker(
+        Arc::new(broker.clone()),
+        billing,
+        pg.inbox.clone(),
+        &outcomes,
+        2,
+    );
+    broker.publish(&order(1)).await.unwrap();
+    eventually(10, "acked on retry", || async {
+        outcomes.count(|o| *o == Outcome::Acked) == 1
+    })
+    .await;
+    assert_eq!(outcomes.count(|o| matches!(o, Outcome::Retried { .. })), 1);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the retry ran the handler again"
+    );
+    assert_eq!(
+        outcomes.count(|o| *o == Outcome::Duplicate),
+        0,
+        "the failure was not deduplicated"
+    );
+    assert_eq!(
+        pg.effects().await,
+        (1, 1),
+        "the failed attempt's write was rolled back"
+    );
+    assert_eq!(
+        pg.outbox.pending().await.unwrap(),
+        1,
+        "and so was its outbox row"
+    );
+    w.stop().await;
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn crash_after_commit_before_ack_is_acked_without_running_again() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    let crashed = Arc::new(AtomicBool::new(false));
+    let flaky: Arc<dyn Transport> = Arc::new(CrashBeforeFirstAck {
+        inner: broker.clone(),
+        crashed: crashed.clone(),
+    });
+    let outcomes = Outcomes::default();
+    let billing = pg.billing();
+    let calls = billing.calls.clone();
+    let w = start_worker(flaky, billing, pg.inbox.clone(), &outcomes, 2);
+    broker.publish(&order(1)).await.unwrap();
+    eventually(10, "redelivery acked as duplicate", || async {
+        outcomes.count(|o| *o == Outcome::Duplicate) == 1
+    })
+    .await;
+    assert!(crashed.load(Ordering::SeqCst));
+    assert_eq!(outcomes.count(|o| matches!(o, Outcome::NotSettled(_))), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(pg.effects().await, (1, 1));
+    eventually(5, "nothing left at the broker", || async {
+        broker.is_idle("billing")
+    })
+    .await;
+    w.stop().await;
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn secrets_never_appear_in_errors_or_debug() {
+    let canary = "CANARY-pw-7f3a";
+    let url = format!("postgres://postgres:{canary}@127.0.0.1:1/test");
+    let err = steadfast::idempotency::postgres::connect(&url)
+        .await
+        .unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains(canary), "{text}");
+    assert!(text.contains("***"), "{text}");
+}

@@ -1,0 +1,332 @@
+//! PostgreSQL outbox and relay.
+
+use crate::common::*;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+use steadfast::{
+    Envelope,
+    outbox::{PostgresOutbox, Relay},
+    transport::{Transport, memory::MemoryTransport},
+    worker::Outcome,
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+fn relay(
+    outbox: &PostgresOutbox,
+    transport: Arc<dyn Transport>,
+) -> steadfast::outbox::RelayBuilder {
+    Relay::builder(outbox.clone(), transport)
+        .poll_interval(Duration::from_millis(200))
+        .batch_size(20)
+}
+
+fn spawn(relay: Relay) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    (stop, tokio::spawn(relay.run_until(s.cancelled_owned())))
+}
+
+async fn enqueue_orders(pg: &Pg, ids: impl IntoIterator<Item = i64>) -> Vec<Envelope> {
+    let mut out = Vec::new();
+    let mut tx = pg.pool.begin().await.unwrap();
+    for id in ids {
+        let env = order(id).with_header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        );
+        pg.outbox
+            .enqueue_envelope(&mut tx, env.clone())
+            .await
+            .unwrap();
+        out.push(env);
+    }
+    tx.commit().await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn rows_publish_after_commit_only_with_their_ids_and_trace_headers() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    // A rolled-back transaction leaves nothing to publish.
+    let mut tx = pg.pool.begin().await.unwrap();
+    pg.outbox
+        .enqueue(
+            &mut tx,
+            &OrderPlaced {
+                order_id: 99,
+                cents: 1,
+            },
+        )
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let sent = enqueue_orders(&pg, 1..=3).await;
+    let r = relay(&pg.outbox, Arc::new(broker.clone())).build().unwrap();
+    let stats = r.run_once().await.unwrap();
+    assert_eq!((stats.claimed, stats.sent), (3, 3));
+    let got = broker.published();
+    assert_eq!(
+        got.iter().map(|e| e.id).collect::<Vec<_>>(),
+        sent.iter().map(|e| e.id).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        got[0].headers.get("traceparent"),
+        sent[0].headers.get("traceparent")
+    );
+    assert_eq!(got[0].payload, sent[0].payload);
+    assert_eq!(pg.outbox.pending().await.unwrap(), 0);
+    assert_eq!(
+        r.run_once().await.unwrap().claimed,
+        0,
+        "sent rows are not claimed again"
+    );
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn listen_notify_wakes_the_relay_before_the_poll_interval() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    let r = relay(&pg.outbox, Arc::new(broker.clone()))
+        .poll_interval(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (stop, task) = spawn(r);
+    tokio::time::sleep(Duration::from_millis(500)).await; // relay is listening
+    enqueue_orders(&pg, [1]).await;
+    // Far below the 30 s poll interval: only the notification can explain it.
+    eventually(5, "notified relay published", || async {
+        broker.published().len() == 1
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn relay_killed_after_confirm_before_mark_publishes_again_and_consumer_applies_once() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    enqueue_orders(&pg, 1..=3).await;
+    let confirmed = Arc::new(Notify::new());
+    let hanging = Arc::new(HangAfterConfirm {
+        inner: broker.clone(),
+        armed: AtomicBool::new(true),
+        confirmed: confirmed.clone(),
+    });
+    let lease = Duration::from_millis(800);
+    let r1 = relay(&pg.outbox, hanging)
+        .claim_lease(lease)
+        .publish_timeout(Duration::from_millis(700))
+        .build()
+        .unwrap();
+    let (_stop1, task1) = spawn(r1);
+    tokio::time::timeout(Duration::from_secs(10), confirmed.notified())
+        .await
+        .unwrap();
+    task1.abort(); // killed between the broker's confirm and marking the rows sent
+    let _ = task1.await;
+    assert_eq!(broker.published().len(), 3);
+    assert_eq!(
+        pg.outbox.pending().await.unwrap(),
+        3,
+        "nothing was marked sent"
+    );
+
+    let r2 = relay(&pg.outbox, Arc::new(broker.clone()))
+        .claim_lease(lease)
+        .publish_timeout(Duration::from_millis(700))
+        .build()
+        .unwrap();
+    let (stop2, task2) = spawn(r2);
+    eventually(10, "rows published again after the lease", || async {
+        broker.published().len() == 6
+    })
+    .await;
+    eventually(5, "rows marked sent", || async {
+        pg.outbox.pending().await.unwrap() == 0
+    })
+    .await;
+
+    let outcomes = Outcomes::default();
+    let w = start_worker(
+        Arc::new(broker.clone()),
+        pg.billing(),
+        pg.inbox.clone(),
+        &outcomes,
+        4,
+    );
+    eventually(10, "all six deliveries settled", || async {
+        outcomes.count(|o| matches!(o, Outcome::Acked | Outcome::Duplicate)) == 6
+    })
+    .await;
+    assert_eq!(outcomes.count(|o| *o == Outcome::Duplicate), 3);
+    assert_eq!(pg.effects().await, (3, 3), "one effect per order");
+    w.stop().await;
+    stop2.cancel();
+    task2.await.unwrap();
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn eight_producers_committing_out_of_order_skip_no_row() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    let r = relay(&pg.outbox, Arc::new(broker.clone()))
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let (stop, task) = spawn(r);
+    let mut producers = Vec::new();
+    for p in 0..8_i64 {
+        let pool = pg.pool.clone();
+        let outbox = pg.outbox.clone();
+        producers.push(tokio::spawn(async move {
+            for i in 0..20_i64 {
+                let id = p * 1000 + i;
+                let mut tx = pool.begin().await.unwrap();
+                outbox
+                    .enqueue(
+                        &mut tx,
+                        &OrderPlaced {
+                            order_id: id,
+                            cents: 1,
+                        },
+                    )
+                    .await
+                    .unwrap();
+                // Early producers hold their (lower-numbered) rows longest, so rows
+                // commit out of sequence order while the relay is sending later ones.
+                let hold = ((8 - p) * 7 + (i % 5) * 11) as u64;
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+    eventually(20, "all 160 rows published", || async {
+        pg.outbox.pending().await.unwrap() == 0
+    })
+    .await;
+    let got = broker.published();
+    let names: HashSet<i64> = got
+        .iter()
+        .map(|e| {
+            serde_json::from_slice::<OrderPlaced>(&e.payload)
+                .unwrap()
+                .order_id
+        })
+        .collect();
+    assert_eq!(names.len(), 160, "every committed row was published");
+    assert_eq!(got.len(), 160, "and each once");
+    stop.cancel();
+    task.await.unwrap();
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn two_relays_publish_each_row_once() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    enqueue_orders(&pg, 1..=400).await;
+    let (s1, t1) = spawn(
+        relay(&pg.outbox, Arc::new(broker.clone()))
+            .batch_size(10)
+            .build()
+            .unwrap(),
+    );
+    let (s2, t2) = spawn(
+        relay(&pg.outbox, Arc::new(broker.clone()))
+            .batch_size(10)
+            .build()
+            .unwrap(),
+    );
+    eventually(20, "all rows sent", || async {
+        pg.outbox.pending().await.unwrap() == 0
+    })
+    .await;
+    let mut seen: HashMap<_, usize> = HashMap::new();
+    for e in broker.published() {
+        *seen.entry(e.id).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 400);
+    assert!(seen.values().all(|n| *n == 1), "a row was published twice");
+    s1.cancel();
+    s2.cancel();
+    t1.await.unwrap();
+    t2.await.unwrap();
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn poison_rows_are_parked_with_their_reason_and_others_flow() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    let mut tx = pg.pool.begin().await.unwrap();
+    let unroutable = pg
+        .outbox
+        .enqueue_envelope(&mut tx, Envelope::new("nobody.listens", &b"{}"[..]))
+        .await
+        .unwrap();
+    let oversize = pg
+        .outbox
+        .enqueue_envelope(&mut tx, Envelope::new("orders.placed", vec![b' '; 4096]))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    enqueue_orders(&pg, 1..=5).await;
+    let r = relay(&pg.outbox, Arc::new(broker.clone()))
+        .max_payload_bytes(1024)
+        .max_attempts(3)
+        .retry_delay(Duration::from_millis(20), Duration::from_millis(50))
+        .poll_interval(Duration::from_millis(30))
+        .build()
+        .unwrap();
+    let (stop, task) = spawn(r);
+    eventually(10, "good rows published", || async {
+        broker.published().len() == 5
+    })
+    .await;
+    eventually(10, "poison rows parked", || async {
+        pg.outbox.parked(10).await.unwrap().len() == 2
+    })
+    .await;
+    let parked = pg.outbox.parked(10).await.unwrap();
+    let by_id: HashMap<_, _> = parked.iter().map(|p| (p.id, p)).collect();
+    assert_eq!(by_id[&unroutable].attempts, 3);
+    assert!(
+        by_id[&unroutable].error.contains("nobody.listens"),
+        "{:?}",
+        by_id[&unroutable]
+    );
+    assert!(
+        by_id[&oversize].error.contains("exceeds"),
+        "{:?}",
+        by_id[&oversize]
+    );
+    assert_eq!(pg.outbox.pending().await.unwrap(), 0);
+    // Once routable, an operator requeues it and it goes out.
+    broker.bind("audit", ["nobody.listens"]);
+    assert!(pg.outbox.requeue(unroutable).await.unwrap());
+    eventually(10, "requeued row published", || async {
+        broker.published().len() == 6
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    pg.drop_schema().await;
+}
