@@ -13,7 +13,6 @@
 use async_nats::jetstream::{
     self,
     consumer::{AckPolicy, pull},
-    stream,
 };
 use futures::StreamExt;
 use std::{
@@ -89,7 +88,14 @@ async fn prefill(js: &jetstream::Context, subject: &str, n: usize, size: usize) 
     }
 }
 
-async fn raw(js: &jetstream::Context, stream: &str, durable: &str, filter: &str, n: usize, double: bool) -> Figures {
+async fn raw(
+    js: &jetstream::Context,
+    stream: &str,
+    durable: &str,
+    filter: &str,
+    n: usize,
+    double: bool,
+) -> Figures {
     let st = js.get_stream(stream).await.unwrap();
     let consumer = st
         .create_consumer(pull::Config {
@@ -154,7 +160,12 @@ async fn steadfast_worker(t: &NatsTransport, group: &str, n: usize) -> Figures {
     while acked.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let fig = report("steadfast worker (awaited ack)", n, t0.elapsed(), cpu_micros() - cpu0);
+    let fig = report(
+        "steadfast worker (awaited ack)",
+        n,
+        t0.elapsed(),
+        cpu_micros() - cpu0,
+    );
     stop.cancel();
     task.await.unwrap().unwrap();
     fig

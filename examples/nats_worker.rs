@@ -57,7 +57,7 @@ async fn on_order(msg: OrderPlaced, cx: Context) -> Result<(), HandlerError> {
 /// The ledger is flaky on a first attempt: the error is transient and the broker holds
 /// the retry for the policy's delay.
 async fn on_payment(msg: PaymentCaptured, cx: Context) -> Result<(), HandlerError> {
-    if cx.attempt() == 1 && msg.order_id % 2 == 0 {
+    if cx.attempt() == 1 && msg.order_id.is_multiple_of(2) {
         return Err(HandlerError::msg("ledger busy, try again"));
     }
     println!(

@@ -500,3 +500,51 @@ async fn secrets_stay_hidden() {
         .unwrap();
     assert!(!format!("{t:?}").contains("canary-pw-123"));
 }
+
+/// `Defer` is a broker-held Nak that does not use an attempt; `Retry` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defer_keeps_the_attempt_and_retry_counts_one() {
+    let nt = transport("defer").await;
+    let mut sub = Subscription::new("defer", [Job::NAME]);
+    sub.max_attempts = 5;
+    let mut stream = nt.subscribe(&sub).await.unwrap();
+    let env = job(1, false, 0);
+    nt.publish(&env).await.unwrap();
+    let mut next = async || {
+        tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("delivered")
+            .unwrap()
+            .unwrap()
+    };
+    let d = next().await;
+    assert_eq!(d.envelope.attempt, 1);
+    let t0 = Instant::now();
+    d.settle(steadfast::Disposition::Defer {
+        delay: Duration::from_millis(300),
+    })
+    .await
+    .unwrap();
+    let d = next().await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(290),
+        "held by the server"
+    );
+    assert_eq!(d.envelope.attempt, 1, "a deferral is not an attempt");
+    d.settle(steadfast::Disposition::Retry {
+        delay: Duration::from_millis(100),
+    })
+    .await
+    .unwrap();
+    let d = next().await;
+    assert_eq!(d.envelope.attempt, 2, "a retry is");
+    d.settle(steadfast::Disposition::Ack).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), stream.next())
+            .await
+            .is_err(),
+        "acked: not delivered again"
+    );
+    drop(stream);
+    cleanup(&nt).await;
+}

@@ -103,7 +103,7 @@ async fn next_delivery(mut st: PullState) -> Option<(Result<Delivery, TransportE
                     st.failures += 1;
                     // The consumer may be gone (a server that lost its store): declare
                     // it again before the next try.
-                    if st.failures % 5 == 0 {
+                    if st.failures.is_multiple_of(5) {
                         let _ = topology::ensure_group(&st.inner, &st.sub).await;
                     }
                     return Some((Err(e), st));

@@ -111,8 +111,7 @@ async fn ensure_stream(
                 .create_stream(cfg)
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string())
-                .or_else(|e| Err(TransportError::new(TransportErrorKind::Config, e)))
+                .map_err(|e| TransportError::new(TransportErrorKind::Config, e.to_string()))
         })
         .await;
     if let Err(e) = created {
