@@ -4,7 +4,7 @@
 //! two-thread tokio runtime: a bare loop that takes each delivery and acks it (the
 //! transport's own cost), the steadfast worker, and the worker with the in-memory
 //! idempotency store. The difference per message is what the pipeline costs: the span,
-//! routing, decoding, the handler task, the decision and the settle.
+//! routing, decoding, the guarded handler call, the decision and the settle.
 //!
 //! ```text
 //! cargo bench --bench pipeline

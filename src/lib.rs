@@ -33,6 +33,18 @@ pub mod guide {
     pub mod retries_and_dead_letters {}
     #[doc = include_str!("../docs/testing.md")]
     pub mod testing {}
+    #[cfg(feature = "amqp")]
+    #[doc = include_str!("../docs/rabbitmq.md")]
+    pub mod rabbitmq {}
+    #[cfg(feature = "nats")]
+    #[doc = include_str!("../docs/nats.md")]
+    pub mod nats {}
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[doc = include_str!("../docs/idempotency.md")]
+    pub mod idempotency {}
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[doc = include_str!("../docs/outbox.md")]
+    pub mod outbox {}
 }
 
 #[doc(hidden)]
