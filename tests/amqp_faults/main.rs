@@ -200,3 +200,61 @@ async fn forced_connection_close_loses_nothing() {
     );
     finish(s, "close_all_connections").await;
 }
+
+/// A delivery received before the connection died cannot be acked afterwards — not on
+/// the dead channel, and never on the new one: its settle is an error ("not settled"),
+/// and the broker hands the message out again on the same stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_after_the_connection_died_is_not_settled_and_redelivers() {
+    use futures::StreamExt;
+    use steadfast::{
+        Disposition,
+        transport::{Subscription, TransportErrorKind},
+    };
+    let _guard = BrokerGuard;
+    let name = format!("sf-faults-gen-{}", uuid::Uuid::now_v7().simple());
+    let t = AmqpTransport::builder(url())
+        .exchange(name.clone())
+        .queue_prefix(format!("{name}."))
+        .queue_expiry(Duration::from_secs(600))
+        .max_reconnect_delay(Duration::from_secs(1))
+        .operation_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("RabbitMQ must be running");
+    let sub = Subscription::new("g", [Job::NAME]);
+    let mut stream = t.subscribe(&sub).await.unwrap();
+    let env = Envelope::encode(&Job { n: 1 }).unwrap();
+    t.publish(&env).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("delivered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.envelope.id, env.id);
+    run_ctl(&["close_all_connections", "steadfast fault test"]).await;
+    let t2 = t.clone();
+    wait_for("the outage noticed", Duration::from_secs(10), || {
+        t2.health() != Health::Connected
+    })
+    .await;
+    // The same stream resumes and gets the message again.
+    let again = tokio::time::timeout(Duration::from_secs(20), stream.next())
+        .await
+        .expect("redelivered after the reconnect")
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.envelope.id, env.id);
+    assert_eq!(t.health(), Health::Connected);
+    let e = first
+        .settle(Disposition::Ack)
+        .await
+        .expect_err("an ack of the dead channel's delivery is not settled");
+    assert_eq!(e.kind(), TransportErrorKind::Connection, "{e}");
+    again
+        .settle(Disposition::Ack)
+        .await
+        .expect("acked on the new channel");
+    drop(stream);
+    t.close().await;
+}
