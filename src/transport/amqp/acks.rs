@@ -68,6 +68,12 @@ impl ChannelAcks {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Nothing handed out is waiting to be settled.
+    pub(super) fn is_idle(&self) -> bool {
+        let st = self.lock();
+        st.in_flight.is_empty() && st.queue.is_empty()
+    }
+
     /// Records a tag handed out to the worker.
     pub(super) fn register(&self, tag: u64) {
         self.lock().in_flight.insert(tag);
