@@ -213,7 +213,28 @@ impl Inner {
                     }
                     match this.connect_once().await {
                         Ok(link) => {
-                            this.slot.send_replace(Slot::Up(link));
+                            let conn = link.conn.clone();
+                            let mut link = Some(link);
+                            this.slot.send_if_modified(|s| {
+                                if matches!(s, Slot::Closed) {
+                                    return false;
+                                }
+                                match link.take() {
+                                    Some(l) => {
+                                        *s = Slot::Up(l);
+                                        true
+                                    }
+                                    None => false,
+                                }
+                            });
+                            if link.is_some() {
+                                // Closed meanwhile: do not resurrect the transport.
+                                let _ = tokio::time::timeout(
+                                    this.cfg.op_timeout,
+                                    conn.close(200, "OK".into()),
+                                )
+                                .await;
+                            }
                             break;
                         }
                         Err(e) => {
