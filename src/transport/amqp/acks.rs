@@ -2,10 +2,11 @@
 //!
 //! Settling a delivery queues its tag here; one task per channel flushes the queue: a
 //! single `basic.ack` with `multiple=true` covers every queued tag below the lowest tag
-//! still in flight, tags above it are acked one by one, and each settle learns whether
-//! its frame went out. Requeues (deliveries dropped unsettled) go out first, one by one,
-//! so a later `multiple` ack can never cover them. Under load a flush carries many
-//! tags; when idle it goes out at once, so an ack waits well under a millisecond.
+//! still in flight; a tag above it waits up to [`HOLD`] (1 ms) for the lower ones to be
+//! settled so that a later `multiple` ack covers it too, then goes out on its own. Each
+//! settle learns whether its frame went out. Requeues (deliveries dropped unsettled) go
+//! out first, one by one, so a later `multiple` ack can never cover them. When idle an
+//! in-order ack goes out at once; under load one frame covers many messages.
 //!
 //! The whole structure belongs to one channel *generation*: after a reconnect the new
 //! channel has new tags and a new `ChannelAcks`, and a delivery of the dead channel can
@@ -19,8 +20,12 @@ use lapin::{
 use std::{
     collections::BTreeSet,
     sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
+
+/// How long an ack above the lowest in-flight tag may wait for a `multiple` ack to
+/// cover it before it is sent on its own.
+const HOLD: Duration = Duration::from_millis(1);
 use tokio::sync::{Notify, oneshot};
 
 type Done = oneshot::Sender<Result<(), TransportError>>;
@@ -63,6 +68,12 @@ impl ChannelAcks {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Nothing handed out is waiting to be settled.
+    pub(super) fn is_idle(&self) -> bool {
+        let st = self.lock();
+        st.in_flight.is_empty() && st.queue.is_empty()
+    }
+
     /// Records a tag handed out to the worker.
     pub(super) fn register(&self, tag: u64) {
         self.lock().in_flight.insert(tag);
@@ -94,78 +105,96 @@ impl ChannelAcks {
     }
 
     async fn flusher(self: Arc<Self>) {
+        // Acks above the lowest in-flight tag, held back briefly so that a later
+        // `multiple` ack can cover them.
+        let mut held: Vec<(u64, Done, Instant)> = Vec::new();
         loop {
             let notified = self.wake.notified();
-            let taken = {
+            let (requeues, low, done) = {
                 let mut st = self.lock();
-                if st.queue.is_empty() {
-                    if st.retired && st.in_flight.is_empty() {
-                        return;
+                let ops = std::mem::take(&mut st.queue);
+                let now = Instant::now();
+                let mut requeues = Vec::new();
+                for op in ops {
+                    match op {
+                        Op::Ack(t, done) => {
+                            st.in_flight.remove(&t);
+                            held.push((t, done, now));
+                        }
+                        Op::Requeue(t) => {
+                            st.in_flight.remove(&t);
+                            requeues.push(t);
+                        }
                     }
-                    None
-                } else {
-                    let ops = std::mem::take(&mut st.queue);
-                    for op in &ops {
-                        let tag = match op {
-                            Op::Ack(t, _) | Op::Requeue(t) => *t,
-                        };
-                        st.in_flight.remove(&tag);
-                    }
-                    Some((ops, st.in_flight.first().copied()))
                 }
+                let done = st.retired && st.in_flight.is_empty() && held.is_empty();
+                (requeues, st.in_flight.first().copied(), done)
             };
-            match taken {
-                Some((ops, low)) => self.flush(ops, low).await,
+            if done && requeues.is_empty() {
+                return;
+            }
+            for t in requeues {
+                let r = self
+                    .bounded(self.channel.basic_nack(
+                        t,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        },
+                    ))
+                    .await;
+                if let Err(e) = r {
+                    tracing::debug!(tag = t, error = %e, "requeue not sent; the broker requeues it when the channel closes");
+                }
+            }
+            self.flush(&mut held, low).await;
+            match held.iter().map(|h| h.2).min() {
+                Some(oldest) => {
+                    tokio::select! {
+                        () = notified => {}
+                        () = tokio::time::sleep_until((oldest + HOLD).into()) => {}
+                    }
+                }
                 None => notified.await,
             }
         }
     }
 
-    async fn flush(&self, ops: Vec<Op>, low: Option<u64>) {
-        let mut acks: Vec<(u64, Done)> = Vec::with_capacity(ops.len());
-        for op in ops {
-            match op {
-                Op::Ack(t, done) => acks.push((t, done)),
-                Op::Requeue(t) => {
-                    let r = self
-                        .bounded(self.channel.basic_nack(
-                            t,
-                            BasicNackOptions {
-                                multiple: false,
-                                requeue: true,
-                            },
-                        ))
-                        .await;
-                    if let Err(e) = r {
-                        tracing::debug!(tag = t, error = %e, "requeue not sent; the broker requeues it when the channel closes");
-                    }
-                }
-            }
-        }
-        if acks.is_empty() {
+    /// Sends what `held` allows: one `multiple` ack for every tag below `low`, and single
+    /// acks for the tags above it that were held for [`HOLD`] already.
+    async fn flush(&self, held: &mut Vec<(u64, Done, Instant)>, low: Option<u64>) {
+        if held.is_empty() {
             return;
         }
-        acks.sort_unstable_by_key(|(t, _)| *t);
-        let split = low.map_or(acks.len(), |low| acks.partition_point(|(t, _)| *t < low));
-        let mut results: Vec<Result<(), CloneableError>> = Vec::with_capacity(acks.len());
-        let (below, above) = acks.split_at(split);
-        if let Some((max, _)) = below.last() {
+        held.sort_unstable_by_key(|h| h.0);
+        let split = low.map_or(held.len(), |low| held.partition_point(|h| h.0 < low));
+        let below: Vec<_> = held.drain(..split).collect();
+        if let Some((max, _, _)) = below.last() {
             let multiple = below.len() > 1;
             let r = self
                 .bounded(self.channel.basic_ack(*max, BasicAckOptions { multiple }))
                 .await;
-            results.extend(below.iter().map(|_| r.clone()));
+            for (_, done, _) in below {
+                let _ = done.send(r.clone().map_err(Into::into));
+            }
         }
-        for (t, _) in above.iter() {
-            let r = self
-                .bounded(
-                    self.channel
-                        .basic_ack(*t, BasicAckOptions { multiple: false }),
-                )
-                .await;
-            results.push(r);
+        let now = Instant::now();
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(held)
+            .into_iter()
+            .partition(|h| now.duration_since(h.2) >= HOLD || self.lock().retired);
+        *held = keep;
+        if due.is_empty() {
+            return;
         }
-        for ((_, done), r) in acks.into_iter().zip(results) {
+        // Frames go out in call order; their results are awaited together.
+        let sends = due.iter().map(|(t, _, _)| {
+            self.bounded(
+                self.channel
+                    .basic_ack(*t, BasicAckOptions { multiple: false }),
+            )
+        });
+        let results = futures::future::join_all(sends).await;
+        for ((_, done, _), r) in due.into_iter().zip(results) {
             let _ = done.send(r.map_err(Into::into));
         }
     }

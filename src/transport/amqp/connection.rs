@@ -1,7 +1,7 @@
 //! The connection: connect with heartbeats, reconnect with capped jittered backoff, the
 //! shared publisher-confirm channel, and health.
 
-use super::{AmqpBuilder, QueueType, redact_url, topology};
+use super::{AmqpBuilder, QueueType, acks::ChannelAcks, redact_url, topology};
 use crate::transport::{Health, TransportError, TransportErrorKind};
 use backon::BackoffBuilder;
 use lapin::{
@@ -11,7 +11,7 @@ use std::{
     future::Future,
     str::FromStr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -60,7 +60,8 @@ pub(super) struct Inner {
     reconnecting: AtomicBool,
     generation: AtomicU64,
     publisher: tokio::sync::Mutex<Option<(u64, Channel)>>,
-    /// Open channels per generation, to close with the connection.
+    /// The acknowledgers of consumer channels, so `close` can wait for in-flight settles.
+    consumers: Mutex<Vec<Weak<ChannelAcks>>>,
     pub(super) closed: CancellationToken,
     last_error: Mutex<Option<String>>,
 }
@@ -101,6 +102,7 @@ impl Inner {
             reconnecting: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             publisher: tokio::sync::Mutex::new(None),
+            consumers: Mutex::new(Vec::new()),
             closed: CancellationToken::new(),
             last_error: Mutex::new(None),
         })
@@ -211,7 +213,28 @@ impl Inner {
                     }
                     match this.connect_once().await {
                         Ok(link) => {
-                            this.slot.send_replace(Slot::Up(link));
+                            let conn = link.conn.clone();
+                            let mut link = Some(link);
+                            this.slot.send_if_modified(|s| {
+                                if matches!(s, Slot::Closed) {
+                                    return false;
+                                }
+                                match link.take() {
+                                    Some(l) => {
+                                        *s = Slot::Up(l);
+                                        true
+                                    }
+                                    None => false,
+                                }
+                            });
+                            if link.is_some() {
+                                // Closed meanwhile: do not resurrect the transport.
+                                let _ = tokio::time::timeout(
+                                    this.cfg.op_timeout,
+                                    conn.close(200, "OK".into()),
+                                )
+                                .await;
+                            }
                             break;
                         }
                         Err(e) => {
@@ -291,8 +314,33 @@ impl Inner {
         TransportError::new(kind, format!("RabbitMQ `{what}` failed: {text}"))
     }
 
+    /// Remembers a consumer channel's acknowledger for [`close`](Self::close).
+    pub(super) fn track(&self, acks: &Arc<ChannelAcks>) {
+        let mut list = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(acks));
+    }
+
+    /// Stops intake, waits (up to the operation timeout) for deliveries already handed
+    /// out to be settled or dropped, then closes the connection.
     pub(super) async fn close(&self) {
         self.closed.cancel();
+        let deadline = tokio::time::Instant::now() + self.cfg.op_timeout;
+        loop {
+            let busy = self
+                .consumers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter_map(Weak::upgrade)
+                .any(|a| !a.is_idle());
+            if !busy || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Let the last coalesced acks go out.
+        tokio::time::sleep(Duration::from_millis(5)).await;
         let old = self.slot.send_replace(Slot::Closed);
         if let Some((_, ch)) = self.publisher.lock().await.take() {
             let _ = tokio::time::timeout(self.cfg.op_timeout, ch.close(200, "OK".into())).await;

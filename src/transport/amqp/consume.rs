@@ -70,6 +70,7 @@ async fn start_session(
     match r {
         Ok(consumer) => {
             let acks = ChannelAcks::start(channel.clone(), inner.cfg.op_timeout);
+            inner.track(&acks);
             Ok(Session {
                 channel,
                 consumer,

@@ -226,7 +226,7 @@ impl fmt::Debug for AmqpTransport {
             .field("exchange", &self.inner.cfg.exchange)
             .field("queue_prefix", &self.inner.cfg.queue_prefix)
             .field("queue_type", &self.inner.cfg.queue_type)
-            .field("health", &self.health())
+            .field("health", &self.inner.health())
             .finish()
     }
 }
@@ -247,6 +247,12 @@ impl AmqpTransport {
     /// Whether the connection to the broker is up right now.
     pub fn is_connected(&self) -> bool {
         self.inner.health() == Health::Connected
+    }
+
+    /// Connected, reconnecting or closed (the same as [`Transport::health`], without
+    /// importing the trait).
+    pub fn health(&self) -> Health {
+        self.inner.health()
     }
 
     /// The name of the work queue of `group` (with the prefix).
@@ -308,6 +314,8 @@ impl Transport for AmqpTransport {
         self.inner.health()
     }
 
+    /// Stops intake, waits up to the operation timeout for deliveries already handed
+    /// out to be settled or dropped, then closes the connection.
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.inner.close())
     }
