@@ -1,6 +1,11 @@
 //! Keeping secrets out of logs, `Debug` output and error text.
+#![cfg_attr(
+    not(any(feature = "amqp", feature = "postgres", feature = "sqlite")),
+    allow(dead_code)
+)]
 
-/// `url` with its password replaced by `***` (`postgres://user:***@host/db`). A string
+/// `url` with its password replaced by `***` (`postgres://user:***@host/db`); used for
+/// the AMQP and database URLs (NATS has its own for server lists and token users). A string
 /// that is not a URL is replaced entirely, since it may hold a secret in an unknown place.
 pub(crate) fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -30,30 +35,13 @@ pub(crate) fn scrub(text: &str, secret: Option<&str>) -> String {
         return text.to_owned();
     };
     let mut out = text.replace(secret, "***");
-    if let Ok(decoded) = percent_decode(secret)
+    if let Ok(decoded) = percent_encoding::percent_decode_str(secret).decode_utf8()
         && decoded != secret
         && !decoded.is_empty()
     {
-        out = out.replace(&decoded, "***");
+        out = out.replace(&*decoded, "***");
     }
     out
-}
-
-fn percent_decode(s: &str) -> Result<String, ()> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or(())?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| ())
 }
 
 #[cfg(test)]

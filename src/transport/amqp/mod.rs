@@ -321,19 +321,7 @@ impl Transport for AmqpTransport {
     }
 }
 
-/// `url` with its password replaced by `***` (for logs, `Debug` and errors). A URL that
-/// does not parse is replaced whole, since it may hold a secret anywhere.
-pub(crate) fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparsable URL>".to_owned(),
-    }
-}
+pub(crate) use crate::redact::redact_url;
 
 #[cfg(test)]
 mod tests {
@@ -346,7 +334,7 @@ mod tests {
             "amqp://guest:***@host:5672/%2f"
         );
         assert_eq!(redact_url("amqp://host/%2f"), "amqp://host/%2f");
-        assert_eq!(redact_url("::s3cret::"), "<unparsable URL>");
+        assert_eq!(redact_url("::s3cret::"), "(unparseable url)");
         let b = AmqpTransport::builder("amqp://u:s3cret@h/");
         assert!(!format!("{b:?}").contains("s3cret"));
     }
