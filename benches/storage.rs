@@ -44,10 +44,10 @@ async fn consume(pool: &PgPool, schema: &str, inbox: Option<PostgresStore>) -> f
             let (pool, inbox, table) = (p.clone(), i2.clone(), table.clone());
             async move {
                 let mut tx = pool.begin().await?;
-                if let Some(inbox) = &inbox {
-                    if !inbox.mark(&mut tx, &cx).await? {
-                        return Ok::<_, HandlerError>(());
-                    }
+                if let Some(inbox) = &inbox
+                    && !inbox.mark(&mut tx, &cx).await?
+                {
+                    return Ok::<_, HandlerError>(());
                 }
                 sqlx::query(AssertSqlSafe(format!("INSERT INTO {table} (id) VALUES ($1)")))
                     .bind(m.id)
