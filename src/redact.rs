@@ -2,6 +2,7 @@
 
 /// `url` with its password replaced by `***` (`postgres://user:***@host/db`). A string
 /// that is not a URL is replaced entirely, since it may hold a secret in an unknown place.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 pub(crate) fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
