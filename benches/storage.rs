@@ -34,7 +34,10 @@ async fn consume(pool: &PgPool, schema: &str, inbox: Option<PostgresStore>) -> f
     let broker = MemoryTransport::new();
     broker.bind("bench", ["bench.item"]);
     for id in 0..N {
-        broker.publish(&Envelope::encode(&Item { id }).unwrap()).await.unwrap();
+        broker
+            .publish(&Envelope::encode(&Item { id }).unwrap())
+            .await
+            .unwrap();
     }
     let table = format!("{schema}.effects");
     let (p, i2) = (pool.clone(), inbox.clone());
@@ -49,10 +52,12 @@ async fn consume(pool: &PgPool, schema: &str, inbox: Option<PostgresStore>) -> f
                 {
                     return Ok::<_, HandlerError>(());
                 }
-                sqlx::query(AssertSqlSafe(format!("INSERT INTO {table} (id) VALUES ($1)")))
-                    .bind(m.id)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO {table} (id) VALUES ($1)"
+                )))
+                .bind(m.id)
+                .execute(&mut *tx)
+                .await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -109,7 +114,10 @@ async fn enqueue_rate(pool: &PgPool, outbox: Option<&PostgresOutbox>, schema: &s
 }
 
 async fn relay_rate(outbox: &PostgresOutbox, transport: Arc<dyn Transport>) -> f64 {
-    let relay = Relay::builder(outbox.clone(), transport).batch_size(200).build().unwrap();
+    let relay = Relay::builder(outbox.clone(), transport)
+        .batch_size(200)
+        .build()
+        .unwrap();
     let start = Instant::now();
     loop {
         let s = relay.run_once().await.unwrap();
@@ -121,7 +129,9 @@ async fn relay_rate(outbox: &PostgresOutbox, transport: Arc<dyn Transport>) -> f
 }
 
 async fn raw_publish_rate(transport: &dyn Transport) -> f64 {
-    let envs: Vec<Envelope> = (0..N).map(|id| Envelope::encode(&Item { id }).unwrap()).collect();
+    let envs: Vec<Envelope> = (0..N)
+        .map(|id| Envelope::encode(&Item { id }).unwrap())
+        .collect();
     let start = Instant::now();
     for chunk in envs.chunks(200) {
         for r in transport.publish_batch(chunk).await {
@@ -153,18 +163,27 @@ async fn main() {
         .unwrap();
     inbox.migrate().await.unwrap();
     outbox.migrate().await.unwrap();
-    let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&pool).await.unwrap();
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     println!("PostgreSQL {version}, {N} messages per figure, concurrency 16 / 8 producers");
 
     let without = consume(&pool, &schema, None).await;
     let with = consume(&pool, &schema, Some(inbox.clone())).await;
     println!("consume, tx write, no idempotency   {without:>9.0} msg/s");
-    println!("consume, tx write + PostgreSQL inbox {with:>9.0} msg/s  ({:.2}x)", with / without);
+    println!(
+        "consume, tx write + PostgreSQL inbox {with:>9.0} msg/s  ({:.2}x)",
+        with / without
+    );
 
     let plain = enqueue_rate(&pool, None, &schema).await;
     let enq = enqueue_rate(&pool, Some(&outbox), &schema).await;
     println!("plain INSERT, 1 tx per row           {plain:>9.0} rows/s");
-    println!("outbox enqueue (+NOTIFY), 1 tx/row   {enq:>9.0} rows/s  ({:.2}x)", enq / plain);
+    println!(
+        "outbox enqueue (+NOTIFY), 1 tx/row   {enq:>9.0} rows/s  ({:.2}x)",
+        enq / plain
+    );
 
     let memory = MemoryTransport::new();
     memory.bind("bench", ["bench.item"]);
