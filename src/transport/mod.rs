@@ -14,6 +14,8 @@
 //! - Dropping the [`DeliveryStream`] stops intake (cancels the consumer) but keeps what is
 //!   needed to settle deliveries already handed out.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod memory;
 
 use crate::{

@@ -1,0 +1,353 @@
+//! The RabbitMQ transport (feature `amqp`, built on lapin).
+//!
+//! One connection per [`AmqpTransport`] (clones share it), with heartbeats, a
+//! publisher-confirm channel for everything it publishes, and one channel per
+//! subscription. The topology it declares, how each [`Disposition`](crate::Disposition)
+//! is carried out and how it recovers are described in `docs/rabbitmq.md`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), steadfast::transport::TransportError> {
+//! use steadfast::transport::amqp::{AmqpTransport, QueueType};
+//!
+//! let transport = AmqpTransport::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+//!     .exchange("steadfast")
+//!     .queue_prefix("")
+//!     .queue_type(QueueType::Quorum)
+//!     .connect()
+//!     .await?;
+//! assert!(transport.is_connected());
+//! # Ok(()) }
+//! ```
+
+mod acks;
+mod connection;
+mod consume;
+mod dead_letters;
+mod publish;
+mod settle;
+mod topology;
+mod wire;
+
+use super::{
+    DeadLetter, DeliveryStream, Health, Subscription, Transport, TransportError, TransportErrorKind,
+};
+use crate::envelope::Envelope;
+use futures::future::BoxFuture;
+use std::{fmt, sync::Arc, time::Duration};
+
+/// The kind of queue the work queues are.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// Replicated, durable quorum queues (the default and the safe choice): they enforce
+    /// the delivery limit that stops crash loops, and dead-letter at least once.
+    #[default]
+    Quorum,
+    /// Classic durable queues: no delivery limit, so a message that crashes the worker
+    /// every time is redelivered forever. Delay queues stay quorum queues either way.
+    Classic,
+}
+
+/// The settings of an [`AmqpTransport`]; see [`AmqpTransport::builder`].
+#[derive(Clone)]
+pub struct AmqpBuilder {
+    url: String,
+    exchange: String,
+    queue_prefix: String,
+    queue_type: QueueType,
+    delivery_limit: u32,
+    queue_expiry: Option<Duration>,
+    operation_timeout: Duration,
+    heartbeat: u16,
+    max_reconnect_delay: Duration,
+}
+
+impl fmt::Debug for AmqpBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpBuilder")
+            .field("url", &redact_url(&self.url))
+            .field("exchange", &self.exchange)
+            .field("queue_prefix", &self.queue_prefix)
+            .field("queue_type", &self.queue_type)
+            .field("delivery_limit", &self.delivery_limit)
+            .field("queue_expiry", &self.queue_expiry)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("heartbeat", &self.heartbeat)
+            .field("max_reconnect_delay", &self.max_reconnect_delay)
+            .finish()
+    }
+}
+
+/// The default topic exchange every message is published to.
+pub const DEFAULT_EXCHANGE: &str = "steadfast";
+
+/// The default delivery limit of work queues (the same as RabbitMQ 4's default).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+
+impl AmqpBuilder {
+    fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            exchange: DEFAULT_EXCHANGE.to_owned(),
+            queue_prefix: String::new(),
+            queue_type: QueueType::Quorum,
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
+            queue_expiry: None,
+            operation_timeout: Duration::from_secs(30),
+            heartbeat: 10,
+            max_reconnect_delay: Duration::from_secs(10),
+        }
+    }
+
+    /// The durable topic exchange messages are published to, routed by message name
+    /// (default `"steadfast"`).
+    #[must_use]
+    pub fn exchange(mut self, name: impl Into<String>) -> Self {
+        self.exchange = name.into();
+        self
+    }
+
+    /// A prefix for every queue name this transport declares (default empty): the work
+    /// queue of group `g` is `{prefix}g`.
+    #[must_use]
+    pub fn queue_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.queue_prefix = prefix.into();
+        self
+    }
+
+    /// Quorum (default) or classic work queues.
+    #[must_use]
+    pub fn queue_type(mut self, t: QueueType) -> Self {
+        self.queue_type = t;
+        self
+    }
+
+    /// How many times the broker may hand out one copy of a message without it being
+    /// settled — the worker crashed, was killed or lost its connection each time —
+    /// before it dead-letters it (quorum `x-delivery-limit`, default 20). Retries are new
+    /// copies and do not count. Part of the queue's arguments: every transport declaring
+    /// the same queue must use the same value.
+    #[must_use]
+    pub fn delivery_limit(mut self, n: u32) -> Self {
+        self.delivery_limit = n;
+        self
+    }
+
+    /// Lets the broker delete this transport's queues after they have been unused for
+    /// `d` (`x-expires`), messages included. For tests and throw-away groups only.
+    #[must_use]
+    pub fn queue_expiry(mut self, d: Duration) -> Self {
+        self.queue_expiry = Some(d);
+        self
+    }
+
+    /// The bound on every single broker operation: connect, declare, publisher confirm,
+    /// ack (default 30 s). An operation that takes longer fails with
+    /// [`TransportErrorKind::Timeout`].
+    #[must_use]
+    pub fn operation_timeout(mut self, d: Duration) -> Self {
+        self.operation_timeout = d;
+        self
+    }
+
+    /// The heartbeat interval in seconds proposed to the broker (default 10; a
+    /// `heartbeat=` in the URL wins). A silent peer is detected after about two
+    /// intervals.
+    #[must_use]
+    pub fn heartbeat(mut self, secs: u16) -> Self {
+        self.heartbeat = secs;
+        self
+    }
+
+    /// The cap on the jittered exponential backoff between reconnect attempts
+    /// (default 10 s).
+    #[must_use]
+    pub fn max_reconnect_delay(mut self, d: Duration) -> Self {
+        self.max_reconnect_delay = d;
+        self
+    }
+
+    /// Checks the settings, connects and declares the exchange.
+    pub async fn connect(self) -> Result<AmqpTransport, TransportError> {
+        let problems = self.problems();
+        if !problems.is_empty() {
+            return Err(TransportError::new(
+                TransportErrorKind::Config,
+                format!("invalid RabbitMQ settings: {}", problems.join("; ")),
+            ));
+        }
+        let inner = connection::Inner::new(self)?;
+        let inner = Arc::new(inner);
+        inner.first_connect().await?;
+        Ok(AmqpTransport { inner })
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.exchange.is_empty() || self.exchange.len() > 200 {
+            p.push("the exchange name must be 1..=200 bytes".to_owned());
+        }
+        if self.exchange.starts_with("amq.") {
+            p.push("exchange names starting with `amq.` are reserved by RabbitMQ".to_owned());
+        }
+        if self.queue_prefix.len() > 100 {
+            p.push("the queue prefix must be at most 100 bytes".to_owned());
+        }
+        if self.delivery_limit == 0 {
+            p.push("the delivery limit must be at least 1".to_owned());
+        }
+        if self.operation_timeout.is_zero() {
+            p.push("the operation timeout must be above zero".to_owned());
+        }
+        if self.max_reconnect_delay < Duration::from_millis(100) {
+            p.push("the maximum reconnect delay must be at least 100 ms".to_owned());
+        }
+        if let Some(e) = self.queue_expiry
+            && e < Duration::from_secs(1)
+        {
+            p.push("the queue expiry must be at least 1 s".to_owned());
+        }
+        p
+    }
+}
+
+/// A RabbitMQ transport. Cheap to clone: clones share the connection.
+///
+/// `Debug` output and every error it returns leave the URL's password out.
+#[derive(Clone)]
+pub struct AmqpTransport {
+    inner: Arc<connection::Inner>,
+}
+
+impl fmt::Debug for AmqpTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpTransport")
+            .field("url", &self.inner.redacted_url)
+            .field("exchange", &self.inner.cfg.exchange)
+            .field("queue_prefix", &self.inner.cfg.queue_prefix)
+            .field("queue_type", &self.inner.cfg.queue_type)
+            .field("health", &self.inner.health())
+            .finish()
+    }
+}
+
+impl AmqpTransport {
+    /// Connects with the default settings (exchange `"steadfast"`, quorum queues, no
+    /// prefix).
+    pub async fn connect(url: &str) -> Result<AmqpTransport, TransportError> {
+        Self::builder(url).connect().await
+    }
+
+    /// Starts configuring a transport for the broker at `url`
+    /// (`amqp://user:password@host:5672/vhost`, or `amqps://`).
+    pub fn builder(url: impl Into<String>) -> AmqpBuilder {
+        AmqpBuilder::new(url)
+    }
+
+    /// Whether the connection to the broker is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.inner.health() == Health::Connected
+    }
+
+    /// Connected, reconnecting or closed (the same as [`Transport::health`], without
+    /// importing the trait).
+    pub fn health(&self) -> Health {
+        self.inner.health()
+    }
+
+    /// The name of the work queue of `group` (with the prefix).
+    pub fn queue_name(&self, group: &str) -> String {
+        format!("{}{group}", self.inner.cfg.queue_prefix)
+    }
+
+    /// The name of the dead-letter queue of `group`.
+    pub fn dead_letter_queue_name(&self, group: &str) -> String {
+        topology::dlq_name(&self.queue_name(group))
+    }
+
+    /// The exchange messages are published to.
+    pub fn exchange(&self) -> &str {
+        &self.inner.cfg.exchange
+    }
+}
+
+impl Transport for AmqpTransport {
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn declare<'a>(&'a self, sub: &'a Subscription) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            let topo = topology::GroupTopology::new(&self.inner.cfg, sub)?;
+            let link = self.inner.link().await?;
+            topology::declare_on_new_channel(&self.inner, &link, &topo).await
+        })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        sub: &'a Subscription,
+    ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
+        Box::pin(consume::subscribe(self.inner.clone(), sub.clone()))
+    }
+
+    fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(publish::publish(&self.inner, envelope))
+    }
+
+    fn publish_batch<'a>(
+        &'a self,
+        envelopes: &'a [Envelope],
+    ) -> BoxFuture<'a, Vec<Result<(), TransportError>>> {
+        Box::pin(publish::publish_batch(&self.inner, envelopes))
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, TransportError>> {
+        Box::pin(dead_letters::read(&self.inner, group, limit))
+    }
+
+    fn health(&self) -> Health {
+        self.inner.health()
+    }
+
+    /// Stops intake, waits up to the operation timeout for deliveries already handed
+    /// out to be settled or dropped, then closes the connection.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.inner.close())
+    }
+}
+
+/// `url` with its password replaced by `***` (for logs, `Debug` and errors). A URL that
+/// does not parse is replaced whole, since it may hold a secret anywhere.
+pub(crate) fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparsable URL>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("amqp://guest:s3cret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://host/%2f"), "amqp://host/%2f");
+        assert_eq!(redact_url("::s3cret::"), "<unparsable URL>");
+        let b = AmqpTransport::builder("amqp://u:s3cret@h/");
+        assert!(!format!("{b:?}").contains("s3cret"));
+    }
+}

@@ -1,0 +1,510 @@
+//! What only a real broker shows: delays held in the delay-tier queues, a worker
+//! process killed while its message waits there, a crash loop stopped by the delivery
+//! limit, the dead-letter headers, unroutable publishes, reading dead letters without
+//! changing the queue, and secrets kept out of errors.
+
+use crate::support::{self, Running};
+use lapin::{options::BasicGetOptions, types::AMQPValue};
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use steadfast::{
+    Context, Envelope, HandlerError, Message, RetryPolicy, Worker,
+    envelope::header,
+    transport::{Health, Transport, TransportErrorKind, amqp::AmqpTransport},
+    worker::Outcome,
+};
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+#[message(name = "broker.task")]
+pub(crate) struct Task {
+    pub(crate) n: u64,
+}
+
+const CHILD_ENV: &str = "STEADFAST_AMQP_CHILD";
+
+fn retry_policy() -> RetryPolicy {
+    RetryPolicy::fixed(Duration::from_secs(2))
+        .max_attempts(5)
+        .jitter(0.0)
+}
+
+/// Not a test of its own: the entry point of the worker *process* the tests below
+/// start and kill (`STEADFAST_AMQP_CHILD=fail|crash`). Without the variable it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_worker_process() {
+    let Ok(mode) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let name = std::env::var("SF_NAME").expect("SF_NAME");
+    let limit: u32 = std::env::var("SF_LIMIT")
+        .expect("SF_LIMIT")
+        .parse()
+        .unwrap();
+    let t = support::transport_named(&name, limit).await;
+    let crash = mode == "crash";
+    let w = Running::start(
+        Worker::builder(t, "g")
+            .handle(move |_: Task, cx: Context| {
+                println!("ATTEMPT {}", cx.attempt());
+                async move {
+                    if crash {
+                        // Dies mid-handler, every time, like a segfault would.
+                        std::process::abort();
+                    }
+                    Err::<(), _>(HandlerError::msg("always failing"))
+                }
+            })
+            .retry(retry_policy()),
+    )
+    .await;
+    loop {
+        if let Some(p) = w.outcomes.lock().unwrap().last() {
+            println!("OUTCOME {:?}", p.outcome);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A worker process, killed when dropped (a failing test leaves no orphan behind).
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_child(mode: &str, name: &str, limit: u32) -> ChildGuard {
+    let child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "broker::child_worker_process", "--nocapture"])
+        .env(CHILD_ENV, mode)
+        .env("SF_NAME", name)
+        .env("SF_LIMIT", limit.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the worker process");
+    ChildGuard(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_loses_nothing_and_the_next_continues_the_count() {
+    let name = support::unique("killed");
+    let t = support::transport_named(&name, 20).await;
+    // Declare with the child's policy, so the message waits in the 2 s tier.
+    Worker::builder(t.clone(), "g")
+        .handle(|_: Task, _cx: Context| async { Ok(()) })
+        .retry(retry_policy())
+        .build()
+        .unwrap()
+        .declare()
+        .await
+        .unwrap();
+    let env = Envelope::encode(&Task { n: 1 }).unwrap();
+    t.publish(&env).await.unwrap();
+
+    let mut child = spawn_child("fail", &name, 20);
+    let out = child.0.stdout.take().unwrap();
+    let retried = tokio::task::spawn_blocking(move || {
+        BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("OUTCOME Retried"))
+    });
+    let retried = tokio::time::timeout(Duration::from_secs(30), retried)
+        .await
+        .expect("the child retried in time")
+        .unwrap();
+    assert!(retried, "the child reported its retry");
+    child.0.kill().expect("SIGKILL the worker");
+    let _ = child.0.wait();
+
+    // The copy waits in the broker's delay tier, not in the dead process.
+    let (_conn, ch) = support::raw_channel().await;
+    let tier = format!("{}.delay.2000ms", t.queue_name("g"));
+    assert_eq!(
+        support::ready(&ch, &tier).await,
+        1,
+        "held by the delay queue"
+    );
+    assert_eq!(support::ready(&ch, &t.queue_name("g")).await, 0);
+
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let seen = attempts.clone();
+    let w = Running::start(
+        Worker::builder(t.clone(), "g")
+            .handle(move |_: Task, cx: Context| {
+                seen.lock().unwrap().push(cx.attempt());
+                async { Ok(()) }
+            })
+            .retry(retry_policy()),
+    )
+    .await;
+    let a = attempts.clone();
+    support::wait_for(
+        "the next worker handled it",
+        Duration::from_secs(15),
+        || !a.lock().unwrap().is_empty(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        [2],
+        "attempt count continued, once"
+    );
+    assert!(t.dead_letters("g", 10).await.unwrap().is_empty());
+    w.stop().await;
+    t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_is_stopped_by_the_delivery_limit() {
+    let name = support::unique("crash");
+    let t = support::transport_named(&name, 2).await;
+    Worker::builder(t.clone(), "g")
+        .handle(|_: Task, _cx: Context| async { Ok(()) })
+        .retry(retry_policy())
+        .build()
+        .unwrap()
+        .declare()
+        .await
+        .unwrap();
+    let env = Envelope::encode(&Task { n: 7 }).unwrap();
+    t.publish(&env).await.unwrap();
+    let mut runs = 0;
+    let dl = loop {
+        let list = t.dead_letters("g", 10).await.unwrap();
+        if let Some(d) = list.into_iter().next() {
+            break d;
+        }
+        assert!(runs < 8, "still not dead-lettered after {runs} crashes");
+        runs += 1;
+        let mut child = spawn_child("crash", &name, 2);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.0.try_wait().expect("child status") {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker process did not crash on the message"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(!status.success(), "the worker process crashed");
+    };
+    eprintln!(
+        "dead-lettered after {runs} crashed worker processes: {}",
+        dl.reason
+    );
+    assert!(runs >= 2, "the limit of 2 allowed at least two deliveries");
+    assert_eq!(dl.id(), env.id);
+    assert!(
+        dl.reason.starts_with("delivery limit reached"),
+        "reason: {}",
+        dl.reason
+    );
+    assert_eq!(&dl.envelope.payload[..], &env.payload[..]);
+    assert!(
+        dl.original_destination.starts_with(&name),
+        "{}",
+        dl.original_destination
+    );
+    assert!(!dl.failed_at.is_empty());
+    t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_wait_in_the_delay_tier_queue() {
+    let t = support::transport("delay").await;
+    let w = Running::start(
+        Worker::builder(t.clone(), "g")
+            .handle(|_: Task, cx: Context| async move {
+                if cx.attempt() == 1 {
+                    Err(HandlerError::msg("not yet"))
+                } else {
+                    Ok(())
+                }
+            })
+            .retry(RetryPolicy::fixed(Duration::from_millis(1500)).jitter(0.0)),
+    )
+    .await;
+    t.publish(&Envelope::encode(&Task { n: 1 }).unwrap())
+        .await
+        .unwrap();
+    let outcomes = w.outcomes.clone();
+    support::wait_for("the first attempt retried", Duration::from_secs(10), || {
+        !outcomes.lock().unwrap().is_empty()
+    })
+    .await;
+    let (_conn, ch) = support::raw_channel().await;
+    let tier = format!("{}.delay.1500ms", t.queue_name("g"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        support::ready(&ch, &tier).await,
+        1,
+        "the broker holds the delay"
+    );
+    support::wait_for("the second attempt acked", Duration::from_secs(10), || {
+        w.count() == 2
+    })
+    .await;
+    assert_eq!(w.outcomes.lock().unwrap()[1].outcome, Outcome::Acked);
+    assert_eq!(support::ready(&ch, &tier).await, 0);
+    w.stop().await;
+    t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_carry_every_header_and_reading_them_changes_nothing() {
+    let t = support::transport("dlq").await;
+    let w = Running::start(
+        Worker::builder(t.clone(), "g").handle(|_: Task, _cx: Context| async {
+            Err::<(), _>(HandlerError::msg("bad task").permanent())
+        }),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let env = Envelope::encode(&Task { n })
+            .unwrap()
+            .with_header("traceparent", format!("00-{n:032x}-{n:016x}-01"));
+        t.publish(&env).await.unwrap();
+        ids.push(env.id);
+    }
+    let outcomes = w.outcomes.clone();
+    support::wait_for("five dead letters", Duration::from_secs(10), || {
+        outcomes.lock().unwrap().len() == 5
+    })
+    .await;
+    w.stop().await;
+    // Read twice: same entries, same order, none removed.
+    let first = t.dead_letters("g", 100).await.unwrap();
+    let second = t.dead_letters("g", 3).await.unwrap();
+    let order: Vec<_> = first.iter().map(|d| d.id()).collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(sorted, want, "every dead letter read");
+    assert_eq!(
+        second.iter().map(|d| d.id()).collect::<Vec<_>>(),
+        order[..3],
+        "a second read sees the same order"
+    );
+    let third = t.dead_letters("g", 100).await.unwrap();
+    assert_eq!(third.iter().map(|d| d.id()).collect::<Vec<_>>(), order);
+    let (_conn, ch) = support::raw_channel().await;
+    let dlq = t.dead_letter_queue_name("g");
+    assert_eq!(
+        support::ready(&ch, &dlq).await,
+        5,
+        "reading removed nothing"
+    );
+    let d = &first[0];
+    assert_eq!(d.reason, "bad task");
+    assert_eq!(d.attempts, 1);
+    assert_eq!(
+        d.original_destination,
+        format!("{}/broker.task", t.exchange())
+    );
+    assert!(
+        d.envelope.headers.get("traceparent").is_some(),
+        "original headers kept"
+    );
+    // The raw message carries all the framework's headers.
+    let head = order[0];
+    let m = ch
+        .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("a dead letter");
+    let h = m.delivery.properties.headers().clone().unwrap();
+    for k in [
+        header::DEAD_LETTER_REASON,
+        header::ERROR_KIND,
+        header::ATTEMPTS,
+        header::FAILED_AT,
+        header::ORIGINAL_DESTINATION,
+        header::ORIGINAL_GROUP,
+        header::ATTEMPT,
+        "cloudEvents:id",
+        "cloudEvents:type",
+        "traceparent",
+    ] {
+        assert!(h.inner().contains_key(k), "dead letter lacks `{k}`");
+    }
+    assert_eq!(
+        h.inner().get(header::ORIGINAL_GROUP),
+        Some(&AMQPValue::LongString("g".into()))
+    );
+    assert_eq!(m.delivery.properties.delivery_mode(), &Some(2));
+    assert_eq!(
+        m.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string()),
+        Some(head.to_string())
+    );
+    t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_publish_is_an_error() {
+    let t = support::transport("unroutable").await;
+    let e = t
+        .publish(&Envelope::new("nobody.listens", &b"{}"[..]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), TransportErrorKind::Unroutable, "{e}");
+    // The channel survives: a routable publish still works.
+    Worker::builder(t.clone(), "g")
+        .handle(|_: Task, _cx: Context| async { Ok(()) })
+        .build()
+        .unwrap()
+        .declare()
+        .await
+        .unwrap();
+    t.publish(&Envelope::encode(&Task { n: 1 }).unwrap())
+        .await
+        .unwrap();
+    let batch = [
+        Envelope::encode(&Task { n: 2 }).unwrap(),
+        Envelope::new("nobody.listens", &b"{}"[..]),
+        Envelope::encode(&Task { n: 3 }).unwrap(),
+    ];
+    let r = t.publish_batch(&batch).await;
+    assert!(r[0].is_ok() && r[2].is_ok());
+    assert_eq!(
+        r[1].as_ref().unwrap_err().kind(),
+        TransportErrorKind::Unroutable
+    );
+    assert!(t.is_connected());
+    assert_eq!(t.health(), Health::Connected);
+    t.close().await;
+    assert_eq!(t.health(), Health::Closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_appear_in_errors_or_debug() {
+    let canary = "canary-Pa55word-0xDEADBEEF";
+    let bad = format!("amqp://guest:{canary}@127.0.0.1:5672/%2f");
+    let e = AmqpTransport::connect(&bad).await.unwrap_err();
+    let text = format!("{e} {e:?}");
+    assert!(!text.contains(canary), "{text}");
+    let refused = format!("amqp://guest:{canary}@127.0.0.1:1/%2f");
+    let e = AmqpTransport::builder(refused.as_str())
+        .operation_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap_err();
+    let text = format!("{e} {e:?}");
+    assert!(!text.contains(canary), "{text}");
+    assert_eq!(e.kind(), TransportErrorKind::Connection);
+    let builder = AmqpTransport::builder(bad.as_str());
+    assert!(!format!("{builder:?}").contains(canary));
+    let t = support::transport("debug").await;
+    let shown = format!("{t:?}");
+    assert!(
+        shown.contains("***") && !shown.contains("guest:guest"),
+        "{shown}"
+    );
+    t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_after_the_stream_is_dropped_still_acks() {
+    use futures::StreamExt;
+    use steadfast::{Disposition, transport::Subscription};
+    let t = support::transport("graceful");
+    let t = t.await;
+    let mut sub = Subscription::new("g", [Task::NAME]);
+    sub.prefetch = 10;
+    let mut stream = t.subscribe(&sub).await.unwrap();
+    for n in 0..3 {
+        t.publish(&Envelope::encode(&Task { n }).unwrap())
+            .await
+            .unwrap();
+    }
+    let first = stream.next().await.unwrap().unwrap();
+    let second = stream.next().await.unwrap().unwrap();
+    // Stop intake with two deliveries in hand and one prefetched or waiting.
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first
+        .settle(Disposition::Ack)
+        .await
+        .expect("acked on the kept channel");
+    drop(second); // dropped unsettled: back to the queue
+    let (_conn, ch) = support::raw_channel().await;
+    let q = t.queue_name("g");
+    support::wait_for_async("two messages back in the queue", || async {
+        support::ready(&ch, &q).await == 2
+    })
+    .await;
+    // A new subscription gets exactly those two.
+    let mut stream = t.subscribe(&sub).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("redelivered")
+            .unwrap()
+            .unwrap();
+        got.push(
+            serde_json::from_slice::<Task>(&d.envelope.payload)
+                .unwrap()
+                .n,
+        );
+        d.settle(Disposition::Ack).await.unwrap();
+    }
+    got.sort_unstable();
+    assert_eq!(got, [1, 2]);
+    drop(stream);
+    t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_work_queues_retry_through_quorum_delay_queues() {
+    let name = support::unique("classic");
+    let t = AmqpTransport::builder(support::url())
+        .exchange(name.clone())
+        .queue_prefix(format!("{name}."))
+        .queue_type(steadfast::transport::amqp::QueueType::Classic)
+        .queue_expiry(Duration::from_secs(300))
+        .connect()
+        .await
+        .unwrap();
+    let w = Running::start(
+        Worker::builder(t.clone(), "g")
+            .handle(|_: Task, cx: Context| async move {
+                if cx.attempt() < 2 {
+                    Err(HandlerError::msg("once more"))
+                } else {
+                    Ok(())
+                }
+            })
+            .retry(RetryPolicy::fixed(Duration::from_millis(200)).jitter(0.0)),
+    )
+    .await;
+    t.publish(&Envelope::encode(&Task { n: 1 }).unwrap())
+        .await
+        .unwrap();
+    let o = w.outcomes.clone();
+    support::wait_for("acked on attempt 2", Duration::from_secs(10), || {
+        o.lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.outcome == Outcome::Acked && p.attempt == 2)
+    })
+    .await;
+    w.stop().await;
+    t.close().await;
+}
