@@ -215,14 +215,17 @@ impl PostgresStore {
         conn: &mut PgConnection,
         key: Key<'_>,
     ) -> Result<bool, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(self.inner.sql.mark.clone()))
-            .bind(key.group)
-            .bind(key.name)
-            .bind(key.key)
-            .bind(self.inner.retention.as_secs_f64())
-            .fetch_optional(conn)
-            .await
-            .map_err(db_err("could not mark the inbox key"))?;
+        let fut = async {
+            sqlx::query(AssertSqlSafe(self.inner.sql.mark.clone()))
+                .bind(key.group)
+                .bind(key.name)
+                .bind(key.key)
+                .bind(self.inner.retention.as_secs_f64())
+                .fetch_optional(conn)
+                .await
+                .map_err(db_err("could not mark the inbox key"))
+        };
+        let row = bounded(self.inner.timeout, "inbox mark", fut).await?;
         Ok(row.is_some())
     }
 
