@@ -7,8 +7,9 @@
 //!    relay's drain rate (claim → publish_batch → confirm → mark sent) vs the bare
 //!    `publish_batch` of the same envelopes.
 //!
-//! Run: `cargo bench --bench storage --features postgres` (needs PostgreSQL on
-//! `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`).
+//! Run: `cargo bench --bench storage --all-features` (needs PostgreSQL on
+//! `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`; with the `amqp`
+//! feature also RabbitMQ on `AMQP_URL` for the relay → RabbitMQ figures).
 
 use sqlx::{AssertSqlSafe, PgPool};
 use std::{sync::Arc, time::Duration};
@@ -47,10 +48,10 @@ async fn consume(pool: &PgPool, schema: &str, inbox: Option<PostgresStore>) -> f
             let (pool, inbox, table) = (p.clone(), i2.clone(), table.clone());
             async move {
                 let mut tx = pool.begin().await?;
-                if let Some(inbox) = &inbox {
-                    if !inbox.mark(&mut tx, &cx).await? {
-                        return Ok::<_, HandlerError>(());
-                    }
+                if let Some(inbox) = &inbox
+                    && !inbox.mark(&mut tx, &cx).await?
+                {
+                    return Ok::<_, HandlerError>(());
                 }
                 sqlx::query(AssertSqlSafe(format!(
                     "INSERT INTO {table} (id) VALUES ($1)"
@@ -128,6 +129,17 @@ async fn relay_rate(outbox: &PostgresOutbox, transport: Arc<dyn Transport>) -> f
     N as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Empties the outbox and enqueues a fresh set of `N` rows.
+async fn drain_and_refill(pool: &PgPool, quiet: &PostgresOutbox, schema: &str) {
+    sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM {schema}.steadfast_outbox"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+    enqueue_rate(pool, Some(quiet), schema).await;
+}
+
 async fn raw_publish_rate(transport: &dyn Transport) -> f64 {
     let envs: Vec<Envelope> = (0..N)
         .map(|id| Envelope::encode(&Item { id }).unwrap())
@@ -184,13 +196,42 @@ async fn main() {
         "outbox enqueue (+NOTIFY), 1 tx/row   {enq:>9.0} rows/s  ({:.2}x)",
         enq / plain
     );
+    let quiet = outbox.clone().with_notify(false);
+    let enq_quiet = enqueue_rate(&pool, Some(&quiet), &schema).await;
+    println!(
+        "outbox enqueue, no NOTIFY, 1 tx/row  {enq_quiet:>9.0} rows/s  ({:.2}x)",
+        enq_quiet / plain
+    );
 
+    drain_and_refill(&pool, &quiet, &schema).await;
     let memory = MemoryTransport::new();
     memory.bind("bench", ["bench.item"]);
     let raw = raw_publish_rate(&memory).await;
     let relayed = relay_rate(&outbox, Arc::new(memory.clone())).await;
     println!("memory: bare publish_batch           {raw:>9.0} msg/s");
     println!("memory: relay claim→publish→mark     {relayed:>9.0} msg/s");
+    #[cfg(feature = "amqp")]
+    {
+        use steadfast::transport::{Subscription, amqp::AmqpTransport};
+        let url = std::env::var("AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+        let amqp = AmqpTransport::builder(url)
+            .queue_prefix(format!("{schema}-"))
+            .queue_expiry(Duration::from_secs(60))
+            .connect()
+            .await
+            .expect("RabbitMQ must run on AMQP_URL");
+        amqp.declare(&Subscription::new("bench", ["bench.item"]))
+            .await
+            .unwrap();
+        let amqp: Arc<dyn Transport> = Arc::new(amqp);
+        drain_and_refill(&pool, &quiet, &schema).await;
+        let raw = raw_publish_rate(&*amqp).await;
+        let relayed = relay_rate(&outbox, amqp.clone()).await;
+        println!("rabbitmq: bare publish_batch         {raw:>9.0} msg/s");
+        println!("rabbitmq: relay claim→publish→mark   {relayed:>9.0} msg/s");
+        amqp.close().await;
+    }
 
     let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
         .execute(&pool)

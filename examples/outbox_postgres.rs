@@ -2,20 +2,21 @@
 //!
 //! - The orders service writes an order and its `OrderPlaced` message in **one**
 //!   transaction (`PostgresOutbox::enqueue`): both commit, or neither.
-//! - The relay publishes committed rows, awaiting the broker's confirmation, and marks
-//!   them sent (`FOR UPDATE SKIP LOCKED`, woken by LISTEN/NOTIFY).
+//! - The relay publishes committed rows to RabbitMQ, awaiting the publisher confirm, and
+//!   marks them sent (`FOR UPDATE SKIP LOCKED`, woken by LISTEN/NOTIFY).
 //! - The billing worker marks the inbox key, records the charge and commits in one
 //!   transaction, so a redelivered message is acked without charging twice.
 //!
-//! Needs PostgreSQL (`DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`).
-//! Run: `cargo run --example outbox_postgres --features postgres`
+//! Needs PostgreSQL (`DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`)
+//! and RabbitMQ (`AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//! Run: `cargo run --example outbox_postgres --features postgres,amqp`
 
 use std::{sync::Arc, time::Duration};
 use steadfast::{
     Context, HandlerError, Message, Worker,
     idempotency::{PostgresStore, postgres::connect},
     outbox::{PostgresOutbox, Relay},
-    transport::{Transport, memory::MemoryTransport},
+    transport::{Transport, amqp::AmqpTransport},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -27,8 +28,15 @@ struct OrderPlaced {
     cents: i64,
 }
 
+/// RabbitMQ, with queues under an `example-` prefix so they stay apart from others'.
 async fn transport() -> Result<Arc<dyn Transport>, Box<dyn std::error::Error>> {
-    Ok(Arc::new(MemoryTransport::new()))
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let amqp = AmqpTransport::builder(url) // the password never shows in errors or Debug
+        .queue_prefix("example-")
+        .connect()
+        .await?;
+    Ok(Arc::new(amqp))
 }
 
 #[tokio::main]

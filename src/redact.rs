@@ -7,6 +7,7 @@
 /// `url` with its password replaced by `***` (`postgres://user:***@host/db`); used for
 /// the AMQP and database URLs (NATS has its own for server lists and token users). A string
 /// that is not a URL is replaced entirely, since it may hold a secret in an unknown place.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
@@ -20,7 +21,7 @@ pub(crate) fn redact_url(url: &str) -> String {
 }
 
 /// The password of `url`, if it has one (to scrub it from third-party error text).
-#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn password(url: &str) -> Option<String> {
     url::Url::parse(url)
         .ok()
@@ -29,7 +30,7 @@ pub(crate) fn password(url: &str) -> Option<String> {
 }
 
 /// `text` with every occurrence of `secret` (raw or percent-decoded) replaced by `***`.
-#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn scrub(text: &str, secret: Option<&str>) -> String {
     let Some(secret) = secret else {
         return text.to_owned();

@@ -84,11 +84,17 @@ impl Sql {
                  RETURNING t.token",
             ),
             state: r("SELECT state FROM {table} WHERE grp = $1 AND name = $2 AND key = $3"),
-            complete: r("INSERT INTO {table} AS t (grp, name, key, state, done_at) \
-                 VALUES ($1, $2, $3, 'done', now()) \
-                 ON CONFLICT (grp, name, key) DO UPDATE \
-                 SET state = 'done', done_at = now(), token = NULL, lease_until = NULL \
-                 WHERE t.state = 'held'"),
+            // After an inbox `mark` the row is already done: the UPDATE matches nothing
+            // without locking it and nothing is inserted, so this writes no WAL and
+            // costs no commit flush on the common path.
+            complete: r("WITH u AS ( \
+                   UPDATE {table} SET state = 'done', done_at = now(), token = NULL, lease_until = NULL \
+                   WHERE grp = $1 AND name = $2 AND key = $3 AND state = 'held' RETURNING 1) \
+                 INSERT INTO {table} (grp, name, key, state, done_at) \
+                 SELECT $1, $2, $3, 'done', now() \
+                 WHERE NOT EXISTS (SELECT 1 FROM u) \
+                   AND NOT EXISTS (SELECT 1 FROM {table} WHERE grp = $1 AND name = $2 AND key = $3) \
+                 ON CONFLICT (grp, name, key) DO NOTHING"),
             release: r("DELETE FROM {table} \
                  WHERE grp = $1 AND name = $2 AND key = $3 AND state = 'held' AND token = $4"),
             mark: r("INSERT INTO {table} AS t (grp, name, key, state, done_at) \
@@ -209,14 +215,17 @@ impl PostgresStore {
         conn: &mut PgConnection,
         key: Key<'_>,
     ) -> Result<bool, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(self.inner.sql.mark.clone()))
-            .bind(key.group)
-            .bind(key.name)
-            .bind(key.key)
-            .bind(self.inner.retention.as_secs_f64())
-            .fetch_optional(conn)
-            .await
-            .map_err(db_err("could not mark the inbox key"))?;
+        let fut = async {
+            sqlx::query(AssertSqlSafe(self.inner.sql.mark.clone()))
+                .bind(key.group)
+                .bind(key.name)
+                .bind(key.key)
+                .bind(self.inner.retention.as_secs_f64())
+                .fetch_optional(conn)
+                .await
+                .map_err(db_err("could not mark the inbox key"))
+        };
+        let row = bounded(self.inner.timeout, "inbox mark", fut).await?;
         Ok(row.is_some())
     }
 

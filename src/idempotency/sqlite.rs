@@ -196,14 +196,17 @@ impl SqliteStore {
         conn: &mut SqliteConnection,
         key: Key<'_>,
     ) -> Result<bool, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(self.inner.sql.mark.clone()))
-            .bind(key.group)
-            .bind(key.name)
-            .bind(key.key)
-            .bind(millis(self.inner.retention))
-            .fetch_optional(conn)
-            .await
-            .map_err(db_err("could not mark the inbox key"))?;
+        let fut = async {
+            sqlx::query(AssertSqlSafe(self.inner.sql.mark.clone()))
+                .bind(key.group)
+                .bind(key.name)
+                .bind(key.key)
+                .bind(millis(self.inner.retention))
+                .fetch_optional(conn)
+                .await
+                .map_err(db_err("could not mark the inbox key"))
+        };
+        let row = bounded(self.inner.timeout, "inbox mark", fut).await?;
         Ok(row.is_some())
     }
 

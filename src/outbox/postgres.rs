@@ -235,9 +235,12 @@ impl PostgresOutbox {
         if self.inner.notify {
             q = q.bind(&self.inner.channel);
         }
-        q.execute(conn)
-            .await
-            .map_err(db_err("could not write the outbox row"))?;
+        bounded(self.inner.timeout, "outbox enqueue", async {
+            q.execute(conn)
+                .await
+                .map_err(db_err("could not write the outbox row"))
+        })
+        .await?;
         Ok(envelope.id)
     }
 

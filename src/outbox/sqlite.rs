@@ -203,16 +203,20 @@ impl SqliteOutbox {
         conn: &mut SqliteConnection,
         envelope: Envelope,
     ) -> Result<MessageId, StoreError> {
-        sqlx::query(AssertSqlSafe(self.inner.sql.insert.clone()))
+        let insert = sqlx::query(AssertSqlSafe(self.inner.sql.insert.clone()))
             .bind(envelope.id.to_string())
             .bind(&envelope.name)
             .bind(&envelope.source)
             .bind(&envelope.time)
             .bind(headers_json(&envelope.headers))
-            .bind(&envelope.payload[..])
-            .execute(conn)
-            .await
-            .map_err(db_err("could not write the outbox row"))?;
+            .bind(&envelope.payload[..]);
+        bounded(self.inner.timeout, "outbox enqueue", async {
+            insert
+                .execute(conn)
+                .await
+                .map_err(db_err("could not write the outbox row"))
+        })
+        .await?;
         // Before the commit: the relay may look too early and then waits one poll
         // interval; never a loss, since every claim reads all pending rows.
         self.inner.wake.notify_one();

@@ -86,6 +86,11 @@ async fn rows_publish_after_commit_only_with_their_ids_and_trace_headers() {
         0,
         "sent rows are not claimed again"
     );
+    // Sent rows go once their retention passed.
+    let purged = steadfast::outbox::OutboxSource::purge_sent(&pg.outbox, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(purged, 3);
     pg.drop_schema().await;
 }
 
