@@ -182,7 +182,7 @@ const LABELS: [&str; 4] = [
 /// The median of sorted values (the mean of the middle two for an even count).
 fn median(v: &[f64]) -> f64 {
     let m = v.len() / 2;
-    if v.len() % 2 == 0 {
+    if v.len().is_multiple_of(2) {
         (v[m - 1] + v[m]) / 2.0
     } else {
         v[m]
