@@ -45,6 +45,13 @@ impl NatsAcker {
     }
 }
 
+/// The delay of the `-NAK` sent for a delivery dropped unsettled. Not zero on purpose:
+/// nats-server 2.9 mishandles plain `-NAK`s that reach it out of stream order just before a
+/// pull (it redelivered the later message twice, the second time as a first delivery, and
+/// left the earlier one pending until `ack_wait`); a Nak with a delay takes the server's
+/// timed-redelivery path, which has no such problem.
+const DROPPED_NAK_DELAY: Duration = Duration::from_millis(1);
+
 impl Drop for NatsAcker {
     fn drop(&mut self) {
         // Dropped unsettled (the worker abandoned it or stopped before handing it to a
@@ -63,7 +70,7 @@ impl Drop for NatsAcker {
                 t.inner.settings.op_timeout,
                 t.inner
                     .client
-                    .publish(t.reply.clone(), Bytes::from_static(b"-NAK")),
+                    .publish(t.reply.clone(), nak_body(DROPPED_NAK_DELAY)),
             )
             .await;
             let f = tokio::time::timeout(t.inner.settings.op_timeout, t.inner.client.flush()).await;
