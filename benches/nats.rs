@@ -2,12 +2,18 @@
 //! async-nats pull consumer doing the same work (same batch, explicit per-message acks
 //! in a spawned task), on a pre-filled file-backed stream, for 256 B and 1 KiB payloads.
 //!
+//! Four clients read the same pre-filled stream, each through a fresh durable consumer:
+//! raw `ack()` (published, not awaited), raw `double_ack()` (awaited), the steadfast
+//! worker with its default acks (published) and with `confirm_acks(true)` (awaited).
+//! Every client runs once per round; rounds are interleaved so drift in the machine's
+//! load hits all of them alike.
+//!
 //! Prints msgs/s and the client's CPU time per message (user + system of this process,
-//! the figures getrusage reports, read from /proc/self/stat).
+//! the figures getrusage reports, read from /proc/self/stat), then the spread per client.
 //!
 //! ```text
 //! cargo bench --bench nats --features nats            # local nats-server on 4222
-//! BENCH_MESSAGES=100000 cargo bench --bench nats --features nats
+//! BENCH_MESSAGES=100000 BENCH_ROUNDS=3 cargo bench --bench nats --features nats
 //! ```
 
 use async_nats::jetstream::{
@@ -131,17 +137,17 @@ async fn raw(
         });
     }
     while done.load(Ordering::Relaxed) < n {
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let label = if double {
-        "raw async-nats (double_ack)"
-    } else {
-        "raw async-nats (ack)"
-    };
-    report(label, n, t0.elapsed(), cpu_micros() - cpu0)
+    report(
+        LABELS[usize::from(double)],
+        n,
+        t0.elapsed(),
+        cpu_micros() - cpu0,
+    )
 }
 
-async fn steadfast_worker(t: &NatsTransport, group: &str, n: usize) -> Figures {
+async fn steadfast_worker(t: &NatsTransport, group: &str, n: usize, label: &str) -> Figures {
     let acked = Arc::new(AtomicUsize::new(0));
     let counter = acked.clone();
     let worker = Worker::builder(t.clone(), group)
@@ -160,15 +166,42 @@ async fn steadfast_worker(t: &NatsTransport, group: &str, n: usize) -> Figures {
     while acked.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let fig = report(
-        "steadfast worker (awaited ack)",
-        n,
-        t0.elapsed(),
-        cpu_micros() - cpu0,
-    );
+    let fig = report(label, n, t0.elapsed(), cpu_micros() - cpu0);
     stop.cancel();
     task.await.unwrap().unwrap();
     fig
+}
+
+const LABELS: [&str; 4] = [
+    "raw async-nats ack()",
+    "raw async-nats double_ack()",
+    "steadfast (default acks)",
+    "steadfast confirm_acks(true)",
+];
+
+/// The median of sorted values (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let m = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[m - 1] + v[m]) / 2.0
+    } else {
+        v[m]
+    }
+}
+
+fn spread(label: &str, runs: &[Figures]) {
+    let (mut r, mut c): (Vec<f64>, Vec<f64>) = runs.iter().map(|f| (f.rate, f.cpu_us)).unzip();
+    r.sort_by(f64::total_cmp);
+    c.sort_by(f64::total_cmp);
+    println!(
+        "   {label:<30} msgs/s {:>7.0} .. {:>7.0} (median {:>7.0}); CPU µs/msg {:>6.2} .. {:>6.2} (median {:>6.2})",
+        r[0],
+        r[r.len() - 1],
+        median(&r),
+        c[0],
+        c[c.len() - 1],
+        median(&c)
+    );
 }
 
 fn main() {
@@ -176,6 +209,11 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -183,25 +221,25 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let client = async_nats::connect(URL).await.expect("nats-server on 4222");
-        println!("nats-server {}, {n} messages per run, batch {BATCH}", client.server_info().version);
+        println!(
+            "nats-server {}, {n} messages per run, batch {BATCH}, {rounds} rounds",
+            client.server_info().version
+        );
         let js = jetstream::new(client);
         for size in [256usize, 1024] {
             let tag = format!("{}{size}", std::process::id());
             let prefix = format!("bench{tag}");
             let stream_name = format!("BENCH_{tag}");
-            let t = NatsTransport::builder(URL)
+            let builder = NatsTransport::builder(URL)
                 .subject_prefix(prefix.clone())
                 .stream(stream_name.clone())
                 .max_age(Duration::from_secs(600))
-                .dead_letter_max_age(Duration::from_secs(600))
-                .connect()
-                .await
-                .unwrap();
-            // Streams and the worker's consumer first, so the prefill is in its backlog.
-            let g = format!("sf{size}");
-            Worker::builder(t.clone(), &g)
+                .dead_letter_max_age(Duration::from_secs(600));
+            let t = builder.clone().connect().await.unwrap();
+            let tc = builder.confirm_acks(true).connect().await.unwrap();
+            // Creates the streams; every consumer below starts at the stream's beginning.
+            Worker::builder(t.clone(), format!("sfdeclare{size}"))
                 .handle(|_: Blob, _cx: Context| async { Ok(()) })
-                .concurrency(BATCH)
                 .build()
                 .unwrap()
                 .declare()
@@ -210,17 +248,35 @@ fn main() {
             let subject = t.subject_for(Blob::NAME);
             prefill(&js, &subject, n, size).await;
             println!("-- {size} B payload, file storage");
-            let a = raw(&js, &stream_name, "rawack", &subject, n, false).await;
-            let b = raw(&js, &stream_name, "rawdouble", &subject, n, true).await;
-            let s = steadfast_worker(&t, &g, n).await;
+            let mut runs: [Vec<Figures>; 4] = Default::default();
+            for r in 0..rounds {
+                runs[0].push(raw(&js, &stream_name, &format!("rawack{r}"), &subject, n, false).await);
+                runs[1].push(raw(&js, &stream_name, &format!("rawdouble{r}"), &subject, n, true).await);
+                runs[2].push(steadfast_worker(&t, &format!("sf{size}r{r}"), n, LABELS[2]).await);
+                runs[3].push(steadfast_worker(&tc, &format!("sfc{size}r{r}"), n, LABELS[3]).await);
+            }
+            println!("   spread over {rounds} rounds:");
+            for (label, v) in LABELS.iter().zip(&runs) {
+                spread(label, v);
+            }
+            let med = |v: &[Figures], f: fn(&Figures) -> f64| {
+                let mut x: Vec<f64> = v.iter().map(f).collect();
+                x.sort_by(f64::total_cmp);
+                median(&x)
+            };
+            let (ar, ac) = (med(&runs[0], |f| f.rate), med(&runs[0], |f| f.cpu_us));
+            let (sr, sc) = (med(&runs[2], |f| f.rate), med(&runs[2], |f| f.cpu_us));
+            let (br, bc) = (med(&runs[1], |f| f.rate), med(&runs[1], |f| f.cpu_us));
+            let (cr, cc) = (med(&runs[3], |f| f.rate), med(&runs[3], |f| f.cpu_us));
             println!(
-                "   steadfast vs raw(ack): {:.0} %, {:+.2} µs/msg; vs raw(double_ack): {:.0} %, {:+.2} µs/msg",
-                s.rate / a.rate * 100.0,
-                s.cpu_us - a.cpu_us,
-                s.rate / b.rate * 100.0,
-                s.cpu_us - b.cpu_us
+                "   medians: steadfast vs raw ack(): {:.0} %, {:+.2} µs/msg; confirm_acks vs raw double_ack(): {:.0} %, {:+.2} µs/msg",
+                sr / ar * 100.0,
+                sc - ac,
+                cr / br * 100.0,
+                cc - bc
             );
             t.close().await;
+            tc.close().await;
             let _ = js.delete_stream(&stream_name).await;
             let _ = js.delete_stream(format!("{stream_name}_DLQ")).await;
         }

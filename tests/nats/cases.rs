@@ -548,3 +548,129 @@ async fn defer_keeps_the_attempt_and_retry_counts_one() {
     drop(stream);
     cleanup(&nt).await;
 }
+
+/// Acks in both modes leave nothing behind: after a worker handled every message (some
+/// after a retry), the consumer has no ack pending and nothing left to deliver. The
+/// consumer's `ack_wait` (60 s) is longer than the wait, so a lost ack could not be hidden
+/// by a redelivery that is acked later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_leave_nothing_pending_in_both_modes() {
+    const N: u64 = 300;
+    for confirm in [false, true] {
+        let nt = transport_with(if confirm { "ackc" } else { "ackp" }, |b| {
+            b.confirm_acks(confirm).ack_wait(Duration::from_secs(60))
+        })
+        .await;
+        let t: Arc<dyn Transport> = Arc::new(nt.clone());
+        let seen = Seen::default();
+        let group = "acks";
+        let w = start(
+            job_builder(&t, group, &seen)
+                .retry(
+                    RetryPolicy::fixed(Duration::from_millis(100))
+                        .max_attempts(3)
+                        .jitter(0.0),
+                )
+                .concurrency(16),
+        )
+        .await;
+        let batch: Vec<Envelope> = (0..N).map(|n| job(n, n % 10 == 0, 0)).collect();
+        assert!(t.publish_batch(&batch).await.iter().all(Result::is_ok));
+        wait_until("every message acked", || {
+            seen.outcomes()
+                .iter()
+                .filter(|p| p.outcome == Outcome::Acked)
+                .count()
+                == N as usize
+        })
+        .await;
+        let outcomes = seen.outcomes();
+        assert!(
+            outcomes
+                .iter()
+                .all(|p| matches!(p.outcome, Outcome::Acked | Outcome::Retried { .. })),
+            "confirm_acks({confirm}): every settle succeeded: {outcomes:?}"
+        );
+        let client = async_nats::connect(URL).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let stream = js.get_stream(nt.stream_name()).await.unwrap();
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(group).await.unwrap();
+        let start = Instant::now();
+        loop {
+            let info = consumer.info().await.unwrap();
+            if info.num_ack_pending == 0 && info.num_pending == 0 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "confirm_acks({confirm}): acks outstanding: ack pending {}, pending {}",
+                info.num_ack_pending,
+                info.num_pending
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        w.stop().await;
+        let calls = seen.calls.lock().unwrap().len() as u64;
+        assert_eq!(calls, N + N / 10, "confirm_acks({confirm}): no redelivery");
+        cleanup(&nt).await;
+    }
+}
+
+/// Deliveries dropped unsettled (a worker stopping with handlers still running) come back
+/// once each, promptly, to the next subscriber. (With plain `-NAK`s nats-server 2.9 at
+/// times redelivered one of them twice and kept the other until `ack_wait`; the
+/// conformance case `shutdown_redelivers_unfinished_work` caught it most runs, this test
+/// only sometimes — see `DROPPED_NAK_DELAY`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_deliveries_come_back_once_each() {
+    let nt = transport("drop").await;
+    let mut sub = Subscription::new("drop", [Job::NAME]);
+    sub.prefetch = 8;
+    let mut stream = nt.subscribe(&sub).await.unwrap();
+    for n in 0..8 {
+        nt.publish(&job(n, false, 0)).await.unwrap();
+    }
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(
+            tokio::time::timeout(WAIT, stream.next())
+                .await
+                .expect("delivered")
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let kept: Vec<_> = held.drain(6..).collect();
+    for d in held {
+        d.settle(steadfast::Disposition::Ack).await.unwrap();
+    }
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(kept);
+    let mut stream = nt.subscribe(&sub).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let d = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("dropped deliveries redelivered well before ack_wait")
+            .unwrap()
+            .unwrap();
+        got.push(
+            serde_json::from_slice::<Job>(&d.envelope.payload)
+                .unwrap()
+                .n,
+        );
+        d.settle(steadfast::Disposition::Ack).await.unwrap();
+    }
+    got.sort_unstable();
+    assert_eq!(got, [6, 7], "each dropped delivery once");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), stream.next())
+            .await
+            .is_err(),
+        "nothing delivered again"
+    );
+    drop(stream);
+    cleanup(&nt).await;
+}

@@ -103,15 +103,20 @@ pub async fn cleanup(t: &NatsTransport) {
 
 /// The conformance factory: a fresh prefix and stream per case. Publishes do not set
 /// `Nats-Msg-Id`, because the duplicate case re-sends the same envelope on purpose and
-/// the stream's duplicate window would absorb it before the consumer could.
+/// the stream's duplicate window would absorb it before the consumer could. The suite
+/// runs twice: with the default (published) acks and with `confirm_acks(true)`.
 #[derive(Debug)]
-pub struct Factory;
+pub struct Factory {
+    /// Await the server's reply to every ack.
+    pub confirm_acks: bool,
+}
 
 impl TransportFactory for Factory {
     fn create<'a>(&'a self, case: &'a str) -> BoxFuture<'a, Arc<dyn Transport>> {
         Box::pin(async move {
+            let confirm = self.confirm_acks;
             let t = transport_with(&format!("c{}", case.replace('-', "")), |b| {
-                b.deduplicate(false)
+                b.deduplicate(false).confirm_acks(confirm)
             })
             .await;
             Arc::new(t) as Arc<dyn Transport>
@@ -119,4 +124,13 @@ impl TransportFactory for Factory {
     }
 }
 
-steadfast::conformance_tests!(nats_conformance, crate::Factory);
+steadfast::conformance_tests!(
+    nats_conformance,
+    crate::Factory {
+        confirm_acks: false
+    }
+);
+steadfast::conformance_tests!(
+    nats_conformance_confirmed_acks,
+    crate::Factory { confirm_acks: true }
+);

@@ -1,5 +1,7 @@
-//! Settling a JetStream delivery: acks are awaited (the server's reply to the ack), and
-//! a delivery dropped unsettled is `Nak`ed for prompt redelivery.
+//! Settling a JetStream delivery. An `Ack` is published to the delivery's ack subject
+//! (or, with `confirm_acks`, sent as a request whose reply is awaited); Nak, Term and
+//! progress are always requests whose reply is awaited. A delivery dropped unsettled is
+//! `Nak`ed for prompt redelivery.
 
 use super::{
     Inner,
@@ -43,23 +45,36 @@ impl NatsAcker {
     }
 }
 
+/// The delay of the `-NAK` sent for a delivery dropped unsettled. Not zero on purpose:
+/// nats-server 2.9 mishandles plain `-NAK`s that reach it out of stream order just before a
+/// pull (it redelivered the later message twice, the second time as a first delivery, and
+/// left the earlier one pending until `ack_wait`); a Nak with a delay takes the server's
+/// timed-redelivery path, which has no such problem.
+const DROPPED_NAK_DELAY: Duration = Duration::from_millis(1);
+
 impl Drop for NatsAcker {
     fn drop(&mut self) {
         // Dropped unsettled (the worker abandoned it or stopped before handing it to a
         // handler): give it back now rather than after `ack_wait`.
         let Some(t) = self.target.take() else { return };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::debug!(
+                seq = t.seq,
+                "delivery dropped outside a runtime; redelivered after ack_wait"
+            );
             return;
         };
+        tracing::debug!(seq = t.seq, "delivery dropped unsettled; sending -NAK");
         rt.spawn(async move {
-            let _ = tokio::time::timeout(
+            let r = tokio::time::timeout(
                 t.inner.settings.op_timeout,
                 t.inner
                     .client
-                    .publish(t.reply.clone(), Bytes::from_static(b"-NAK")),
+                    .publish(t.reply.clone(), nak_body(DROPPED_NAK_DELAY)),
             )
             .await;
-            let _ = tokio::time::timeout(t.inner.settings.op_timeout, t.inner.client.flush()).await;
+            let f = tokio::time::timeout(t.inner.settings.op_timeout, t.inner.client.flush()).await;
+            tracing::debug!(seq = t.seq, publish = ?r, flush = ?f, "-NAK for a dropped delivery");
         });
     }
 }
@@ -90,6 +105,45 @@ async fn ack_request(t: &AckTarget, body: Bytes, what: &str) -> Result<(), Trans
         .await
 }
 
+/// Sends `+ACK` for the delivery. With `confirm_acks` the server's reply is awaited.
+/// Otherwise the ack is published (async-nats writes and flushes it at once, as
+/// `Message::ack` does) and `Ok` means it was handed to a connected client: when the
+/// client is disconnected, or the publish fails, the ack is an error, so the delivery is
+/// reported not settled. An ack lost in a connection drop after that is redelivered by
+/// the server after `ack_wait` — a duplicate, never a loss.
+async fn ack(t: &AckTarget) -> Result<(), TransportError> {
+    const BODY: &[u8] = b"+ACK";
+    let inner = &t.inner;
+    if inner.settings.confirm_acks {
+        return ack_request(t, Bytes::from_static(BODY), "ack").await;
+    }
+    if inner.client.connection_state() != async_nats::connection::State::Connected {
+        return Err(TransportError::new(
+            TransportErrorKind::Connection,
+            format!(
+                "ack of stream sequence {} not sent: the NATS client is disconnected",
+                t.seq
+            ),
+        ));
+    }
+    // The client's command queue is bounded: a publish waits only while it is full.
+    inner
+        .bounded("ack", async {
+            inner
+                .client
+                .publish(t.reply.clone(), Bytes::from_static(BODY))
+                .await
+                .map_err(|e| {
+                    super::err(
+                        TransportErrorKind::Connection,
+                        format!("ack of stream sequence {} not sent", t.seq),
+                        e,
+                    )
+                })
+        })
+        .await
+}
+
 fn nak_body(delay: Duration) -> Bytes {
     if delay.is_zero() {
         Bytes::from_static(b"-NAK")
@@ -112,7 +166,9 @@ impl Acker for NatsAcker {
                     "delivery already settled",
                 ));
             };
+            let seq = t.seq;
             let result = settle(&t, envelope, disposition).await;
+            tracing::trace!(seq, ?result, "settled");
             if result.is_err() {
                 // Not settled: make sure it comes back promptly.
                 let _ = NatsAcker::new(t);
@@ -141,7 +197,7 @@ async fn settle(t: &AckTarget, envelope: Envelope, d: Disposition) -> Result<(),
     let inner = &t.inner;
     match d {
         Disposition::Ack => {
-            ack_request(t, Bytes::from_static(b"+ACK"), "ack").await?;
+            ack(t).await?;
             inner.forget_deferrals(&t.consumer, t.seq);
             Ok(())
         }

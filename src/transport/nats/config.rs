@@ -32,6 +32,9 @@ pub(crate) struct Settings {
     pub(crate) op_timeout: Duration,
     /// Whether publishes set `Nats-Msg-Id`.
     pub(crate) dedup: bool,
+    /// Whether an `Ack` waits for the server's reply (a request per message) instead of
+    /// being published to the ack subject.
+    pub(crate) confirm_acks: bool,
     /// The URL with any password removed, for logs and errors.
     pub(crate) url_redacted: String,
 }
@@ -75,6 +78,7 @@ pub struct NatsBuilder {
     op_timeout: Duration,
     connect_timeout: Duration,
     dedup: bool,
+    confirm_acks: bool,
 }
 
 impl fmt::Debug for NatsBuilder {
@@ -88,6 +92,7 @@ impl fmt::Debug for NatsBuilder {
             .field("ack_wait", &self.ack_wait)
             .field("delivery_margin", &self.delivery_margin)
             .field("max_age", &self.max_age)
+            .field("confirm_acks", &self.confirm_acks)
             .finish_non_exhaustive()
     }
 }
@@ -108,6 +113,7 @@ impl NatsBuilder {
             op_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             dedup: true,
+            confirm_acks: false,
         }
     }
 
@@ -199,6 +205,24 @@ impl NatsBuilder {
         self
     }
 
+    /// Whether an `Ack` waits for the server's confirmation (default `false`).
+    ///
+    /// By default an `Ack` is published to the delivery's ack subject (`+ACK`, as
+    /// async-nats's `Message::ack` does) and `Ok` means it was handed to a connected
+    /// client, which writes it out at once. The promise is kept either way — a message is
+    /// acked only after its outcome is durable — and an ack lost to a connection drop
+    /// only makes the server redeliver the message after `ack_wait` (a duplicate, which
+    /// an idempotency store absorbs). With `true`, every ack is a request and `Ok` means
+    /// the server recorded it: fewer such duplicates after a connection drop, at the cost
+    /// of a round trip and roughly twice the client CPU per message (see
+    /// `docs/nats.md`). Nak (retry, defer), Term (dead letter) and progress are awaited
+    /// in both modes.
+    #[must_use]
+    pub fn confirm_acks(mut self, on: bool) -> Self {
+        self.confirm_acks = on;
+        self
+    }
+
     /// Connects. The client reconnects by itself afterwards; the first connection must
     /// succeed within the connect timeout (10 s).
     pub async fn connect(self) -> Result<NatsTransport, TransportError> {
@@ -283,6 +307,7 @@ impl NatsBuilder {
             dlq_max_age: self.dlq_max_age,
             op_timeout: self.op_timeout,
             dedup: self.dedup,
+            confirm_acks: self.confirm_acks,
             url_redacted,
         };
         Ok(NatsTransport {

@@ -180,6 +180,7 @@ fn to_delivery(st: &PullState, msg: async_nats::jetstream::Message) -> Option<De
         st.inner.deferred(&st.consumer, seq),
         st.sub.max_attempts,
     );
+    tracing::trace!(consumer = %st.consumer, seq, delivered, attempt = env.attempt, reply = %reply, id = %env.id, "delivery");
     let target = AckTarget {
         inner: st.inner.clone(),
         reply,
