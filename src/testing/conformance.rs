@@ -544,9 +544,8 @@ pub async fn shutdown_redelivers_unfinished_work(f: &dyn TransportFactory) {
             .drain_timeout(Duration::from_millis(300))
             // Far above the drain deadline, so the slow handlers are abandoned rather
             // than timed out; and bounded, because a transport may hand an abandoned
-            // delivery back only after its ack deadline (NATS: a message given back at
-            // shutdown can reach the stopped consumer's last pull request, and then
-            // returns after `ack_wait`, which is derived from this timeout).
+            // delivery back only after its ack deadline (nats-server 2.9 was seen holding
+            // a Nak'ed message until `ack_wait`, which is derived from this timeout).
             .handler_timeout(Duration::from_secs(8)),
         &seen,
     )
@@ -590,8 +589,8 @@ pub async fn shutdown_redelivers_unfinished_work(f: &dyn TransportFactory) {
     )
     .await;
     // At least once, never lost: a transport may hand an abandoned delivery back more
-    // than once (NATS: through the stopped consumer's last pull request, after
-    // `ack_wait`), which idempotency absorbs; every copy must end acked.
+    // than once (nats-server 2.9 was seen doing so), which idempotency absorbs; every
+    // copy must end acked.
     wait_until("slow ones acked by the next worker", || {
         slow.iter()
             .all(|id| seen.outcomes_of(*id).contains(&Outcome::Acked))
