@@ -157,7 +157,10 @@ async fn server_restart_loses_nothing() {
             let mut republished = 0usize;
             for chunk in envs.chunks(100) {
                 let mut todo: Vec<Envelope> = chunk.to_vec();
-                let deadline = Instant::now() + Duration::from_secs(90);
+                // Generous: publishing after the restart was seen to stall for 75 s and
+                // more on this machine although the server was ready within a second
+                // (docs/nats.md, Recovery). Loss, not latency, is what this test judges.
+                let deadline = Instant::now() + Duration::from_secs(240);
                 while !todo.is_empty() {
                     assert!(Instant::now() < deadline, "publishing did not recover");
                     let results = t.publish_batch(&todo).await;
