@@ -222,6 +222,12 @@ pub trait Transport: Send + Sync + 'static {
     }
 }
 
+impl fmt::Debug for dyn Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Transport({})", self.system())
+    }
+}
+
 /// A dead-lettered message as read back from a dead-letter queue or stream.
 #[derive(Debug, Clone)]
 #[non_exhaustive]

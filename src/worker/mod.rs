@@ -69,12 +69,6 @@ pub struct StatusHandle {
     transport: Arc<dyn Transport>,
 }
 
-impl std::fmt::Debug for dyn Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Transport({})", self.system())
-    }
-}
-
 impl StatusHandle {
     /// The worker's state.
     pub fn state(&self) -> WorkerState {
