@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo bench --features amqp --bench amqp        # AMQP_URL, default the local broker
+//! BENCH_ONLY=steadfast cargo bench --features amqp --bench amqp   # the worker alone
 //! ```
 //!
 //! Scenarios, each with prefetch 100 and payloads of 256 B and 1 KiB:
@@ -250,6 +251,14 @@ fn main() {
             .await
             .expect("RabbitMQ on AMQP_URL");
         println!("RabbitMQ consumer throughput, prefetch {PREFETCH}, {n} messages per run, durable quorum queues, persistent messages");
+        // `BENCH_ONLY=steadfast` runs the worker alone (for profiling it).
+        if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "steadfast") {
+            for size in [256usize, 1024] {
+                let (w, c) = steadfast_run(size, n).await;
+                report("steadfast", size, n, w, c);
+            }
+            return;
+        }
         for size in [256usize, 1024] {
             let q = format!("sf-bench-raw-{}", uuid::Uuid::now_v7().simple());
             raw_queue(&conn, &q, size, n).await;

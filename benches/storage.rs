@@ -115,18 +115,22 @@ async fn enqueue_rate(pool: &PgPool, outbox: Option<&PostgresOutbox>, schema: &s
 }
 
 async fn relay_rate(outbox: &PostgresOutbox, transport: Arc<dyn Transport>) -> f64 {
+    // `run_until`, as a service runs it: claims, publishes and records overlap.
     let relay = Relay::builder(outbox.clone(), transport)
         .batch_size(200)
         .build()
         .unwrap();
+    let stop = CancellationToken::new();
     let start = Instant::now();
-    loop {
-        let s = relay.run_once().await.unwrap();
-        if s.claimed == 0 {
-            break;
-        }
+    let task = tokio::spawn(relay.run_until(stop.clone().cancelled_owned()));
+    // `pending` counts claimed rows until they are marked sent.
+    while outbox.pending().await.unwrap() > 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    N as f64 / start.elapsed().as_secs_f64()
+    let rate = N as f64 / start.elapsed().as_secs_f64();
+    stop.cancel();
+    task.await.unwrap();
+    rate
 }
 
 /// Empties the outbox and enqueues a fresh set of `N` rows.

@@ -51,9 +51,12 @@ ensure 5432 PostgreSQL start_postgres
 if command -v rabbitmqctl >/dev/null; then rabbitmqctl -q await_startup --timeout 90 >/dev/null; fi
 
 export RUST_BACKTRACE=1
+# Fault binaries: tests/<name>_faults/ of the library, fault/tests/<name>_faults.rs of the
+# fault suite (steadfast-fault); nextest's binary() names them <name>_faults either way.
 faults=$(find tests -mindepth 1 -maxdepth 1 -type d -name '*_faults' -printf '%f\n' | sort)
+suite_faults=$(find fault/tests -mindepth 1 -maxdepth 1 -name '*_faults.rs' -printf '%f\n' | sed 's/\.rs$//' | sort)
 if cargo nextest --version >/dev/null 2>&1; then
-  if [ -n "$faults" ]; then
+  if [ -n "$faults$suite_faults" ]; then
     cargo nextest run --workspace --all-features --no-tests=pass -E 'not binary(/_faults$/)'
     cargo nextest run --workspace --all-features --no-tests=pass -E 'binary(/_faults$/)' --test-threads 1
   else
@@ -67,7 +70,9 @@ else
   done
   cargo test --all-features -p steadfast --lib --examples "${targets[@]}"
   cargo test --all-features -p steadfast-macros
+  cargo test --all-features -p steadfast-fault --lib --bins
   for f in $faults; do cargo test --all-features --test "$f" -- --test-threads 1; done
+  for f in $suite_faults; do cargo test --all-features -p steadfast-fault --test "$f" -- --test-threads 1; done
 fi
 cargo test --workspace --all-features --doc
 # Every example that needs no broker runs to completion.

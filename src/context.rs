@@ -146,6 +146,9 @@ impl Context {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         env.id = MessageId::derived(self.inner.envelope.id, out.len() as u32);
+        // The handler's span (a child of the `process` span) is the producer's context.
+        #[cfg(feature = "otel")]
+        crate::otel::inject_current(&mut env.headers);
         let id = env.id;
         out.push(env);
         id

@@ -27,6 +27,10 @@ pub mod header {
     pub const ORIGINAL_DESTINATION: &str = "steadfast-original-destination";
     /// The consumer group (queue or durable consumer) that failed it.
     pub const ORIGINAL_GROUP: &str = "steadfast-original-group";
+    /// When an operator last replayed the message from the dead letters (RFC 3339, UTC).
+    pub const REPLAYED_AT: &str = "steadfast-replayed-at";
+    /// How many times the message was replayed from the dead letters.
+    pub const REPLAY_COUNT: &str = "steadfast-replay-count";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
     /// W3C trace state.
@@ -256,7 +260,9 @@ impl Envelope {
 
     /// Writes the envelope's headers for a transport whose CloudEvents binding uses
     /// `prefix` (`"cloudEvents:"` on AMQP, `"ce-"` on NATS): the CloudEvents attributes
-    /// under the prefix, then the attempt, then every other header as it is.
+    /// under the prefix, then the attempt, then every other header as it is. With the
+    /// `otel` feature, an envelope without a `traceparent` also gets the current span's
+    /// trace context (see [`otel`](crate::otel)'s module docs).
     pub fn write_wire(&self, prefix: &str, mut put: impl FnMut(Cow<'_, str>, Cow<'_, str>)) {
         let p = |attr: &str| Cow::Owned(format!("{prefix}{attr}"));
         put(p("specversion"), Cow::Borrowed(header::SPECVERSION));
@@ -274,6 +280,12 @@ impl Envelope {
         );
         for (k, v) in self.headers.iter() {
             put(Cow::Borrowed(k), Cow::Borrowed(v));
+        }
+        #[cfg(feature = "otel")]
+        if let Some(trace) = crate::otel::current_context(&self.headers) {
+            for (k, v) in trace.iter() {
+                put(Cow::Owned(k.to_owned()), Cow::Owned(v.to_owned()));
+            }
         }
     }
 

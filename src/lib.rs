@@ -1,11 +1,29 @@
 #![doc = include_str!("../docs/crate.md")]
 
+/// A named crash window the fault suite can stop the process at (`docs/reliability.md`):
+/// a `fail` crate failpoint with the `failpoints` feature, nothing at all without it.
+macro_rules! failpoint {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name);
+    };
+}
+
+#[cfg(feature = "asyncapi")]
+pub mod asyncapi;
+#[cfg(feature = "cli")]
+pub mod cli;
+pub mod config;
 pub mod context;
 pub mod envelope;
 pub mod error;
 pub mod handler;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod idempotency;
 pub mod message;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod outbox;
 mod redact;
 pub mod retry;
@@ -31,6 +49,13 @@ pub mod guide {
     pub mod architecture {}
     #[doc = include_str!("../docs/retries-and-dead-letters.md")]
     pub mod retries_and_dead_letters {}
+    #[doc = include_str!("../docs/dead-letters.md")]
+    pub mod dead_letters {}
+    #[cfg(feature = "asyncapi")]
+    #[doc = include_str!("../docs/asyncapi.md")]
+    pub mod asyncapi {}
+    #[doc = include_str!("../docs/kill-switch.md")]
+    pub mod kill_switch {}
     #[doc = include_str!("../docs/testing.md")]
     pub mod testing {}
     #[cfg(feature = "amqp")]
@@ -45,9 +70,15 @@ pub mod guide {
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     #[doc = include_str!("../docs/outbox.md")]
     pub mod outbox {}
+    #[doc = include_str!("../docs/reliability.md")]
+    pub mod reliability {}
+    #[cfg(all(feature = "http", feature = "otel"))]
+    #[doc = include_str!("../docs/operations.md")]
+    pub mod operations {}
 }
 
 #[doc(hidden)]
 pub mod __private {
+    pub use serde_json::Value as JsonValue;
     pub use std::borrow::Cow;
 }

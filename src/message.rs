@@ -34,6 +34,14 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn idempotency_key(&self) -> Option<Cow<'_, str>> {
         None
     }
+
+    /// The JSON Schema of the payload, for the AsyncAPI document
+    /// (`steadfast::asyncapi`, feature `asyncapi`). `#[message(name = "...", schema)]`
+    /// with `#[derive(schemars::JsonSchema)]` beside `Message` provides it; `None` means
+    /// "any JSON".
+    fn json_schema() -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// A field type that can serve as an idempotency key (`#[message(key)]`).

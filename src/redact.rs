@@ -20,6 +20,29 @@ pub(crate) fn redact_url(url: &str) -> String {
     }
 }
 
+/// `url` with its user information hidden: the password replaced by `***`, and a user
+/// name without a password (a token, as in `nats://TOKEN@host`) replaced by `***` too.
+/// A string that is not a URL is replaced entirely.
+pub(crate) fn redact_userinfo(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let ok = if u.password().is_some() {
+                u.set_password(Some("***")).is_ok()
+            } else if !u.username().is_empty() {
+                u.set_username("***").is_ok()
+            } else {
+                true
+            };
+            if ok {
+                u.to_string()
+            } else {
+                "(unparseable url)".to_owned()
+            }
+        }
+        Err(_) => "(unparseable url)".to_owned(),
+    }
+}
+
 /// The password of `url`, if it has one (to scrub it from third-party error text).
 #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn password(url: &str) -> Option<String> {
@@ -60,6 +83,14 @@ mod tests {
             "postgres://postgres@127.0.0.1:5432/test"
         );
         assert_eq!(redact_url("not a url s3cr3t"), "(unparseable url)");
+        assert_eq!(
+            redact_userinfo("nats://t0ken@nats:4222"),
+            "nats://***@nats:4222"
+        );
+        assert_eq!(
+            redact_userinfo("amqp://u:p4ss@rabbit/%2f"),
+            "amqp://u:***@rabbit/%2f"
+        );
         let pw = password("postgres://app:s3cr%40t@db/x");
         assert_eq!(
             scrub("failed for s3cr@t and s3cr%40t", pw.as_deref()),

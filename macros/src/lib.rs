@@ -12,6 +12,8 @@ use syn::{Data, DeriveInput, Fields, LitStr, parse_macro_input, spanned::Spanned
 ///   separated tokens of ASCII letters, digits, `_` and `-`.
 /// - `#[message(key)]` on at most one field: the idempotency key. Its type must implement
 ///   `steadfast::message::MessageKey` (strings, integers, UUIDs).
+/// - `#[message(name = "...", schema)]`: the message's JSON Schema for AsyncAPI comes from
+///   `schemars::JsonSchema`, which the type must derive too (steadfast feature `asyncapi`).
 #[proc_macro_derive(Message, attributes(message))]
 pub fn derive_message(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
@@ -23,6 +25,7 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 
 fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
     let mut name: Option<LitStr> = None;
+    let mut schema = false;
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("message")) {
         attr.parse_nested_meta(|meta| {
             if meta.path.is_ident("name") {
@@ -35,10 +38,13 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                 }
                 name = Some(lit);
                 Ok(())
+            } else if meta.path.is_ident("schema") {
+                schema = true;
+                Ok(())
             } else if meta.path.is_ident("key") {
                 Err(meta.error("`key` belongs on a field: put `#[message(key)]` on the field that is the idempotency key"))
             } else {
-                Err(meta.error("unknown `message` attribute; expected `name = \"...\"`"))
+                Err(meta.error("unknown `message` attribute; expected `name = \"...\"` or `schema`"))
             }
         })?;
     }
@@ -50,12 +56,24 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
     };
 
     let key_fn = key_method(input)?;
+    // `schema`: the JSON Schema comes from `schemars::JsonSchema`, derived beside
+    // `Message` by the user; needs steadfast's `asyncapi` feature.
+    let schema_fn = if schema {
+        quote! {
+            fn json_schema() -> ::core::option::Option<::steadfast::__private::JsonValue> {
+                ::core::option::Option::Some(::steadfast::asyncapi::schema_of::<Self>())
+            }
+        }
+    } else {
+        quote!()
+    };
     let ident = &input.ident;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     Ok(quote! {
         impl #impl_generics ::steadfast::Message for #ident #ty_generics #where_clause {
             const NAME: &'static str = #name;
             #key_fn
+            #schema_fn
         }
     })
 }

@@ -100,6 +100,18 @@ fn sweep(map: &mut HashMap<String, State>, now: Instant, retention: Duration) {
 }
 
 impl IdempotencyStore for MemoryStore {
+    fn lease_remaining<'a>(
+        &'a self,
+        key: Key<'a>,
+    ) -> BoxFuture<'a, Result<Option<Duration>, StoreError>> {
+        let now = Instant::now();
+        let left = match self.lock().get(&Self::compose(key)) {
+            Some(State::Held { until, .. }) if *until > now => Some(*until - now),
+            _ => None,
+        };
+        Box::pin(async move { Ok(left) })
+    }
+
     fn begin<'a>(
         &'a self,
         key: Key<'a>,

@@ -94,6 +94,20 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         key: Key<'a>,
         lease: &'a Lease,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// How long the lease now holding `key` has left, if it is held (after
+    /// [`Begin::InFlight`]). The worker puts such a delivery back for that long rather
+    /// than looking again every few milliseconds: the holder may have died, and then the
+    /// key frees itself only when its lease ends — while every look is a delivery, and
+    /// brokers limit deliveries. The default, `None`, means "unknown": the worker then
+    /// looks again after the retry policy's first delay.
+    fn lease_remaining<'a>(
+        &'a self,
+        key: Key<'a>,
+    ) -> BoxFuture<'a, Result<Option<Duration>, StoreError>> {
+        let _ = key;
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// A store failed; the worker treats it as a transient failure (the message is retried).

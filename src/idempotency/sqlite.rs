@@ -49,6 +49,7 @@ struct Sql {
     state: Arc<str>,
     complete: Arc<str>,
     release: Arc<str>,
+    remaining: Arc<str>,
     mark: Arc<str>,
     cleanup: Arc<str>,
 }
@@ -74,6 +75,8 @@ impl Sql {
                  WHERE state = 'held'"),
             release: r("DELETE FROM {table} \
                  WHERE grp = ?1 AND name = ?2 AND key = ?3 AND state = 'held' AND token = ?4"),
+            remaining: r("SELECT lease_until - {now} FROM {table} \
+                 WHERE grp = ?1 AND name = ?2 AND key = ?3 AND state = 'held' AND lease_until > {now}"),
             mark: r("INSERT INTO {table} (grp, name, key, state, done_at) \
                  VALUES (?1, ?2, ?3, 'done', {now}) \
                  ON CONFLICT (grp, name, key) DO UPDATE \
@@ -274,6 +277,26 @@ impl SqliteStore {
 }
 
 impl IdempotencyStore for SqliteStore {
+    fn lease_remaining<'a>(
+        &'a self,
+        key: Key<'a>,
+    ) -> BoxFuture<'a, Result<Option<Duration>, StoreError>> {
+        let fut = async move {
+            let ms: Option<i64> =
+                sqlx::query_scalar(AssertSqlSafe(self.inner.sql.remaining.clone()))
+                    .bind(key.group)
+                    .bind(key.name)
+                    .bind(key.key)
+                    .fetch_optional(&self.inner.pool)
+                    .await
+                    .map_err(db_err("could not read the idempotency lease"))?;
+            Ok(ms
+                .filter(|ms| *ms > 0)
+                .map(|ms| Duration::from_millis(ms.unsigned_abs())))
+        };
+        Box::pin(bounded(self.inner.timeout, "idempotency lease", fut))
+    }
+
     fn begin<'a>(
         &'a self,
         key: Key<'a>,

@@ -32,7 +32,9 @@ pub mod sqlite;
 
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresOutbox;
-pub use relay::{Relay, RelayBuilder, RelayConfigError, RelayStats};
+pub use relay::{
+    BACKLOG_OLDEST_AGE, BACKLOG_PENDING, Relay, RelayBuilder, RelayConfigError, RelayStats,
+};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteOutbox;
 
@@ -71,6 +73,26 @@ pub struct FailedRow {
     pub retry_after: Duration,
 }
 
+/// How far behind an outbox is: rows waiting to be published and the age of the oldest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Backlog {
+    /// Pending rows (not yet confirmed by the broker, not parked).
+    pub pending: u64,
+    /// How long the oldest pending row has waited (zero when there is none).
+    pub oldest_age: Duration,
+}
+
+impl Backlog {
+    /// A backlog of `pending` rows, the oldest `oldest_age` old.
+    pub fn new(pending: u64, oldest_age: Duration) -> Self {
+        Self {
+            pending,
+            oldest_age,
+        }
+    }
+}
+
 /// A parked row, as listed for operators.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -83,6 +105,31 @@ pub struct ParkedRow {
     pub attempts: u32,
     /// The last error.
     pub error: String,
+}
+
+/// An outbox table at a glance, for operators (`steadfast outbox status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct OutboxStatus {
+    /// Rows waiting to be published.
+    pub pending: i64,
+    /// Rows parked after repeated failures, waiting for an operator.
+    pub parked: i64,
+    /// How long the oldest pending row has waited, if there is one.
+    pub oldest_pending_age: Option<Duration>,
+}
+
+impl OutboxStatus {
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(crate) fn new(pending: i64, parked: i64, oldest_secs: Option<f64>) -> Self {
+        Self {
+            pending,
+            parked,
+            oldest_pending_age: oldest_secs
+                .filter(|s| s.is_finite())
+                .map(|s| Duration::from_secs_f64(s.max(0.0))),
+        }
+    }
 }
 
 /// The relay's view of an outbox table. Implemented by `PostgresOutbox` and
@@ -111,6 +158,12 @@ pub trait OutboxSource: Send + Sync + 'static {
 
     /// Deletes rows sent more than `older_than` ago; returns how many.
     fn purge_sent(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// How many rows are pending and how old the oldest is, for the relay's gauges.
+    /// `None` when the store cannot tell (the default).
+    fn backlog(&self) -> BoxFuture<'_, Result<Option<Backlog>, StoreError>> {
+        Box::pin(async { Ok(None) })
+    }
 
     /// Waits until new rows may be there (a notification) or `max` passed.
     fn wait(&self, max: Duration) -> BoxFuture<'_, ()> {
@@ -226,7 +279,13 @@ pub(crate) fn encode<M: crate::Message>(
     use crate::envelope::header;
     let mut env =
         Envelope::encode(msg).map_err(|e| StoreError::new("cannot enqueue").with_source(e))?;
-    if let Some(cx) = cx {
+    // The enqueuing code's span is the producer's context, captured now: the relay
+    // publishes later, outside it.
+    #[cfg(feature = "otel")]
+    crate::otel::inject_current(&mut env.headers);
+    if let Some(cx) = cx
+        && env.headers.get(header::TRACEPARENT).is_none()
+    {
         for h in [header::TRACEPARENT, header::TRACESTATE] {
             if let Some(v) = cx.headers().get(h) {
                 env.headers.insert(h, v);

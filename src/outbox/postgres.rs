@@ -4,8 +4,8 @@
 //! [`Relay`]: super::Relay
 
 use super::{
-    Claimed, FailedRow, OutboxSource, ParkedRow, Table, bounded, db_err, encode, envelope_from_row,
-    headers_json,
+    Backlog, Claimed, FailedRow, OutboxSource, OutboxStatus, ParkedRow, Table, bounded, db_err,
+    encode, envelope_from_row, headers_json,
 };
 use crate::{
     Context, Message,
@@ -64,6 +64,7 @@ struct Sql {
     parked: Arc<str>,
     requeue: Arc<str>,
     pending: Arc<str>,
+    backlog: Arc<str>,
 }
 
 impl Sql {
@@ -102,6 +103,10 @@ impl Sql {
                  WHERE id = $1 AND state = 'parked'",
             ),
             pending: r("SELECT count(*) FROM {table} WHERE state = 'pending'"),
+            backlog: r(
+                "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
+                 FROM {table} WHERE state = 'pending'",
+            ),
         }
     }
 }
@@ -281,6 +286,20 @@ impl PostgresOutbox {
         bounded(self.inner.timeout, "requeueing a row", fut).await
     }
 
+    /// Pending and parked rows and the age of the oldest pending one, in one query.
+    pub async fn status(&self) -> Result<OutboxStatus, StoreError> {
+        const SQL: &str = "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'parked'), extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 'pending'))::float8 FROM {table}";
+        let fut = async {
+            let (pending, parked, oldest): (i64, i64, Option<f64>) =
+                sqlx::query_as(AssertSqlSafe(self.inner.table.render(SQL)))
+                    .fetch_one(&self.inner.pool)
+                    .await
+                    .map_err(db_err("could not read the outbox status"))?;
+            Ok(OutboxStatus::new(pending, parked, oldest))
+        };
+        bounded(self.inner.timeout, "reading the outbox status", fut).await
+    }
+
     /// How many rows wait to be published.
     pub async fn pending(&self) -> Result<i64, StoreError> {
         let fut = async {
@@ -366,6 +385,21 @@ impl PostgresOutbox {
 impl OutboxSource for PostgresOutbox {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Result<Option<Backlog>, StoreError>> {
+        let fut = async {
+            let (n, age): (i64, f64) =
+                sqlx::query_as(AssertSqlSafe(self.inner.sql.backlog.clone()))
+                    .fetch_one(&self.inner.pool)
+                    .await
+                    .map_err(db_err("could not measure the outbox backlog"))?;
+            Ok(Some(Backlog::new(
+                u64::try_from(n).unwrap_or(0),
+                Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default(),
+            )))
+        };
+        Box::pin(bounded(self.inner.timeout, "measuring the backlog", fut))
     }
 
     fn claim(

@@ -9,8 +9,8 @@
 //! [`Relay`]: super::Relay
 
 use super::{
-    Claimed, FailedRow, OutboxSource, ParkedRow, Table, bounded, db_err, encode, envelope_from_row,
-    headers_json,
+    Backlog, Claimed, FailedRow, OutboxSource, OutboxStatus, ParkedRow, Table, bounded, db_err,
+    encode, envelope_from_row, headers_json,
 };
 use crate::{
     Context, Message,
@@ -66,6 +66,7 @@ struct Sql {
     parked: Arc<str>,
     requeue: Arc<str>,
     pending: Arc<str>,
+    backlog: Arc<str>,
 }
 
 impl Sql {
@@ -98,6 +99,9 @@ impl Sql {
                  WHERE id = ?1 AND state = 'parked'",
             ),
             pending: r("SELECT count(*) FROM {table} WHERE state = 'pending'"),
+            backlog: r(
+                "SELECT count(*), coalesce({now} - min(created_at), 0) FROM {table} WHERE state = 'pending'",
+            ),
         }
     }
 }
@@ -262,6 +266,21 @@ impl SqliteOutbox {
         bounded(self.inner.timeout, "requeueing a row", fut).await
     }
 
+    /// Pending and parked rows and the age of the oldest pending one, in one query.
+    pub async fn status(&self) -> Result<OutboxStatus, StoreError> {
+        const SQL: &str = "SELECT coalesce(sum(state = 'pending'), 0), coalesce(sum(state = 'parked'), 0), ({now} - min(CASE WHEN state = 'pending' THEN created_at END)) / 1000.0 FROM {table}";
+        let fut = async {
+            let (pending, parked, oldest): (i64, i64, Option<f64>) = sqlx::query_as(AssertSqlSafe(
+                self.inner.table.render(SQL).replace("{now}", NOW_MS),
+            ))
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(db_err("could not read the outbox status"))?;
+            Ok(OutboxStatus::new(pending, parked, oldest))
+        };
+        bounded(self.inner.timeout, "reading the outbox status", fut).await
+    }
+
     /// How many rows wait to be published.
     pub async fn pending(&self) -> Result<i64, StoreError> {
         let fut = async {
@@ -308,6 +327,21 @@ impl SqliteOutbox {
 impl OutboxSource for SqliteOutbox {
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Result<Option<Backlog>, StoreError>> {
+        let fut = async {
+            let (n, age_ms): (i64, i64) =
+                sqlx::query_as(AssertSqlSafe(self.inner.sql.backlog.clone()))
+                    .fetch_one(&self.inner.pool)
+                    .await
+                    .map_err(db_err("could not measure the outbox backlog"))?;
+            Ok(Some(Backlog::new(
+                u64::try_from(n).unwrap_or(0),
+                Duration::from_millis(u64::try_from(age_ms).unwrap_or(0)),
+            )))
+        };
+        Box::pin(bounded(self.inner.timeout, "measuring the backlog", fut))
     }
 
     fn claim(

@@ -7,8 +7,8 @@
 //! back to the front of its queue for the next worker. Nothing survives the process.
 
 use super::{
-    Acker, DeadLetter, Delivery, DeliveryStream, Subscription, Transport, TransportError,
-    TransportErrorKind,
+    Acker, DeadLetter, DeadLetterFilter, DeadLetterReport, Delivery, DeliveryStream, Subscription,
+    Transport, TransportError, TransportErrorKind,
 };
 use crate::{
     envelope::{Envelope, header},
@@ -228,6 +228,67 @@ impl Transport for MemoryTransport {
         let mut list = self.dead_letter_list(group);
         list.truncate(limit);
         Box::pin(async move { Ok(list) })
+    }
+
+    /// Moves the selected dead letters to the back of `group`'s queue (never to other groups bound to the name), in their order.
+    fn replay_dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        filter: &'a DeadLetterFilter,
+        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
+    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
+        Box::pin(async move { Ok(self.take_dead_letters(group, filter, progress, true)) })
+    }
+
+    fn purge_dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        filter: &'a DeadLetterFilter,
+        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
+    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
+        Box::pin(async move { Ok(self.take_dead_letters(group, filter, progress, false)) })
+    }
+}
+
+impl MemoryTransport {
+    fn take_dead_letters(
+        &self,
+        group: &str,
+        filter: &DeadLetterFilter,
+        progress: &(dyn Fn(&DeadLetter) + Send + Sync),
+        replay: bool,
+    ) -> DeadLetterReport {
+        let mut report = DeadLetterReport::default();
+        let taken = {
+            let mut st = self.lock();
+            let Some(g) = st.groups.get_mut(group) else {
+                return report;
+            };
+            let mut kept = Vec::with_capacity(g.dead.len());
+            let mut taken = Vec::new();
+            for dl in g.dead.drain(..) {
+                report.scanned += 1;
+                if filter.wants_more(report.selected) && filter.matches(&dl) {
+                    report.selected += 1;
+                    taken.push(dl);
+                } else {
+                    kept.push(dl);
+                }
+            }
+            g.dead = kept;
+            if replay {
+                for dl in &taken {
+                    g.ready.push_back(dl.replay_envelope());
+                }
+                g.notify.notify_one();
+            }
+            taken
+        };
+        for dl in &taken {
+            report.done += 1;
+            progress(dl);
+        }
+        report
     }
 }
 

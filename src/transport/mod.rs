@@ -26,7 +26,26 @@ use crate::{
     retry::Disposition,
 };
 use futures::{future::BoxFuture, stream::BoxStream};
-use std::{error::Error as StdError, fmt, time::Duration};
+use std::{
+    error::Error as StdError,
+    fmt,
+    time::{Duration, SystemTime},
+};
+
+/// `steadfast.transport.reconnects` (counter): connections re-established after a loss,
+/// labelled `messaging.system`.
+pub const RECONNECTS: &str = "steadfast.transport.reconnects";
+
+/// Counts one re-established connection (a rare event: the handle is looked up here).
+#[cfg_attr(not(any(feature = "amqp", feature = "nats")), allow(dead_code))]
+pub(crate) fn count_reconnect(system: &'static str) {
+    metrics::describe_counter!(
+        RECONNECTS,
+        metrics::Unit::Count,
+        "Connections to the broker re-established after a loss."
+    );
+    metrics::counter!(RECONNECTS, "messaging.system" => system).increment(1);
+}
 
 /// What a worker subscribes to: its consumer group and the message names it handles,
 /// with the settings a transport needs to declare its topology.
@@ -203,12 +222,35 @@ pub trait Transport: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>, TransportError>> {
         let _ = (group, limit);
-        Box::pin(async {
-            Err(TransportError::new(
-                TransportErrorKind::Unsupported,
-                "this transport cannot list dead letters",
-            ))
-        })
+        Box::pin(async { Err(unsupported("list dead letters")) })
+    }
+
+    /// Puts the dead letters of `group` selected by `filter` back on their consumer
+    /// group's work queue (RabbitMQ) or original subject (NATS), oldest first: id and
+    /// body kept, attempt reset to 1, [`header::REPLAYED_AT`] and
+    /// [`header::REPLAY_COUNT`] set. Each dead letter is removed only after the broker
+    /// confirmed its republish; the others stay where they were, in their order.
+    /// `progress` is called after each one is done. See `docs/dead-letters.md`.
+    fn replay_dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        filter: &'a DeadLetterFilter,
+        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
+    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
+        let _ = (group, filter, progress);
+        Box::pin(async { Err(unsupported("replay dead letters")) })
+    }
+
+    /// Deletes the dead letters of `group` selected by `filter`; the others stay where
+    /// they were, in their order. `progress` is called after each deletion.
+    fn purge_dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        filter: &'a DeadLetterFilter,
+        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
+    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
+        let _ = (group, filter, progress);
+        Box::pin(async { Err(unsupported("purge dead letters")) })
     }
 
     /// Whether the broker is reachable now.
@@ -228,6 +270,143 @@ impl fmt::Debug for dyn Transport {
     }
 }
 
+fn unsupported(what: &str) -> TransportError {
+    TransportError::new(
+        TransportErrorKind::Unsupported,
+        format!("this transport cannot {what}"),
+    )
+}
+
+/// Which dead letters an operation applies to. Every condition set must hold; the
+/// default selects all.
+///
+/// ```
+/// use steadfast::transport::DeadLetterFilter;
+/// let f = DeadLetterFilter::default().name("orders.placed").reason("timeout").limit(100);
+/// assert_eq!(f.limit, Some(100));
+/// ```
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct DeadLetterFilter {
+    /// Only these message ids (any of them), when not empty.
+    pub ids: Vec<MessageId>,
+    /// Only dead letters whose reason contains this text (ASCII case ignored).
+    pub reason: Option<String>,
+    /// Only messages with this wire name.
+    pub name: Option<String>,
+    /// Only dead letters that failed at or after this time.
+    pub since: Option<SystemTime>,
+    /// Only dead letters that failed before this time.
+    pub until: Option<SystemTime>,
+    /// At most this many.
+    pub limit: Option<usize>,
+}
+
+impl DeadLetterFilter {
+    /// Adds `id` to the selected ids.
+    #[must_use]
+    pub fn id(mut self, id: MessageId) -> Self {
+        self.ids.push(id);
+        self
+    }
+
+    /// Selects reasons containing `text`.
+    #[must_use]
+    pub fn reason(mut self, text: impl Into<String>) -> Self {
+        self.reason = Some(text.into());
+        self
+    }
+
+    /// Selects the wire name `name`.
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Selects dead letters that failed at or after `t`.
+    #[must_use]
+    pub fn since(mut self, t: SystemTime) -> Self {
+        self.since = Some(t);
+        self
+    }
+
+    /// Selects dead letters that failed before `t`.
+    #[must_use]
+    pub fn until(mut self, t: SystemTime) -> Self {
+        self.until = Some(t);
+        self
+    }
+
+    /// Selects at most `n`.
+    #[must_use]
+    pub fn limit(mut self, n: usize) -> Self {
+        self.limit = Some(n);
+        self
+    }
+
+    /// Whether `dl` meets every condition but the limit. A dead letter whose failure time
+    /// cannot be read does not match a time condition.
+    pub fn matches(&self, dl: &DeadLetter) -> bool {
+        if !self.ids.is_empty() && !self.ids.contains(&dl.id()) {
+            return false;
+        }
+        if let Some(r) = &self.reason
+            && !dl
+                .reason
+                .to_ascii_lowercase()
+                .contains(&r.to_ascii_lowercase())
+        {
+            return false;
+        }
+        if let Some(n) = &self.name
+            && dl.envelope.name != *n
+        {
+            return false;
+        }
+        if self.since.is_some() || self.until.is_some() {
+            let Some(at) = dl.failed_at_time() else {
+                return false;
+            };
+            if self.since.is_some_and(|s| at < s) || self.until.is_some_and(|u| at >= u) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether the limit leaves room after `done` selected ones.
+    pub fn wants_more(&self, done: usize) -> bool {
+        self.limit.is_none_or(|l| done < l)
+    }
+}
+
+/// What a replay or purge did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetterReport {
+    /// Dead letters looked at.
+    pub scanned: usize,
+    /// Dead letters the filter selected.
+    pub selected: usize,
+    /// Selected ones replayed (confirmed) or purged, and removed from the dead letters.
+    pub done: usize,
+    /// Selected ones that failed and stayed dead letters.
+    pub failed: usize,
+    /// The first failure, if any.
+    pub first_error: Option<String>,
+}
+
+impl DeadLetterReport {
+    /// Records a failure of one selected dead letter (it stays).
+    pub fn fail(&mut self, e: impl fmt::Display) {
+        self.failed += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e.to_string());
+        }
+    }
+}
+
 /// A dead-lettered message as read back from a dead-letter queue or stream.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -244,6 +423,8 @@ pub struct DeadLetter {
     pub original_destination: String,
     /// When it was dead-lettered (RFC 3339).
     pub failed_at: String,
+    /// The consumer group that dead-lettered it.
+    pub original_group: String,
 }
 
 impl DeadLetter {
@@ -261,6 +442,7 @@ impl DeadLetter {
             .unwrap_or(0);
         let original_destination = h.remove(header::ORIGINAL_DESTINATION).unwrap_or_default();
         let failed_at = h.remove(header::FAILED_AT).unwrap_or_default();
+        let original_group = h.remove(header::ORIGINAL_GROUP).unwrap_or_default();
         Self {
             envelope,
             reason,
@@ -268,12 +450,50 @@ impl DeadLetter {
             attempts,
             original_destination,
             failed_at,
+            original_group,
         }
     }
 
     /// The original message id.
     pub fn id(&self) -> MessageId {
         self.envelope.id
+    }
+
+    /// [`failed_at`](Self::failed_at) as a time, when readable.
+    pub fn failed_at_time(&self) -> Option<SystemTime> {
+        humantime::parse_rfc3339_weak(self.failed_at.trim()).ok()
+    }
+
+    /// The message to republish: id, name, body and the original headers kept, the
+    /// attempt reset to 1, [`header::REPLAYED_AT`] set to now and
+    /// [`header::REPLAY_COUNT`] raised by one.
+    ///
+    /// ```
+    /// use steadfast::{Envelope, envelope::header, transport::DeadLetter};
+    /// let mut env = Envelope::new("orders.placed", &b"{}"[..]);
+    /// env.attempt = 5;
+    /// env.headers.insert(header::DEAD_LETTER_REASON, "boom");
+    /// let dl = DeadLetter::from_envelope(env.clone());
+    /// let again = dl.replay_envelope();
+    /// assert_eq!((again.id, again.attempt), (env.id, 1));
+    /// assert_eq!(again.headers.get(header::REPLAY_COUNT), Some("1"));
+    /// assert_eq!(again.headers.get(header::DEAD_LETTER_REASON), None);
+    /// ```
+    pub fn replay_envelope(&self) -> Envelope {
+        let mut env = self.envelope.clone();
+        env.attempt = 1;
+        let count = env
+            .headers
+            .get(header::REPLAY_COUNT)
+            .and_then(|c| c.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+            .saturating_add(1);
+        env.headers.insert(header::REPLAY_COUNT, count.to_string());
+        env.headers.insert(
+            header::REPLAYED_AT,
+            humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        );
+        env
     }
 }
 

@@ -2,9 +2,12 @@
 
 use super::{
     Worker, WorkerState,
+    breaker::{Breaker, KillSwitch},
+    metrics::WorkerMetrics,
     pipeline::{OutcomeHook, Processed, Route, Shared, TypedRoute},
 };
 use crate::{
+    config::WorkerConfig,
     handler::Handler,
     idempotency::IdempotencyStore,
     message::{Message, validate_name},
@@ -16,6 +19,18 @@ use tokio::sync::watch;
 
 /// The most concurrent handlers a worker may run.
 pub const MAX_CONCURRENCY: usize = 10_000;
+
+/// Where a message's JSON Schema comes from ([`Message::json_schema`]).
+type SchemaFn = fn() -> Option<serde_json::Value>;
+
+/// What [`WorkerBuilder::described`] tells: group, transport system, messages with their
+/// schemas, attempt limit.
+pub(crate) type Described<'a> = (
+    &'a str,
+    &'static str,
+    Vec<(&'static str, Option<serde_json::Value>)>,
+    u32,
+);
 
 /// Builds a [`Worker`]; see [`Worker::builder`].
 pub struct WorkerBuilder {
@@ -29,6 +44,9 @@ pub struct WorkerBuilder {
     drain_timeout: Duration,
     max_payload_bytes: usize,
     hook: Option<OutcomeHook>,
+    kill_switch: Option<KillSwitch>,
+    /// Each routed message's JSON Schema source, for `asyncapi`.
+    schemas: Vec<(&'static str, SchemaFn)>,
 }
 
 impl fmt::Debug for WorkerBuilder {
@@ -71,6 +89,8 @@ impl WorkerBuilder {
             drain_timeout: Duration::from_secs(20),
             max_payload_bytes: 1 << 20,
             hook: None,
+            kill_switch: None,
+            schemas: Vec::new(),
         }
     }
 
@@ -78,7 +98,21 @@ impl WorkerBuilder {
     pub fn handle<M: Message, H: Handler<M>>(mut self, handler: H) -> Self {
         self.routes
             .push((M::NAME, Arc::new(TypedRoute::<M, H>::new(handler))));
+        self.schemas.push((M::NAME, M::json_schema));
         self
+    }
+
+    /// The group, the transport's system and each routed message name with its JSON
+    /// Schema, for documents such as AsyncAPI.
+    #[cfg_attr(not(feature = "asyncapi"), allow(dead_code))]
+    pub(crate) fn described(&self) -> Described<'_> {
+        let msgs = self.schemas.iter().map(|(n, f)| (*n, f())).collect();
+        (
+            &self.group,
+            self.transport.system(),
+            msgs,
+            self.policy.attempts(),
+        )
     }
 
     /// The retry policy (default: [`RetryPolicy::default`]).
@@ -117,6 +151,49 @@ impl WorkerBuilder {
     pub fn max_payload_bytes(mut self, n: usize) -> Self {
         self.max_payload_bytes = n;
         self
+    }
+
+    /// Stops intake when too many messages fail, and tries again after a cooldown (see
+    /// [`KillSwitch`]; `KillSwitch::from_env()` reads it from the environment). Off by
+    /// default.
+    pub fn kill_switch(mut self, k: KillSwitch) -> Self {
+        self.kill_switch = Some(k);
+        self
+    }
+
+    /// Applies a [`WorkerConfig`] read from the environment: concurrency (and prefetch),
+    /// handler timeout, drain timeout, payload limit and kill switch.
+    ///
+    /// ```
+    /// # use steadfast::{Context, HandlerError, Message, Worker, config::WorkerConfig};
+    /// # #[derive(serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(name = "orders.placed")]
+    /// # struct OrderPlaced { order_id: u64 }
+    /// # async fn on_order(_: OrderPlaced, _: Context) -> Result<(), HandlerError> { Ok(()) }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cfg = WorkerConfig::from_lookup(|n| match n {
+    ///     "STEADFAST_BROKER_URL" => Some("memory://".into()),
+    ///     "STEADFAST_CONCURRENCY" => Some("4".into()),
+    ///     _ => None,
+    /// })?;
+    /// let worker = Worker::builder_shared(cfg.connect().await?, cfg.group_or("billing"))
+    ///     .configure(&cfg)
+    ///     .handle(on_order)
+    ///     .build()?;
+    /// assert_eq!(worker.subscription().prefetch, 4);
+    /// # Ok(()) }
+    /// ```
+    pub fn configure(self, cfg: &WorkerConfig) -> Self {
+        let b = self
+            .concurrency(cfg.concurrency)
+            .handler_timeout(cfg.handler_timeout)
+            .drain_timeout(cfg.drain_timeout)
+            .max_payload_bytes(cfg.max_payload_bytes);
+        match cfg.kill_switch {
+            Some(k) => b.kill_switch(k),
+            None => b,
+        }
     }
 
     /// Calls `hook` with the outcome of every delivery (tests, metrics, audit).
@@ -165,6 +242,9 @@ impl WorkerBuilder {
         if self.max_payload_bytes == 0 {
             problems.push("max_payload_bytes must be above zero".into());
         }
+        if let Some(Err(e)) = self.kill_switch.map(|k| k.problems()) {
+            problems.push(e);
+        }
         if !problems.is_empty() {
             return Err(BuildError {
                 group: self.group,
@@ -179,7 +259,12 @@ impl WorkerBuilder {
         subscription.retry_delays = self.policy.delay_tiers();
         subscription.handler_timeout = self.handler_timeout;
         subscription.max_payload_bytes = self.max_payload_bytes;
+        let metrics = WorkerMetrics::new(self.transport.system(), &self.group);
+        let breaker = self
+            .kill_switch
+            .map(|k| Arc::new(Breaker::new(k, self.transport.system(), &self.group)));
         let shared = Shared {
+            metrics,
             group: Arc::from(self.group.as_str()),
             transport: self.transport,
             routes,
@@ -191,6 +276,7 @@ impl WorkerBuilder {
             lease: self.handler_timeout * 2 + Duration::from_secs(5),
             max_payload_bytes: self.max_payload_bytes,
             hook: self.hook,
+            breaker,
         };
         Ok(Worker {
             shared: Arc::new(shared),
@@ -198,6 +284,7 @@ impl WorkerBuilder {
             concurrency: self.concurrency,
             drain_timeout: self.drain_timeout,
             state: watch::Sender::new(WorkerState::Starting),
+            heartbeat: Arc::new(super::Heartbeat::new()),
         })
     }
 }

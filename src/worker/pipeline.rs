@@ -1,6 +1,7 @@
 //! What happens around one handler call: size check, decode, idempotency, the guarded
 //! call (timeout, panic), outgoing messages, the decision and the settle.
 
+use super::metrics::{Fate, WorkerMetrics};
 use crate::{
     context::Context,
     envelope::{Envelope, MessageId, truncate},
@@ -71,6 +72,8 @@ pub(super) struct Shared {
     pub(super) lease: Duration,
     pub(super) max_payload_bytes: usize,
     pub(super) hook: Option<OutcomeHook>,
+    pub(super) metrics: WorkerMetrics,
+    pub(super) breaker: Option<Arc<super::breaker::Breaker>>,
 }
 
 impl fmt::Debug for Shared {
@@ -89,7 +92,7 @@ pub(super) trait Route: Send + Sync + 'static {
         shared: &'a Shared,
         envelope: Envelope,
         acker: Box<dyn Acker>,
-    ) -> BoxFuture<'a, ()>;
+    ) -> BoxFuture<'a, Fate>;
 }
 
 pub(super) struct TypedRoute<M, H> {
@@ -112,13 +115,16 @@ impl<M: Message, H: Handler<M>> Route for TypedRoute<M, H> {
         shared: &'a Shared,
         envelope: Envelope,
         acker: Box<dyn Acker>,
-    ) -> BoxFuture<'a, ()> {
+    ) -> BoxFuture<'a, Fate> {
         Box::pin(run_typed::<M, H>(&self.handler, shared, envelope, acker))
     }
 }
 
 /// Entry point for one delivery: one future in the worker's in-flight set.
 pub(super) async fn process(shared: &Shared, delivery: Delivery) {
+    let started = std::time::Instant::now();
+    let m = &shared.metrics;
+    m.consumed.increment(1);
     let Delivery {
         mut envelope,
         defect,
@@ -142,7 +148,9 @@ pub(super) async fn process(shared: &Shared, delivery: Delivery) {
         messaging.message.body.size = envelope.payload.len(),
         steadfast.attempt = envelope.attempt,
     );
-    async move {
+    #[cfg(feature = "otel")]
+    crate::otel::set_parent(&span, &envelope.headers);
+    let settled = async move {
         if let Some(defect) = defect {
             return dead_letter_now(
                 shared,
@@ -173,7 +181,8 @@ pub(super) async fn process(shared: &Shared, delivery: Delivery) {
         }
     }
     .instrument(span)
-    .await
+    .await;
+    m.settled(settled, started.elapsed().as_secs_f64());
 }
 
 struct ProcessName<'a>(&'a str);
@@ -188,14 +197,14 @@ async fn dead_letter_now(
     envelope: Envelope,
     acker: Box<dyn Acker>,
     reason: String,
-) {
+) -> Fate {
     settle(
         shared,
         envelope,
         acker,
         Disposition::DeadLetter(Failure::new(ErrorKind::Decode, reason)),
     )
-    .await;
+    .await
 }
 
 async fn run_typed<M: Message, H: Handler<M>>(
@@ -203,7 +212,7 @@ async fn run_typed<M: Message, H: Handler<M>>(
     shared: &Shared,
     envelope: Envelope,
     acker: Box<dyn Acker>,
-) {
+) -> Fate {
     let msg: M = match serde_json::from_slice(&envelope.payload) {
         Ok(m) => m,
         Err(e) => {
@@ -236,8 +245,15 @@ async fn run_typed<M: Message, H: Handler<M>>(
                 .await;
             }
             Ok(Begin::InFlight) => {
-                // Not a failure: another worker is on it. Look again once it should be done.
-                let delay = shared.policy.base_delay(1).max(Duration::from_millis(100));
+                // Not a failure: another worker is on it — or was, and died holding the
+                // key, which then frees itself only when the lease ends. Look again then:
+                // every look is a delivery, and the broker's delivery limit counts them
+                // (looking every 100 ms dead-lettered healthy messages after a crash).
+                let floor = shared.policy.base_delay(1).max(Duration::from_millis(100));
+                let delay = match bounded(store.lease_remaining(k)).await {
+                    Ok(Some(left)) => (left + Duration::from_millis(50)).clamp(floor, shared.lease),
+                    _ => floor,
+                };
                 return settle(shared, envelope, acker, Disposition::Defer { delay }).await;
             }
             Err(e) => {
@@ -297,7 +313,7 @@ async fn run_typed<M: Message, H: Handler<M>>(
     if let Err(e) = &result {
         tracing::info!(error = %e, "handler failed");
     }
-    settle(shared, envelope, acker, disposition).await;
+    settle(shared, envelope, acker, disposition).await
 }
 
 /// Runs the handler future with a timeout, catching panics, and keeps a long handler's
@@ -357,14 +373,19 @@ async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
-async fn settle(shared: &Shared, envelope: Envelope, acker: Box<dyn Acker>, d: Disposition) {
+async fn settle(
+    shared: &Shared,
+    envelope: Envelope,
+    acker: Box<dyn Acker>,
+    d: Disposition,
+) -> Fate {
     let outcome = match &d {
         Disposition::Ack => Outcome::Acked,
         Disposition::Retry { delay } => Outcome::Retried { delay: *delay },
         Disposition::Defer { delay } => Outcome::Deferred { delay: *delay },
         Disposition::DeadLetter(f) => Outcome::DeadLettered(f.clone()),
     };
-    settle_as(shared, envelope, acker, d, outcome).await;
+    settle_as(shared, envelope, acker, d, outcome).await
 }
 
 async fn settle_as(
@@ -373,15 +394,22 @@ async fn settle_as(
     acker: Box<dyn Acker>,
     d: Disposition,
     mut outcome: Outcome,
-) {
+) -> Fate {
     let (id, attempt) = (envelope.id, envelope.attempt);
     let name = shared.hook.as_ref().map(|_| envelope.name.clone());
     if let Disposition::DeadLetter(f) = &d {
         tracing::warn!(kind = %f.kind, reason = %f.reason, "dead-lettered");
     }
+    // Crash window: the handler's transaction committed (or its failure was decided),
+    // nothing settled with the broker yet.
+    failpoint!("steadfast::worker::before_settle");
     if let Err(e) = acker.settle(envelope, d).await {
         tracing::warn!(error = %e, "delivery not settled; the broker will redeliver it");
         outcome = Outcome::NotSettled(e.to_string());
+    }
+    let settled = Fate::of(&outcome);
+    if let Some(b) = &shared.breaker {
+        b.record(&outcome);
     }
     if let (Some(hook), Some(name)) = (&shared.hook, name) {
         hook(&Processed {
@@ -391,4 +419,5 @@ async fn settle_as(
             outcome,
         });
     }
+    settled
 }

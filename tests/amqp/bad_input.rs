@@ -239,3 +239,73 @@ async fn raw_bad_input_is_dead_lettered_with_its_reason() {
     w.stop().await;
     t.close().await;
 }
+
+/// A deferred copy carries how often the message was returned unsettled (`x-delivery-count`
+/// starts again on every copy). Past the delivery limit it is dead-lettered with that
+/// reason and never reaches the handler — so a message that crashes the worker, and is
+/// deferred between crashes while its dead holder's idempotency lease runs out, still
+/// ends in the dead-letter queue (found by the fault suite's crash-loop scenario).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returns_carried_past_the_delivery_limit_are_dead_lettered() {
+    let name = support::unique("returns");
+    let t = support::transport_named(&name, 5).await;
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = calls.clone();
+    let w = Running::start(
+        Worker::builder(t.clone(), "g").handle(move |j: Job, _cx: Context| {
+            seen.lock().unwrap().push(j.mode.clone());
+            async { Ok::<(), HandlerError>(()) }
+        }),
+    )
+    .await;
+    let (_conn, ch) = support::raw_channel().await;
+    let body = br#"{"mode":"crashy"}"#;
+    // As a deferred copy of a message returned 6 times (limit 5) would arrive.
+    let over = props(
+        "over",
+        new_id(),
+        "bad.job",
+        &[("steadfast-returns", text("6"))],
+    );
+    support::raw_publish(&ch, &name, "bad.job", body, over).await;
+    // At the limit it is still handled.
+    let at = props(
+        "at",
+        new_id(),
+        "bad.job",
+        &[("steadfast-returns", text("5"))],
+    );
+    support::raw_publish(&ch, &name, "bad.job", br#"{"mode":"at"}"#, at).await;
+    support::wait_for(
+        "the message at the limit handled",
+        Duration::from_secs(10),
+        || calls.lock().unwrap().iter().any(|m| m == "at"),
+    )
+    .await;
+    let mut dls = Vec::new();
+    let start = std::time::Instant::now();
+    while dls.is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dls = t.dead_letters("g", 10).await.expect("dead letters");
+    }
+    assert_eq!(dls.len(), 1);
+    assert_eq!(dls[0].envelope.headers.get("case"), Some("over"));
+    assert!(
+        dls[0]
+            .reason
+            .contains("delivery limit reached: returned unsettled 6 times (limit 5)"),
+        "{}",
+        dls[0].reason
+    );
+    assert_eq!(&dls[0].envelope.payload[..], &body[..]);
+    assert!(
+        !calls.lock().unwrap().iter().any(|m| m == "crashy"),
+        "the handler never saw it"
+    );
+    w.stop().await;
+    t.close().await;
+}

@@ -256,3 +256,43 @@ async fn bad_configuration_is_an_error_not_a_panic() {
             .contains("two handlers for message `orders.placed`")
     );
 }
+
+/// A worker died holding the key (its lease runs for 40 s more): the redelivery is put
+/// back once, for the rest of the lease — not every 100 ms, which spent a broker's whole
+/// delivery limit and dead-lettered healthy messages — and is handled when the lease ends.
+#[tokio::test(start_paused = true)]
+async fn key_held_by_a_dead_worker_defers_once_for_the_rest_of_its_lease() {
+    use steadfast::idempotency::{Begin, IdempotencyStore, Key};
+    let broker = MemoryTransport::new();
+    let store = MemoryStore::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let builder = Worker::builder(broker.clone(), "billing")
+        .idempotency(store.clone())
+        .handle(move |_: OrderPlaced, _cx: Context| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Ok(()) }
+        });
+    let h = TestHarness::start(&broker, builder).await.unwrap();
+    let key = Key {
+        group: "billing",
+        name: "orders.placed",
+        key: "9",
+    };
+    let dead = store.begin(key, Duration::from_secs(40)).await.unwrap();
+    assert!(matches!(dead, Begin::Acquired(_)), "{dead:?}");
+    let id = h.publish(&OrderPlaced { order_id: 9 }).await.unwrap();
+    let report = h.run_until_idle().await;
+    let outcomes = report.outcomes(id);
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    match outcomes[0] {
+        Outcome::Deferred { delay } => assert!(
+            delay >= Duration::from_secs(39) && delay <= Duration::from_secs(41),
+            "{delay:?}"
+        ),
+        ref o => panic!("first outcome {o:?}"),
+    }
+    assert_eq!(outcomes[1], Outcome::Acked);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    h.stop().await.unwrap();
+}

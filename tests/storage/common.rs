@@ -319,7 +319,10 @@ pub(crate) fn start_worker<H: Handler<OrderPlaced>>(
         .idempotency(store)
         .retry(RetryPolicy::fixed(Duration::from_millis(50)).max_attempts(5))
         .concurrency(concurrency)
-        .handler_timeout(Duration::from_secs(10))
+        // The lease is 2 × this + 5 s, and a duplicate that finds the key held waits out
+        // the rest of the lease (decision 0401): short, so concurrent duplicates settle
+        // within the tests' deadlines.
+        .handler_timeout(Duration::from_secs(3))
         .drain_timeout(Duration::from_secs(5))
         .on_outcome(outcomes.hook())
         .build()

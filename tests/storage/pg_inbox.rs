@@ -209,7 +209,8 @@ async fn same_message_to_two_workers_at_once_makes_one_effect() {
         broker.publish(&env).await.unwrap();
         broker.publish(&env).await.unwrap();
     }
-    eventually(20, "all deliveries settled", || async {
+    // The second copy waits out the first's lease (decision 0401): allow more than one.
+    eventually(30, "all deliveries settled", || async {
         outcomes.count(|o| matches!(o, Outcome::Acked | Outcome::Duplicate)) == 10
     })
     .await;
@@ -341,4 +342,31 @@ async fn secrets_never_appear_in_errors_or_debug() {
     let text = format!("{err} {err:?}");
     assert!(!text.contains(canary), "{text}");
     assert!(text.contains("***"), "{text}");
+}
+
+/// `begin` commits its lease without waiting for the WAL flush, for its own statement
+/// only: the next transaction on the same connection (the user's, with the inbox key)
+/// is synchronous again.
+#[tokio::test]
+async fn lease_commit_does_not_leave_the_connection_asynchronous() {
+    let pg = Pg::new().await;
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&database_url())
+        .await
+        .unwrap();
+    let store = steadfast::idempotency::PostgresStore::new(one.clone())
+        .with_table(&format!("{}.steadfast_inbox", pg.schema))
+        .unwrap();
+    assert!(matches!(
+        store.begin(K, Duration::from_secs(5)).await.unwrap(),
+        Begin::Acquired(_)
+    ));
+    let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&one)
+        .await
+        .unwrap();
+    assert_eq!(setting, "on");
+    one.close().await;
+    pg.drop_schema().await;
 }

@@ -227,7 +227,9 @@ impl Inner {
                                     None => false,
                                 }
                             });
-                            if link.is_some() {
+                            if link.is_none() {
+                                crate::transport::count_reconnect("rabbitmq");
+                            } else {
                                 // Closed meanwhile: do not resurrect the transport.
                                 let _ = tokio::time::timeout(
                                     this.cfg.op_timeout,

@@ -3,6 +3,7 @@
 //! the consumer and requeues what was prefetched but not handed out; the channel stays
 //! open until every delivery handed out is settled or dropped.
 
+use super::QueueType;
 use super::{
     acks::ChannelAcks,
     connection::Inner,
@@ -10,7 +11,11 @@ use super::{
     topology::{self, GroupTopology},
     wire,
 };
-use crate::transport::{Delivery, DeliveryStream, Subscription, TransportError};
+use crate::{
+    error::ErrorKind,
+    retry::{Disposition, Failure},
+    transport::{Delivery, DeliveryStream, Subscription, TransportError},
+};
 use backon::BackoffBuilder;
 use futures::StreamExt;
 use lapin::{
@@ -139,7 +144,26 @@ async fn pump(
         };
         match next {
             Some(Ok(d)) => {
+                let returns = wire::returns(&d.properties);
                 let delivery = to_delivery(inner, topo, &s.acks, d);
+                if inner.cfg.queue_type == QueueType::Quorum && returns > inner.cfg.delivery_limit {
+                    // Returned unsettled more often than the limit across deferred
+                    // copies (the broker counts only this copy's): a crash loop. Dead-letter
+                    // it here, without a handler.
+                    let reason = format!(
+                        "delivery limit reached: returned unsettled {returns} times (limit {}); the handler may be crashing the worker",
+                        inner.cfg.delivery_limit
+                    );
+                    let failure = Failure::new(ErrorKind::Permanent, reason);
+                    let group = topo.group.clone();
+                    tokio::spawn(async move {
+                        // Not settled: the original stays in the queue and comes back.
+                        if let Err(e) = delivery.settle(Disposition::DeadLetter(failure)).await {
+                            tracing::warn!(%group, error = %e, "crash-loop message not dead-lettered; the broker will redeliver it");
+                        }
+                    });
+                    continue;
+                }
                 if tx.send(delivery).await.is_err() {
                     // The stream was dropped; the delivery was dropped with the error and
                     // requeued itself.

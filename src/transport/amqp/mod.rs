@@ -29,7 +29,8 @@ mod topology;
 mod wire;
 
 use super::{
-    DeadLetter, DeliveryStream, Health, Subscription, Transport, TransportError, TransportErrorKind,
+    DeadLetter, DeadLetterFilter, DeadLetterReport, DeliveryStream, Health, Subscription,
+    Transport, TransportError, TransportErrorKind,
 };
 use crate::envelope::Envelope;
 use futures::future::BoxFuture;
@@ -308,6 +309,39 @@ impl Transport for AmqpTransport {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>, TransportError>> {
         Box::pin(dead_letters::read(&self.inner, group, limit))
+    }
+
+    /// Republishes each selected dead letter straight to `group`'s work queue (through
+    /// the default exchange, so other groups bound to the name do not get it again) and
+    /// acks it in the dead-letter queue after the broker confirmed the copy.
+    fn replay_dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        filter: &'a DeadLetterFilter,
+        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
+    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
+        Box::pin(dead_letters::settle_selected(
+            &self.inner,
+            group,
+            filter,
+            dead_letters::Action::Replay,
+            progress,
+        ))
+    }
+
+    fn purge_dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        filter: &'a DeadLetterFilter,
+        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
+    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
+        Box::pin(dead_letters::settle_selected(
+            &self.inner,
+            group,
+            filter,
+            dead_letters::Action::Purge,
+            progress,
+        ))
     }
 
     fn health(&self) -> Health {

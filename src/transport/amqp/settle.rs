@@ -54,14 +54,19 @@ impl Acker for AmqpAcker {
                         Vec::new(),
                     )
                     .await?;
+                    // Crash window: the retry copy is confirmed, the original not acked.
+                    failpoint!("steadfast::amqp::retry_confirmed_before_ack");
                 }
                 Disposition::Defer { delay } => {
+                    // The copy carries the returns so far: deferring must not reset the
+                    // delivery limit that stops a crash loop.
+                    let returns = wire::returns(&self.origin.properties);
                     self.copy_to(
                         self.topo.tier_for(delay).clone(),
                         envelope.attempt,
                         &envelope,
                         false,
-                        Vec::new(),
+                        vec![(wire::RETURNS, returns.to_string())],
                     )
                     .await?;
                 }
@@ -81,6 +86,8 @@ impl Acker for AmqpAcker {
                         extra,
                     )
                     .await?;
+                    // Crash window: the dead letter is confirmed, the original not acked.
+                    failpoint!("steadfast::amqp::dead_letter_confirmed_before_ack");
                 }
             }
             // The copy is durable (or nothing needed one): now the original may go. A

@@ -137,6 +137,28 @@ fn write_value(out: &mut String, v: &AMQPValue, depth: usize) {
 
 /// Headers the broker writes, which a copy published by us must not carry (a text
 /// `x-death` would confuse the broker's own dead-lettering).
+/// The header in which a deferred copy carries how often the message was returned
+/// unsettled before it was copied (RabbitMQ's `x-delivery-count` starts again at zero on
+/// a copy, so without it a message that crashes the worker would never reach the
+/// delivery limit when it is deferred between crashes).
+pub(super) const RETURNS: &str = "steadfast-returns";
+
+/// How often this message has been returned unsettled (a worker died or dropped it):
+/// this copy's `x-delivery-count` plus what earlier copies carried in [`RETURNS`].
+pub(super) fn returns(props: &BasicProperties) -> u32 {
+    let Some(t) = props.headers().as_ref() else {
+        return 0;
+    };
+    let get = |name: &str| {
+        t.inner()
+            .iter()
+            .find(|(k, _)| k.as_str().eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| value_text(v).trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    get("x-delivery-count").saturating_add(get(RETURNS))
+}
+
 pub(super) fn is_broker_header(k: &str) -> bool {
     let k = k.to_ascii_lowercase();
     k == "x-death"

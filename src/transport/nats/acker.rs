@@ -234,6 +234,8 @@ async fn settle(t: &AckTarget, envelope: Envelope, d: Disposition) -> Result<(),
                 },
             )
             .await?;
+            // Crash window: the dead letter has its PubAck, the original is not termed.
+            failpoint!("steadfast::nats::dead_letter_confirmed_before_term");
             ack_request(t, Bytes::from_static(b"+TERM"), "term").await?;
             inner.forget_deferrals(&t.consumer, t.seq);
             Ok(())

@@ -252,6 +252,20 @@ impl NatsBuilder {
             .connection_timeout(self.connect_timeout)
             .request_timeout(Some(self.op_timeout))
             .max_reconnects(None)
+            .event_callback({
+                // The first `Connected` is the initial connection; later ones are
+                // reconnects.
+                let connected_before = Arc::new(AtomicBool::new(false));
+                move |event| {
+                    let again = matches!(event, async_nats::Event::Connected)
+                        && connected_before.swap(true, std::sync::atomic::Ordering::Relaxed);
+                    async move {
+                        if again {
+                            crate::transport::count_reconnect("nats");
+                        }
+                    }
+                }
+            })
             .name(self.name.clone().unwrap_or_else(|| "steadfast".to_owned()));
         if let Some(path) = &self.credentials_file {
             opts = opts.credentials_file(path).await.map_err(|e| {

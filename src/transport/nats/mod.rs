@@ -21,6 +21,7 @@ mod acker;
 mod advisory;
 mod config;
 mod consume;
+mod dead_letters;
 mod publish;
 mod topology;
 
@@ -29,8 +30,8 @@ pub use config::NatsBuilder;
 use crate::{
     envelope::Envelope,
     transport::{
-        DeadLetter, DeliveryStream, Health, Subscription, Transport, TransportError,
-        TransportErrorKind,
+        DeadLetter, DeadLetterFilter, DeadLetterReport, DeliveryStream, Health, Subscription,
+        Transport, TransportError, TransportErrorKind,
     },
 };
 use config::Settings;
@@ -262,7 +263,48 @@ impl Transport for NatsTransport {
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>, TransportError>> {
         Box::pin(async move {
             self.inner.check_open()?;
-            publish::read_dead_letters(&self.inner, group, limit).await
+            dead_letters::read(&self.inner, group, limit).await
+        })
+    }
+
+    /// Publishes each selected dead letter to its original subject (every group that
+    /// takes the subject gets it again; their idempotency absorbs it) and deletes it from
+    /// the dead-letter stream after the PubAck.
+    fn replay_dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        filter: &'a DeadLetterFilter,
+        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
+    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
+        Box::pin(async move {
+            self.inner.check_open()?;
+            dead_letters::settle_selected(
+                &self.inner,
+                group,
+                filter,
+                dead_letters::Action::Replay,
+                progress,
+            )
+            .await
+        })
+    }
+
+    fn purge_dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        filter: &'a DeadLetterFilter,
+        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
+    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
+        Box::pin(async move {
+            self.inner.check_open()?;
+            dead_letters::settle_selected(
+                &self.inner,
+                group,
+                filter,
+                dead_letters::Action::Purge,
+                progress,
+            )
+            .await
         })
     }
 

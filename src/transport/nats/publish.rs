@@ -4,7 +4,7 @@ use super::{Inner, err};
 use crate::{
     envelope::{Envelope, header},
     retry::Failure,
-    transport::{DeadLetter, TransportError, TransportErrorKind},
+    transport::{TransportError, TransportErrorKind},
 };
 use async_nats::{HeaderMap, jetstream::context::PublishErrorKind};
 use bytes::Bytes;
@@ -46,7 +46,7 @@ fn publish_error(
 }
 
 /// Sends one message; the returned future resolves with the PubAck.
-async fn send(
+pub(crate) async fn send(
     inner: &Inner,
     subject: String,
     headers: HeaderMap,
@@ -59,7 +59,7 @@ async fn send(
         .map_err(|e| publish_error(&subject, &e))
 }
 
-async fn await_ack(
+pub(crate) async fn await_ack(
     inner: &Inner,
     subject: &str,
     ack: async_nats::jetstream::context::PublishAckFuture,
@@ -190,68 +190,4 @@ pub(crate) fn pairs(h: &HeaderMap) -> impl Iterator<Item = (&str, Cow<'_, str>)>
         vs.iter()
             .map(move |v| (AsRef::<str>::as_ref(k), Cow::Borrowed(v.as_str())))
     })
-}
-
-/// Reads up to `limit` dead letters of `group`, oldest first, without removing them.
-pub(crate) async fn read_dead_letters(
-    inner: &Inner,
-    group: &str,
-    limit: usize,
-) -> Result<Vec<DeadLetter>, TransportError> {
-    let s = &inner.settings;
-    let subject = s.dlq_subject(group);
-    let st = match inner
-        .bounded("dead-letter stream", async {
-            Ok(inner.js.get_stream_no_info(&s.dlq_stream).await)
-        })
-        .await?
-    {
-        Ok(st) => st,
-        Err(e) => {
-            return Err(err(
-                TransportErrorKind::Connection,
-                format!("dead-letter stream `{}`", s.dlq_stream),
-                e,
-            ));
-        }
-    };
-    let mut out = Vec::new();
-    let mut seq = 1u64;
-    while out.len() < limit {
-        let got = inner
-            .bounded("read dead letter", async {
-                match st
-                    .raw_message_builder()
-                    .sequence(seq)
-                    .next_by_subject(subject.clone())
-                    .send()
-                    .await
-                {
-                    Ok(m) => Ok(Some(m)),
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
-                        ) =>
-                    {
-                        Ok(None)
-                    }
-                    Err(e) => Err(err(TransportErrorKind::Protocol, "reading dead letters", e)),
-                }
-            })
-            .await?;
-        let Some(m) = got else { break };
-        seq = m.sequence + 1;
-        let (env, _defect) = Envelope::read_wire(
-            "ce-",
-            pairs(&m.headers),
-            get(&m.headers, MSG_ID),
-            None,
-            m.payload.clone(),
-        );
-        let mut env = env;
-        env.headers.remove(MSG_ID);
-        out.push(DeadLetter::from_envelope(env));
-    }
-    Ok(out)
 }

@@ -1,0 +1,15 @@
+//! steadfast's fault-injection suite (see `docs/reliability.md` in the repository).
+//!
+//! - [`spec`]: the model's message and how a worker process is configured;
+//! - [`worker`]: the `fault-worker` process (a steadfast worker or an outbox relay);
+//! - [`harness`]: publish with a ledger, run worker processes, inject a fault, heal ->
+//!   drain -> check, and the figures;
+//! - [`suite`]: the scenarios;
+//! - [`proxy`]: a TCP proxy that cuts connections; [`servers`]: the servers around a run.
+
+pub mod harness;
+pub mod proxy;
+pub mod servers;
+pub mod spec;
+pub mod suite;
+pub mod worker;

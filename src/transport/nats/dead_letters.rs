@@ -1,0 +1,212 @@
+//! Reading, replaying and purging the dead letters of a group in the `{stream}_DLQ`
+//! stream. Reading is by sequence (`direct get`/`msg.get` of the next message on the
+//! group's subject): it changes nothing. A replay publishes each selected dead letter to
+//! its original work-stream subject and deletes it from the dead-letter stream only after
+//! the PubAck; its `Nats-Msg-Id` is `replay:{group}:{dead-letter sequence}`, so a replay
+//! killed between the PubAck and the delete and run again within the work stream's
+//! duplicate window is stored once. The scan stops at the stream's last sequence at the
+//! start, so dead letters the replay produces again are not read in the same run. See
+//! `docs/dead-letters.md` and decision 0600.
+
+use super::{
+    Inner, err,
+    publish::{self, MSG_ID, get, pairs},
+};
+use crate::{
+    envelope::Envelope,
+    transport::{
+        DeadLetter, DeadLetterFilter, DeadLetterReport, TransportError, TransportErrorKind,
+    },
+};
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+
+/// How many selected dead letters are published before their PubAcks are awaited.
+const BATCH: usize = 64;
+
+/// What to do with the selected dead letters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Republish to the original subject, then delete.
+    Replay,
+    /// Delete.
+    Purge,
+}
+
+async fn dlq_stream(inner: &Inner) -> Result<Stream, TransportError> {
+    let s = &inner.settings;
+    inner
+        .bounded("dead-letter stream", async {
+            inner.js.get_stream(&s.dlq_stream).await.map_err(|e| {
+                err(
+                    TransportErrorKind::Connection,
+                    format!("dead-letter stream `{}`", s.dlq_stream),
+                    e,
+                )
+            })
+        })
+        .await
+}
+
+/// The next stored dead letter of `subject` at or after `seq`.
+async fn next(
+    inner: &Inner,
+    st: &Stream,
+    subject: &str,
+    seq: u64,
+) -> Result<Option<(u64, DeadLetter)>, TransportError> {
+    let got = inner
+        .bounded("read dead letter", async {
+            match st
+                .raw_message_builder()
+                .sequence(seq)
+                .next_by_subject(subject.to_owned())
+                .send()
+                .await
+            {
+                Ok(m) => Ok(Some(m)),
+                Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+                Err(e) => Err(err(TransportErrorKind::Protocol, "reading dead letters", e)),
+            }
+        })
+        .await?;
+    Ok(got.map(|m| {
+        let (mut env, _defect) = Envelope::read_wire(
+            "ce-",
+            pairs(&m.headers),
+            get(&m.headers, MSG_ID),
+            None,
+            m.payload.clone(),
+        );
+        env.headers.remove(MSG_ID);
+        (m.sequence, DeadLetter::from_envelope(env))
+    }))
+}
+
+/// Reads up to `limit` dead letters of `group`, oldest first, without removing them.
+pub(crate) async fn read(
+    inner: &Inner,
+    group: &str,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, TransportError> {
+    let st = dlq_stream(inner).await?;
+    let subject = inner.settings.dlq_subject(group);
+    let mut out = Vec::new();
+    let mut seq = 1u64;
+    while out.len() < limit {
+        let Some((at, dl)) = next(inner, &st, &subject, seq).await? else {
+            break;
+        };
+        seq = at + 1;
+        out.push(dl);
+    }
+    Ok(out)
+}
+
+/// Replays or purges the dead letters of `group` that `filter` selects.
+pub(crate) async fn settle_selected(
+    inner: &Inner,
+    group: &str,
+    filter: &DeadLetterFilter,
+    action: Action,
+    progress: &(dyn Fn(&DeadLetter) + Send + Sync),
+) -> Result<DeadLetterReport, TransportError> {
+    let st = dlq_stream(inner).await?;
+    let last = st.cached_info().state.last_sequence;
+    let subject = inner.settings.dlq_subject(group);
+    let mut report = DeadLetterReport::default();
+    let mut batch: Vec<(u64, DeadLetter)> = Vec::new();
+    let mut seq = 1u64;
+    while seq <= last && filter.wants_more(report.selected) {
+        let Some((at, dl)) = next(inner, &st, &subject, seq).await? else {
+            break;
+        };
+        if at > last {
+            break;
+        }
+        seq = at + 1;
+        report.scanned += 1;
+        if !filter.matches(&dl) {
+            continue;
+        }
+        report.selected += 1;
+        batch.push((at, dl));
+        if batch.len() >= BATCH {
+            flush(inner, &st, group, action, &mut batch, &mut report, progress).await;
+        }
+    }
+    flush(inner, &st, group, action, &mut batch, &mut report, progress).await;
+    Ok(report)
+}
+
+async fn flush(
+    inner: &Inner,
+    st: &Stream,
+    group: &str,
+    action: Action,
+    batch: &mut Vec<(u64, DeadLetter)>,
+    report: &mut DeadLetterReport,
+    progress: &(dyn Fn(&DeadLetter) + Send + Sync),
+) {
+    let items = std::mem::take(batch);
+    let mut confirmed: Vec<Result<(), TransportError>> = Vec::with_capacity(items.len());
+    match action {
+        Action::Purge => confirmed.extend(items.iter().map(|_| Ok(()))),
+        Action::Replay => {
+            let mut pending = Vec::with_capacity(items.len());
+            for (seq, dl) in &items {
+                let subject = destination(inner, dl);
+                let env = dl.replay_envelope();
+                let mut headers = publish::wire_headers(&env, false);
+                headers.insert(MSG_ID, format!("replay:{group}:{seq}").as_str());
+                let sent = inner
+                    .bounded(
+                        "replay publish",
+                        publish::send(inner, subject.clone(), headers, env.payload.clone()),
+                    )
+                    .await;
+                pending.push(sent.map(|ack| (subject, ack)));
+            }
+            for p in pending {
+                confirmed.push(match p {
+                    Ok((subject, ack)) => {
+                        publish::await_ack(inner, &subject, ack).await.map(|_| ())
+                    }
+                    Err(e) => Err(e),
+                });
+            }
+        }
+    }
+    for ((seq, dl), ok) in items.into_iter().zip(confirmed) {
+        if let Err(e) = ok {
+            report.fail(format!("{}: {e}", dl.id()));
+            continue;
+        }
+        let deleted = inner
+            .bounded("delete dead letter", async {
+                st.delete_message(seq)
+                    .await
+                    .map_err(|e| err(TransportErrorKind::Protocol, "deleting a dead letter", e))
+            })
+            .await;
+        match deleted {
+            Ok(_) => {
+                report.done += 1;
+                progress(&dl);
+            }
+            // Replayed but still listed: a second replay is absorbed by the work stream's
+            // duplicate window and the consumers' idempotency.
+            Err(e) => report.fail(format!("{}: {e}", dl.id())),
+        }
+    }
+}
+
+/// The work-stream subject to replay to: where it was consumed from, when that is one of
+/// ours, else the subject of its name.
+fn destination(inner: &Inner, dl: &DeadLetter) -> String {
+    let prefix = format!("{}.", inner.settings.prefix);
+    if dl.original_destination.starts_with(&prefix) {
+        dl.original_destination.clone()
+    } else {
+        inner.settings.subject(&dl.envelope.name)
+    }
+}

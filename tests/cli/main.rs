@@ -1,0 +1,813 @@
+//! The `steadfast` binary, run as a process, against the local RabbitMQ and NATS with a
+//! worker whose handler writes through the PostgreSQL inbox: 1,000 messages
+//! dead-lettered by a failing handler, listed, a dry run, a refused purge, a filtered
+//! replay of exactly the selected ones, and a replay killed with SIGKILL halfway then run
+//! again — every message applied exactly once.
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, PgPool};
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+use steadfast::{
+    Context, Envelope, Handler, HandlerError, Message, MessageId, Worker,
+    envelope::header,
+    idempotency::PostgresStore,
+    transport::{Transport, amqp::AmqpTransport, nats::NatsTransport},
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+const TOTAL: usize = 1000;
+const BETAS: usize = 300;
+const GROUP: &str = "g";
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Message)]
+#[message(name = "cli.alpha")]
+struct Alpha {
+    n: u32,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Message)]
+#[message(name = "cli.beta")]
+struct Beta {
+    n: u32,
+}
+
+/// A PostgreSQL schema of its own: the inbox and the table of applied effects.
+struct Pg {
+    pool: PgPool,
+    schema: String,
+    inbox: PostgresStore,
+}
+
+impl Pg {
+    async fn new() -> Self {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let pool = steadfast::idempotency::postgres::connect(&url)
+            .await
+            .expect("PostgreSQL must run on DATABASE_URL (default 127.0.0.1:5432, database test)");
+        let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+        for sql in [
+            format!("CREATE SCHEMA {schema}"),
+            format!("CREATE TABLE {schema}.effects (msg_id uuid NOT NULL, name text NOT NULL)"),
+        ] {
+            sqlx::query(AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        let inbox = PostgresStore::new(pool.clone())
+            .with_table(&format!("{schema}.steadfast_inbox"))
+            .unwrap();
+        inbox.migrate().await.unwrap();
+        Self {
+            pool,
+            schema,
+            inbox,
+        }
+    }
+
+    /// (rows, distinct message ids) applied for `name` (or all).
+    async fn effects(&self, name: Option<&str>) -> (i64, i64) {
+        sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT count(*), count(DISTINCT msg_id) FROM {}.effects WHERE $1::text IS NULL OR name = $1",
+            self.schema
+        )))
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    async fn applied_ids(&self) -> HashSet<MessageId> {
+        let rows: Vec<(uuid::Uuid,)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT msg_id FROM {}.effects",
+            self.schema
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        rows.into_iter().map(|r| MessageId::from(r.0)).collect()
+    }
+
+    async fn drop_schema(self) {
+        let _ = sqlx::query(AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            self.schema
+        )))
+        .execute(&self.pool)
+        .await;
+        self.pool.close().await;
+    }
+}
+
+/// (attempt, replay count header) of one delivery.
+type Seen = (u32, Option<String>);
+
+/// Fails every message until fixed; then applies it through the inbox, once.
+#[derive(Clone)]
+struct Apply {
+    fixed: Arc<AtomicBool>,
+    pool: PgPool,
+    inbox: PostgresStore,
+    schema: String,
+    calls: Arc<AtomicI64>,
+    in_flight: Arc<AtomicI64>,
+    /// (attempt, replay count) of every delivery handled after the fix.
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Apply {
+    async fn apply(&self, cx: &Context) -> Result<(), HandlerError> {
+        if !self.fixed.load(Ordering::SeqCst) {
+            return Err(HandlerError::msg("handler bug: cannot apply").permanent());
+        }
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.seen.lock().unwrap().push((
+            cx.attempt(),
+            cx.headers().get(header::REPLAY_COUNT).map(str::to_owned),
+        ));
+        let mut tx = self.pool.begin().await?;
+        if !self.inbox.mark(&mut tx, cx).await? {
+            return Ok(());
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {}.effects (msg_id, name) VALUES ($1, $2)",
+            self.schema
+        )))
+        .bind(*cx.id().as_uuid())
+        .bind(cx.name())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn guarded(&self, cx: &Context) -> Result<(), HandlerError> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let r = self.apply(cx).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+}
+
+impl Handler<Alpha> for Apply {
+    async fn handle(&self, _m: Alpha, cx: Context) -> Result<(), HandlerError> {
+        self.guarded(&cx).await
+    }
+}
+
+impl Handler<Beta> for Apply {
+    async fn handle(&self, _m: Beta, cx: Context) -> Result<(), HandlerError> {
+        self.guarded(&cx).await
+    }
+}
+
+/// One broker under test: a transport for the worker and the CLI arguments that reach
+/// the same names.
+struct Broker {
+    transport: Arc<dyn Transport>,
+    args: Vec<String>,
+    cleanup: Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>,
+}
+
+fn unique() -> String {
+    format!("sfcli{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn rabbitmq() -> Broker {
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let name = unique();
+    let t = AmqpTransport::builder(url.clone())
+        .exchange(name.clone())
+        .queue_prefix(format!("{name}."))
+        .queue_expiry(Duration::from_secs(300))
+        .connect()
+        .await
+        .expect("RabbitMQ must be running on AMQP_URL (default 127.0.0.1:5672)");
+    Broker {
+        transport: Arc::new(t),
+        args: vec![
+            "--url".into(),
+            url,
+            "--exchange".into(),
+            name.clone(),
+            "--queue-prefix".into(),
+            format!("{name}."),
+        ],
+        cleanup: Box::new(|| Box::pin(async {})),
+    }
+}
+
+async fn nats() -> Broker {
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let u = unique();
+    let stream = format!("SFTEST_{}", u.to_uppercase());
+    let t = NatsTransport::builder(&url)
+        .subject_prefix(u.clone())
+        .stream(stream.clone())
+        .max_age(Duration::from_secs(3600))
+        .dead_letter_max_age(Duration::from_secs(3600))
+        .connect()
+        .await
+        .expect("a nats-server with JetStream on NATS_URL (default 127.0.0.1:4222)");
+    let cleanup_url = url.clone();
+    let cleanup_stream = stream.clone();
+    Broker {
+        transport: Arc::new(t),
+        args: vec![
+            "--url".into(),
+            url,
+            "--subject-prefix".into(),
+            u,
+            "--stream".into(),
+            stream,
+        ],
+        cleanup: Box::new(move || {
+            Box::pin(async move {
+                if let Ok(c) = async_nats::connect(cleanup_url).await {
+                    let js = async_nats::jetstream::new(c);
+                    let _ = js.delete_stream(&cleanup_stream).await;
+                    let _ = js.delete_stream(format!("{cleanup_stream}_DLQ")).await;
+                }
+            })
+        }),
+    }
+}
+
+/// What a run of the binary printed.
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn cli(b: &Broker, args: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_steadfast"));
+    c.arg("dlq")
+        .args(args)
+        .args(&b.args)
+        .env_remove("AMQP_URL")
+        .env_remove("NATS_URL")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+async fn run(b: &Broker, args: &[&str]) -> Run {
+    let out = cli(b, args)
+        .output()
+        .await
+        .expect("the steadfast binary runs");
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn list(b: &Broker) -> Value {
+    let r = run(b, &["list", GROUP, "--json"]).await;
+    assert!(r.ok, "dlq list failed: {}", r.stderr);
+    serde_json::from_str(&r.stdout).expect("dlq list --json prints JSON")
+}
+
+async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn scenario(b: Broker) {
+    let pg = Pg::new().await;
+    let apply = Apply {
+        fixed: Arc::default(),
+        pool: pg.pool.clone(),
+        inbox: pg.inbox.clone(),
+        schema: pg.schema.clone(),
+        calls: Arc::default(),
+        in_flight: Arc::default(),
+        seen: Arc::default(),
+    };
+    let dead = Arc::new(AtomicI64::new(0));
+    let dead_count = dead.clone();
+    let worker = Worker::builder_shared(b.transport.clone(), GROUP)
+        .handle::<Alpha, _>(apply.clone())
+        .handle::<Beta, _>(apply.clone())
+        .concurrency(16)
+        .on_outcome(move |p| {
+            if matches!(p.outcome, steadfast::worker::Outcome::DeadLettered(_)) {
+                dead_count.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .build()
+        .expect("valid worker");
+    worker.declare().await.expect("declare");
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let running = tokio::spawn(async move {
+        worker
+            .run_until(async move { token.cancelled().await })
+            .await
+            .expect("worker ran");
+    });
+
+    // 1,000 messages, 700 alpha and 300 beta, all dead-lettered by the broken handler.
+    let mut envs = Vec::with_capacity(TOTAL);
+    for n in 0..TOTAL as u32 {
+        envs.push(if (n as usize) < BETAS {
+            Envelope::encode(&Beta { n }).unwrap()
+        } else {
+            Envelope::encode(&Alpha { n }).unwrap()
+        });
+    }
+    let betas: HashSet<MessageId> = envs[..BETAS].iter().map(|e| e.id).collect();
+    let all: HashSet<MessageId> = envs.iter().map(|e| e.id).collect();
+    for chunk in envs.chunks(100) {
+        for r in b.transport.publish_batch(chunk).await {
+            r.expect("published");
+        }
+    }
+    wait_for("1,000 dead letters", || {
+        let n = dead.load(Ordering::SeqCst);
+        async move { n == TOTAL as i64 }
+    })
+    .await;
+
+    // `dlq list` counts what the test put there.
+    let l = list(&b).await;
+    assert_eq!(l["total"], TOTAL);
+    assert_eq!(l["by_name"]["cli.alpha"], TOTAL - BETAS);
+    assert_eq!(l["by_name"]["cli.beta"], BETAS);
+    assert_eq!(l["by_kind"]["permanent"], TOTAL);
+    let reasons = l["by_reason"].as_object().unwrap();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    let (reason, n) = reasons.iter().next().unwrap();
+    assert!(reason.contains("handler bug"), "{reason}");
+    assert_eq!(n, TOTAL);
+    assert!(l["oldest"].is_string() && l["newest"].is_string(), "{l}");
+
+    // `show` prints the failure facts and the body.
+    let s = run(&b, &["show", GROUP, "--limit", "1"]).await;
+    assert!(s.ok, "{}", s.stderr);
+    for needle in [
+        "handler bug",
+        "attempts:",
+        "original destination:",
+        "failed at:",
+        "\"n\":",
+    ] {
+        assert!(
+            s.stdout.contains(needle),
+            "`{needle}` missing in:\n{}",
+            s.stdout
+        );
+    }
+
+    // A dry run changes nothing.
+    let d = run(&b, &["replay", GROUP, "--name", "cli.beta", "--dry-run"]).await;
+    assert!(d.ok, "{}", d.stderr);
+    assert!(
+        d.stdout.contains("would replay 300 of 1000"),
+        "{}",
+        d.stdout
+    );
+    assert_eq!(list(&b).await["total"], TOTAL);
+
+    // Purge without --yes and without a terminal refuses and deletes nothing.
+    let p = run(&b, &["purge", GROUP, "--name", "cli.beta"]).await;
+    assert!(!p.ok, "purge without --yes must fail: {}", p.stdout);
+    assert!(p.stderr.contains("refusing"), "{}", p.stderr);
+    assert_eq!(list(&b).await["total"], TOTAL);
+    assert_eq!(apply.calls.load(Ordering::SeqCst), 0);
+
+    // The fix is deployed; replay only the betas: exactly those are handled, once.
+    apply.fixed.store(true, Ordering::SeqCst);
+    let r = run(&b, &["replay", GROUP, "--name", "cli.beta"]).await;
+    assert!(r.ok, "replay failed: {}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("replayed 300 of 300"), "{}", r.stdout);
+    wait_for("300 betas applied", || async {
+        pg.effects(None).await.1 == BETAS as i64
+    })
+    .await;
+    let l = list(&b).await;
+    assert_eq!(l["total"], TOTAL - BETAS);
+    assert_eq!(l["by_name"]["cli.alpha"], TOTAL - BETAS);
+    assert!(l["by_name"].get("cli.beta").is_none(), "{l}");
+    assert_eq!(pg.applied_ids().await, betas);
+    assert_eq!(
+        pg.effects(Some("cli.beta")).await,
+        (BETAS as i64, BETAS as i64)
+    );
+    assert_eq!(
+        apply.calls.load(Ordering::SeqCst),
+        BETAS as i64,
+        "each beta handled once"
+    );
+
+    // Replay the rest, SIGKILL it after 250 are done (more are in flight), run it again.
+    let mut child = cli(&b, &["replay", GROUP])
+        .env("STEADFAST_TEST_STALL_AFTER", "250")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the replay");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the replay stalls before it ends");
+        if line.contains("stalled after 250") {
+            break;
+        }
+    }
+    child.start_kill().expect("SIGKILL");
+    let status = child.wait().await.unwrap();
+    assert!(!status.success(), "killed: {status:?}");
+    let left = list(&b).await["total"].as_u64().unwrap();
+    assert!(
+        left > 0 && left <= (TOTAL - BETAS - 250) as u64,
+        "the kill came halfway: {left} dead letters left"
+    );
+    let r = run(&b, &["replay", GROUP]).await;
+    assert!(r.ok, "second replay failed: {}\n{}", r.stdout, r.stderr);
+
+    // Every message applied exactly once; duplicates of what was in flight absorbed.
+    wait_for("every message applied", || async {
+        pg.effects(None).await.1 == TOTAL as i64
+    })
+    .await;
+    wait_for("the worker to go quiet", || async {
+        let before = apply.calls.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        apply.in_flight.load(Ordering::SeqCst) == 0 && apply.calls.load(Ordering::SeqCst) == before
+    })
+    .await;
+    assert_eq!(list(&b).await["total"], 0);
+    assert_eq!(
+        pg.effects(None).await,
+        (TOTAL as i64, TOTAL as i64),
+        "none applied twice"
+    );
+    assert_eq!(pg.applied_ids().await, all, "none lost");
+    let seen = apply.seen.lock().unwrap().clone();
+    assert!(seen.len() >= TOTAL);
+    assert!(
+        seen.iter()
+            .all(|(attempt, count)| *attempt == 1 && count.as_deref() == Some("1")),
+        "replays reset the attempt and record the replay"
+    );
+
+    stop.cancel();
+    running.await.unwrap();
+    b.transport.close().await;
+    (b.cleanup)().await;
+    pg.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_replay_with_filter_and_after_sigkill() {
+    scenario(rabbitmq().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_replay_with_filter_and_after_sigkill() {
+    scenario(nats().await).await;
+}
+
+/// `outbox status` and `outbox retry-parked` on a PostgreSQL and a SQLite outbox.
+#[tokio::test]
+async fn outbox_status_and_retry_parked() {
+    use steadfast::outbox::{PostgresOutbox, SqliteOutbox};
+
+    async fn outbox(args: &[&str]) -> Run {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_steadfast"))
+            .arg("outbox")
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .expect("the steadfast binary runs");
+        Run {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    async fn check(db: &[&str], parked: MessageId) {
+        let s = outbox(&[&["status", "--json"][..], db].concat()).await;
+        assert!(s.ok, "{}", s.stderr);
+        let v: Value = serde_json::from_str(&s.stdout).unwrap();
+        assert_eq!(
+            (v["pending"].as_i64(), v["parked"].as_i64()),
+            (Some(2), Some(1)),
+            "{v}"
+        );
+        assert!(v["oldest_pending_age_seconds"].as_f64().unwrap() >= 0.0);
+        let r = outbox(&[&["retry-parked"][..], db].concat()).await;
+        assert!(r.ok, "{}", r.stderr);
+        assert!(r.stdout.contains("requeued 1 parked row"), "{}", r.stdout);
+        let s = outbox(&[&["status", "--json"][..], db].concat()).await;
+        let v: Value = serde_json::from_str(&s.stdout).unwrap();
+        assert_eq!(
+            (v["pending"].as_i64(), v["parked"].as_i64()),
+            (Some(3), Some(0)),
+            "{v}"
+        );
+        // Requeueing a row that is not parked is reported and fails.
+        let id = parked.to_string();
+        let r = outbox(&[&["retry-parked", "--id", id.as_str()][..], db].concat()).await;
+        assert!(!r.ok && r.stdout.contains("not parked"), "{}", r.stdout);
+    }
+
+    // PostgreSQL, in a schema of its own.
+    let pg = Pg::new().await;
+    let table = format!("{}.steadfast_outbox", pg.schema);
+    let o = PostgresOutbox::new(pg.pool.clone())
+        .with_table(&table)
+        .unwrap();
+    o.migrate().await.unwrap();
+    let mut tx = pg.pool.begin().await.unwrap();
+    let mut parked = None;
+    for n in 0..3 {
+        parked = Some(o.enqueue(&mut tx, &Alpha { n }).await.unwrap());
+    }
+    tx.commit().await.unwrap();
+    let parked = parked.unwrap();
+    // Parked as the relay parks a row that keeps failing.
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {table} SET state = 'parked', attempts = 9, last_error = 'no route' WHERE id = $1"
+    )))
+    .bind(*parked.as_uuid())
+    .execute(&pg.pool)
+    .await
+    .unwrap();
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    check(&["--database-url", &url, "--table", &table], parked).await;
+    pg.drop_schema().await;
+
+    // SQLite, in a file of its own.
+    let path = std::env::temp_dir().join(format!(
+        "steadfast-cli-{}.db",
+        uuid::Uuid::now_v7().simple()
+    ));
+    let pool = steadfast::idempotency::sqlite::open(&path).await.unwrap();
+    let o = SqliteOutbox::new(pool.clone());
+    o.migrate().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let mut parked = None;
+    for n in 0..3 {
+        parked = Some(o.enqueue(&mut tx, &Alpha { n }).await.unwrap());
+    }
+    tx.commit().await.unwrap();
+    let parked = parked.unwrap();
+    sqlx::query(
+        "UPDATE steadfast_outbox SET state = 'parked', attempts = 9, last_error = 'no route' WHERE id = ?1",
+    )
+    .bind(parked.to_string())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let p = path.to_string_lossy().into_owned();
+    check(&["--sqlite", &p], parked).await;
+    pool.close().await;
+    let _ = std::fs::remove_file(&path);
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema, Message)]
+#[message(name = "docs.placed", schema)]
+struct Placed {
+    /// The order.
+    order_id: u64,
+    lines: Vec<Line>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+struct Line {
+    sku: String,
+    qty: u32,
+}
+
+/// Every `$ref` in `v` points at something in `root`.
+fn refs_resolve(root: &Value, v: &Value) {
+    match v {
+        Value::Object(m) => {
+            if let Some(Value::String(r)) = m.get("$ref") {
+                let ptr = r.strip_prefix('#').expect("local ref");
+                assert!(root.pointer(ptr).is_some(), "dangling $ref {r}");
+            }
+            m.values().for_each(|x| refs_resolve(root, x));
+        }
+        Value::Array(a) => a.iter().for_each(|x| refs_resolve(root, x)),
+        _ => {}
+    }
+}
+
+/// The AsyncAPI document of a worker validates against the AsyncAPI 3.0 JSON Schema
+/// (checked by Python's `jsonschema`, draft 7, against the published schema kept beside
+/// this test), and says what a reader needs.
+#[test]
+fn asyncapi_document_validates() {
+    use std::io::Write as _;
+    let builder = Worker::builder(
+        steadfast::transport::memory::MemoryTransport::new(),
+        "billing",
+    )
+    .handle(|_: Placed, _cx: Context| async { Ok::<(), HandlerError>(()) })
+    .handle(|_: Alpha, _cx: Context| async { Ok::<(), HandlerError>(()) });
+    let doc = steadfast::asyncapi::Document::from_worker("Billing", "1.2.3", &builder).to_json();
+    refs_resolve(&doc, &doc);
+    let placed = &doc["components"]["messages"]["docs.placed"]["payload"];
+    assert_eq!(
+        placed["properties"]["lines"]["items"]["properties"]["qty"]["type"],
+        "integer"
+    );
+    assert_eq!(
+        doc["components"]["messages"]["cli.alpha"]["payload"],
+        serde_json::json!({})
+    );
+    assert_eq!(
+        doc["operations"]["billing.receive.docs.placed"]["action"],
+        "receive"
+    );
+    assert_eq!(doc["operations"]["billing.dead-letter"]["action"], "send");
+    let dl = &doc["components"]["messages"]["docs.placed.dead-letter"]["headers"]["properties"];
+    for h in [
+        header::DEAD_LETTER_REASON,
+        header::ERROR_KIND,
+        header::ATTEMPTS,
+        header::FAILED_AT,
+    ] {
+        assert!(dl.get(h).is_some(), "failure header {h} documented");
+    }
+
+    let schema = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cli/asyncapi-3.0.0.json");
+    let check = |doc: &Value| -> String {
+        let mut py = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import json, sys, jsonschema\n\
+                 schema = json.load(open(sys.argv[1]))\n\
+                 doc = json.load(sys.stdin)\n\
+                 errs = list(jsonschema.Draft7Validator(schema).iter_errors(doc))\n\
+                 print(len(errs)); [print(e.message[:300], list(e.path)) for e in errs[:5]]",
+                schema,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with the jsonschema package validates the document");
+        py.stdin
+            .take()
+            .unwrap()
+            .write_all(doc.to_string().as_bytes())
+            .unwrap();
+        let out = py.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "python3 -c 'import jsonschema' must work"
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let verdict = check(&doc);
+    assert!(
+        verdict.starts_with("0\n"),
+        "invalid AsyncAPI 3.0 document:\n{verdict}"
+    );
+    // The check can fail: an operation with an unknown action is refused.
+    let mut bad = doc.clone();
+    bad["operations"]["billing.dead-letter"]["action"] = "fly".into();
+    assert!(!check(&bad).starts_with("0\n"));
+}
+
+/// The kill switch on RabbitMQ: a handler failing every message trips it; intake stops
+/// (the consumer is gone and the broker holds the messages ready); after the cooldown
+/// and the fix, every message is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_switch_stops_intake_and_recovers() {
+    use lapin::{options::QueueDeclareOptions, types::FieldTable};
+    use steadfast::{
+        RetryPolicy,
+        worker::{KillSwitch, WorkerState},
+    };
+
+    const N: u32 = 60;
+    let b = rabbitmq().await;
+    let url = b.args[1].clone();
+    let queue = format!("{}g", b.args[5]);
+    let fixed = Arc::new(AtomicBool::new(false));
+    let handled: Arc<Mutex<HashSet<MessageId>>> = Arc::default();
+    let (f, h) = (fixed.clone(), handled.clone());
+    let worker = Worker::builder_shared(b.transport.clone(), GROUP)
+        .handle(move |_: Alpha, cx: Context| {
+            let (f, h) = (f.clone(), h.clone());
+            async move {
+                if !f.load(Ordering::SeqCst) {
+                    return Err(HandlerError::msg("downstream is down"));
+                }
+                h.lock().unwrap().insert(cx.id());
+                Ok(())
+            }
+        })
+        .concurrency(4)
+        .retry(RetryPolicy::exponential(Duration::from_millis(100)).max_attempts(6))
+        .kill_switch(
+            KillSwitch::new(0.15, 10, Duration::from_secs(60))
+                .cooldown(Duration::from_secs(3))
+                .trial(2),
+        )
+        .build()
+        .expect("valid worker");
+    worker.declare().await.unwrap();
+    let status = worker.status();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let running = tokio::spawn(async move {
+        worker
+            .run_until(async move { token.cancelled().await })
+            .await
+            .unwrap();
+    });
+    let envs: Vec<Envelope> = (0..N)
+        .map(|n| Envelope::encode(&Alpha { n }).unwrap())
+        .collect();
+    for r in b.transport.publish_batch(&envs).await {
+        r.unwrap();
+    }
+
+    wait_for("the kill switch to trip", || {
+        let s = status.state();
+        async move { s == WorkerState::Paused }
+    })
+    .await;
+    assert!(!status.is_ready(), "not ready while paused");
+    assert_eq!(status.kill_switch_trips(), 1);
+    // The broker shows the consumer gone and the messages waiting as ready.
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let declare = || async {
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+    };
+    wait_for("the consumer to be cancelled", || async {
+        declare().await.consumer_count() == 0
+    })
+    .await;
+    let q = declare().await;
+    assert!(
+        q.message_count() > 0,
+        "messages wait as ready: {}",
+        q.message_count()
+    );
+    assert_eq!(
+        status.state(),
+        WorkerState::Paused,
+        "still paused during the checks"
+    );
+    assert!(handled.lock().unwrap().is_empty());
+
+    // The fix; after the cooldown the trial succeeds and every message is handled.
+    fixed.store(true, Ordering::SeqCst);
+    wait_for("every message handled", || {
+        let n = handled.lock().unwrap().len();
+        async move { n == N as usize }
+    })
+    .await;
+    assert_eq!(status.state(), WorkerState::Running);
+    assert!(status.is_ready());
+    let all: HashSet<MessageId> = envs.iter().map(|e| e.id).collect();
+    assert_eq!(*handled.lock().unwrap(), all);
+    stop.cancel();
+    running.await.unwrap();
+    let _ = conn.close(200, "OK".into()).await;
+    b.transport.close().await;
+}
