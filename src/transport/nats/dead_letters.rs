@@ -148,34 +148,21 @@ async fn flush(
     progress: &(dyn Fn(&DeadLetter) + Send + Sync),
 ) {
     let items = std::mem::take(batch);
-    let mut confirmed: Vec<Result<(), TransportError>> = Vec::with_capacity(items.len());
-    match action {
-        Action::Purge => confirmed.extend(items.iter().map(|_| Ok(()))),
+    let confirmed: Vec<Result<(), TransportError>> = match action {
+        Action::Purge => items.iter().map(|_| Ok(())).collect(),
         Action::Replay => {
-            let mut pending = Vec::with_capacity(items.len());
-            for (seq, dl) in &items {
-                let subject = destination(inner, dl);
-                let env = dl.replay_envelope();
-                let mut headers = publish::wire_headers(&env, false);
-                headers.insert(MSG_ID, format!("replay:{group}:{seq}").as_str());
-                let sent = inner
-                    .bounded(
-                        "replay publish",
-                        publish::send(inner, subject.clone(), headers, env.payload.clone()),
-                    )
-                    .await;
-                pending.push(sent.map(|ack| (subject, ack)));
-            }
-            for p in pending {
-                confirmed.push(match p {
-                    Ok((subject, ack)) => {
-                        publish::await_ack(inner, &subject, ack).await.map(|_| ())
-                    }
-                    Err(e) => Err(e),
-                });
-            }
+            let outgoing = items
+                .iter()
+                .map(|(seq, dl)| {
+                    let env = dl.replay_envelope();
+                    let mut headers = publish::wire_headers(&env, false);
+                    headers.insert(MSG_ID, format!("replay:{group}:{seq}").as_str());
+                    Ok((destination(inner, dl), headers, env.payload.clone()))
+                })
+                .collect();
+            publish::publish_many(inner, "replay publish", outgoing).await
         }
-    }
+    };
     for ((seq, dl), ok) in items.into_iter().zip(confirmed) {
         if let Err(e) = ok {
             report.fail(format!("{}: {e}", dl.id()));

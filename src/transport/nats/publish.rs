@@ -8,7 +8,10 @@ use crate::{
 };
 use async_nats::{HeaderMap, jetstream::context::PublishErrorKind};
 use bytes::Bytes;
-use std::borrow::Cow;
+use std::{
+    borrow::Cow,
+    time::{Duration, Instant},
+};
 
 /// The header JetStream deduplicates on.
 pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
@@ -96,41 +99,72 @@ pub(crate) async fn publish_one(inner: &Inner, env: &Envelope) -> Result<(), Tra
     await_ack(inner, &subject, ack).await.map(|_| ())
 }
 
-/// Sends every envelope first, then awaits the PubAcks: one round trip for the batch.
+/// A message ready for the wire: subject, headers, payload.
+pub(crate) type Outgoing = (String, HeaderMap, Bytes);
+
+/// Publishes every envelope on its subject; see [`publish_many`].
 pub(crate) async fn publish_batch(
     inner: &Inner,
     envs: &[Envelope],
 ) -> Vec<Result<(), TransportError>> {
-    let mut pending = Vec::with_capacity(envs.len());
-    for env in envs {
-        let sent = match check_name(env) {
+    let outgoing = envs
+        .iter()
+        .map(|env| {
+            check_name(env).map(|()| {
+                (
+                    inner.settings.subject(&env.name),
+                    wire_headers(env, inner.settings.dedup),
+                    env.payload.clone(),
+                )
+            })
+        })
+        .collect();
+    publish_many(inner, "publish", outgoing).await
+}
+
+/// Sends every message first, then awaits the PubAcks together: one round trip for the
+/// batch, and one time bound for it rather than one per message. An `Err` item is passed
+/// through in its place.
+///
+/// Both halves are bounded as a whole. While the connection is down, async-nats queues
+/// commands until its channel is full and never answers requests whose bytes were lost
+/// with the old socket; bounding each message on its own and awaiting the PubAcks one
+/// after another made a batch of `n` take up to `n` × the request timeout to fail after
+/// a server restart (seen: publishing stalled for minutes in `tests/nats_faults`).
+pub(crate) async fn publish_many(
+    inner: &Inner,
+    what: &str,
+    outgoing: Vec<Result<Outgoing, TransportError>>,
+) -> Vec<Result<(), TransportError>> {
+    let limit = inner.settings.op_timeout + Duration::from_millis(500);
+    let send_deadline = Instant::now() + limit;
+    let mut pending = Vec::with_capacity(outgoing.len());
+    for item in outgoing {
+        pending.push(match item {
             Err(e) => Err(e),
-            Ok(()) => {
-                let subject = inner.settings.subject(&env.name);
-                inner
-                    .bounded(
-                        "publish",
-                        send(
-                            inner,
-                            subject.clone(),
-                            wire_headers(env, inner.settings.dedup),
-                            env.payload.clone(),
+            Ok((subject, headers, payload)) => {
+                let sent = send(inner, subject.clone(), headers, payload);
+                match tokio::time::timeout_at(send_deadline.into(), sent).await {
+                    Ok(r) => r.map(|ack| (subject, ack)),
+                    Err(_) => Err(TransportError::new(
+                        TransportErrorKind::Timeout,
+                        format!(
+                            "{what}: the NATS connection took no command within {limit:?} (disconnected?)"
                         ),
-                    )
-                    .await
-                    .map(|ack| (subject, ack))
+                    )),
+                }
             }
-        };
-        pending.push(sent);
-    }
-    let mut out = Vec::with_capacity(envs.len());
-    for p in pending {
-        out.push(match p {
-            Ok((subject, ack)) => await_ack(inner, &subject, ack).await.map(|_| ()),
-            Err(e) => Err(e),
         });
     }
-    out
+    // Each PubAck wait starts its own timer when first polled; polling them together
+    // lets those timers run side by side.
+    futures::future::join_all(pending.into_iter().map(|p| async move {
+        match p {
+            Ok((subject, ack)) => await_ack(inner, &subject, ack).await.map(|_| ()),
+            Err(e) => Err(e),
+        }
+    }))
+    .await
 }
 
 /// What a dead letter is made of.
