@@ -7,10 +7,16 @@
 //! ```
 //!
 //! Scenarios, each with prefetch 100 and payloads of 256 B and 1 KiB:
-//! - `raw-ack-each`: lapin, one `basic.ack` per message, awaited in a spawned task (the
-//!   common hand-written consumer);
+//! - `raw-ack-await`: lapin, the consume loop awaiting one `basic.ack` per message before
+//!   taking the next (the common hand-written consumer; the issue's "raw per-message-ack"
+//!   baseline);
+//! - `raw-ack-spawn`: lapin, each `basic.ack` awaited in a task of its own (faster, and
+//!   memory bounded only by how many acks are outstanding);
 //! - `raw-coalesced`: lapin, one `basic.ack(multiple=true)` per 50 messages, inline (the
 //!   ceiling: nothing but receiving and acking);
+//!
+//! Every raw loop runs as a spawned task. `BENCH_ROUNDS` (default 2) repeats the four,
+//! interleaved.
 //! - `steadfast`: a `Worker` with concurrency 100 decoding JSON and running a no-op
 //!   handler, acking through the transport's coalescing acker.
 //!
@@ -19,7 +25,7 @@
 
 use futures::StreamExt;
 use lapin::{
-    BasicProperties, Connection, ConnectionProperties,
+    BasicProperties, Channel, Connection, ConnectionProperties,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
         ConfirmSelectOptions, QueueDeclareOptions,
@@ -138,57 +144,71 @@ async fn raw_queue(conn: &Connection, name: &str, size: usize, n: usize) {
     let _ = ch.close(200, "OK".into()).await;
 }
 
-async fn raw_consume(
-    conn: &Connection,
-    queue: &str,
-    n: usize,
-    coalesce: bool,
-) -> (Duration, Duration) {
-    let ch = conn.create_channel().await.unwrap();
-    ch.basic_qos(PREFETCH, BasicQosOptions::default())
-        .await
-        .unwrap();
-    let (cpu0, t0) = (cpu(), Instant::now());
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let done = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    let mut seen = 0;
-    while seen < n {
-        let d = consumer.next().await.unwrap().unwrap();
-        seen += 1;
-        if coalesce {
-            if seen % 50 == 0 || seen == n {
-                ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
-                    .await
-                    .unwrap();
-            }
-        } else {
-            let done = done.clone();
-            tasks.push(tokio::spawn(async move {
-                d.ack(BasicAckOptions::default()).await.unwrap();
-                done.fetch_add(1, Ordering::Relaxed);
-            }));
-            if tasks.len() >= 1000 {
-                for t in tasks.drain(..) {
-                    t.await.unwrap();
+/// How the raw lapin consumer acks.
+#[derive(Clone, Copy)]
+enum Ack {
+    /// `ack().await` for each delivery before taking the next (the usual hand-written loop).
+    Await,
+    /// Each `ack()` in a task of its own (faster, with no bound on memory but the batch).
+    Spawn,
+    /// `multiple = true` every 50 deliveries, inline: the ceiling.
+    Coalesce,
+}
+
+/// Consumes `n` messages of `queue` on `ch` as the loop of a spawned task (run inside
+/// `block_on`, lapin loses about a quarter of its throughput).
+async fn raw_consume(ch: Channel, queue: String, n: usize, ack: Ack) -> (Duration, Duration) {
+    tokio::spawn(async move {
+        ch.basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let (cpu0, t0) = (cpu(), Instant::now());
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        let mut seen = 0;
+        while seen < n {
+            let d = consumer.next().await.unwrap().unwrap();
+            seen += 1;
+            match ack {
+                Ack::Await => {
+                    d.ack(BasicAckOptions::default()).await.unwrap();
+                }
+                Ack::Spawn => {
+                    tasks.push(tokio::spawn(async move {
+                        d.ack(BasicAckOptions::default()).await.unwrap();
+                    }));
+                    if tasks.len() >= 1000 {
+                        for t in tasks.drain(..) {
+                            t.await.unwrap();
+                        }
+                    }
+                }
+                Ack::Coalesce => {
+                    if seen % 50 == 0 || seen == n {
+                        ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
+                            .await
+                            .unwrap();
+                    }
                 }
             }
         }
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let r = (t0.elapsed(), cpu() - cpu0);
-    let _ = ch.close(200, "OK".into()).await;
-    r
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let r = (t0.elapsed(), cpu() - cpu0);
+        let _ = ch.close(200, "OK".into()).await;
+        r
+    })
+    .await
+    .unwrap()
 }
 
 async fn steadfast_run(size: usize, n: usize) -> (Duration, Duration) {
@@ -259,23 +279,41 @@ fn main() {
             }
             return;
         }
-        for size in [256usize, 1024] {
-            let q = format!("sf-bench-raw-{}", uuid::Uuid::now_v7().simple());
-            raw_queue(&conn, &q, size, n).await;
-            let (w, c) = raw_consume(&conn, &q, n, false).await;
-            let each = report("raw-ack-each", size, n, w, c);
-            raw_queue(&conn, &q, size, n).await;
-            let (w, c) = raw_consume(&conn, &q, n, true).await;
-            let ceiling = report("raw-coalesced", size, n, w, c);
-            let (w, c) = steadfast_run(size, n).await;
-            let ours = report("steadfast", size, n, w, c);
-            println!(
-                "  steadfast = {:.0}% of the coalesced ceiling, {:.2}x raw ack-each",
-                ours.rate / ceiling.rate * 100.0,
-                ours.rate / each.rate
-            );
-            let ch = conn.create_channel().await.unwrap();
-            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        // `BENCH_ROUNDS` rounds (default 2), the four consumers interleaved within each,
+        // so a change in the machine's load lands on all of them.
+        let rounds: usize = std::env::var("BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2);
+        for round in 1..=rounds {
+            for size in [256usize, 1024] {
+                println!("round {round}, {size} B");
+                let q = format!("sf-bench-raw-{}", uuid::Uuid::now_v7().simple());
+                let raw = |ack: Ack| {
+                    let (conn, q) = (&conn, q.clone());
+                    async move {
+                        raw_queue(conn, &q, size, n).await;
+                        let ch = conn.create_channel().await.unwrap();
+                        raw_consume(ch, q, n, ack).await
+                    }
+                };
+                let (w, c) = raw(Ack::Await).await;
+                let awaited = report("raw-ack-await", size, n, w, c);
+                let (w, c) = raw(Ack::Spawn).await;
+                let spawned = report("raw-ack-spawn", size, n, w, c);
+                let (w, c) = raw(Ack::Coalesce).await;
+                let ceiling = report("raw-coalesced", size, n, w, c);
+                let (w, c) = steadfast_run(size, n).await;
+                let ours = report("steadfast", size, n, w, c);
+                println!(
+                    "  steadfast = {:.0}% of the coalesced ceiling, {:.2}x raw ack-await, {:.2}x raw ack-spawn",
+                    ours.rate / ceiling.rate * 100.0,
+                    ours.rate / awaited.rate,
+                    ours.rate / spawned.rate
+                );
+                let ch = conn.create_channel().await.unwrap();
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
         }
         let _ = conn.close(200, "OK".into()).await;
     });

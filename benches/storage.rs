@@ -31,10 +31,12 @@ struct Item {
     id: i64,
 }
 
-async fn consume(pool: &PgPool, schema: &str, inbox: Option<PostgresStore>) -> f64 {
+/// Consumes `N` fresh messages (ids from `base`, so a round never meets the inbox keys
+/// of an earlier one).
+async fn consume(pool: &PgPool, schema: &str, inbox: Option<PostgresStore>, base: i64) -> f64 {
     let broker = MemoryTransport::new();
     broker.bind("bench", ["bench.item"]);
-    for id in 0..N {
+    for id in base..base + N {
         broker
             .publish(&Envelope::encode(&Item { id }).unwrap())
             .await
@@ -157,6 +159,17 @@ async fn raw_publish_rate(transport: &dyn Transport) -> f64 {
     N as f64 / start.elapsed().as_secs_f64()
 }
 
+/// "median (min–max) unit" of `v`.
+fn spread(v: &mut [f64], unit: &str) -> String {
+    v.sort_by(f64::total_cmp);
+    let (lo, hi, mid) = (v[0], v[v.len() - 1], v[v.len() / 2]);
+    if unit == "x" {
+        format!("{mid:.2}{unit} ({lo:.2}–{hi:.2})")
+    } else {
+        format!("{mid:>9.0} {unit} ({lo:.0}–{hi:.0})")
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let url = std::env::var("DATABASE_URL")
@@ -185,12 +198,31 @@ async fn main() {
         .unwrap();
     println!("PostgreSQL {version}, {N} messages per figure, concurrency 16 / 8 producers");
 
-    let without = consume(&pool, &schema, None).await;
-    let with = consume(&pool, &schema, Some(inbox.clone())).await;
-    println!("consume, tx write, no idempotency   {without:>9.0} msg/s");
+    // The two sides alternate, `BENCH_ROUNDS` times (default 3), so a change in the
+    // machine's load lands on both; medians with the range, and the ratio per round.
+    let rounds: i64 = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let (mut without, mut with, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let a = consume(&pool, &schema, None, 2 * r * N).await;
+        let b = consume(&pool, &schema, Some(inbox.clone()), (2 * r + 1) * N).await;
+        without.push(a);
+        with.push(b);
+        ratios.push(b / a);
+    }
     println!(
-        "consume, tx write + PostgreSQL inbox {with:>9.0} msg/s  ({:.2}x)",
-        with / without
+        "consume, tx write, no idempotency   {}",
+        spread(&mut without, "msg/s")
+    );
+    println!(
+        "consume, tx write + PostgreSQL inbox {}",
+        spread(&mut with, "msg/s")
+    );
+    println!(
+        "  inbox ÷ none, per round           {}",
+        spread(&mut ratios, "x")
     );
 
     let plain = enqueue_rate(&pool, None, &schema).await;
@@ -229,11 +261,27 @@ async fn main() {
             .await
             .unwrap();
         let amqp: Arc<dyn Transport> = Arc::new(amqp);
-        drain_and_refill(&pool, &quiet, &schema).await;
-        let raw = raw_publish_rate(&*amqp).await;
-        let relayed = relay_rate(&outbox, amqp.clone()).await;
-        println!("rabbitmq: bare publish_batch         {raw:>9.0} msg/s");
-        println!("rabbitmq: relay claim→publish→mark   {relayed:>9.0} msg/s");
+        let (mut raws, mut relays, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            drain_and_refill(&pool, &quiet, &schema).await;
+            let raw = raw_publish_rate(&*amqp).await;
+            let relayed = relay_rate(&outbox, amqp.clone()).await;
+            raws.push(raw);
+            relays.push(relayed);
+            ratios.push(relayed / raw);
+        }
+        println!(
+            "rabbitmq: bare publish_batch         {}",
+            spread(&mut raws, "msg/s")
+        );
+        println!(
+            "rabbitmq: relay claim→publish→mark   {}",
+            spread(&mut relays, "msg/s")
+        );
+        println!(
+            "  relay ÷ bare, per round           {}",
+            spread(&mut ratios, "x")
+        );
         amqp.close().await;
     }
 

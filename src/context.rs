@@ -6,7 +6,10 @@ use crate::{
 };
 use std::{
     fmt,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 /// What a handler knows about the delivery it handles, and a publish-on-success buffer.
@@ -42,6 +45,18 @@ pub(crate) struct Inner {
     pub(crate) key: Option<String>,
     pub(crate) id_text: std::sync::OnceLock<String>,
     pub(crate) outgoing: Mutex<Vec<Envelope>>,
+    /// Set when the handler marked this delivery's key through an inbox store
+    /// (`PostgresStore::mark`, `SqliteStore::mark`).
+    pub(crate) marked: AtomicBool,
+}
+
+/// What the pipeline takes back from a context once the handler is done.
+pub(crate) struct Finished {
+    pub(crate) envelope: Envelope,
+    pub(crate) key: Option<String>,
+    pub(crate) outgoing: Vec<Envelope>,
+    /// The handler marked the key in its own transaction.
+    pub(crate) marked: bool,
 }
 
 impl fmt::Debug for Context {
@@ -65,28 +80,40 @@ impl Context {
                 key,
                 id_text: std::sync::OnceLock::new(),
                 outgoing: Mutex::new(Vec::new()),
+                marked: AtomicBool::new(false),
             }),
         }
     }
 
     /// Takes the envelope and the buffered messages back once the handler is done. If the
     /// handler kept a clone of the context alive, the envelope is copied.
-    pub(crate) fn finish(self) -> (Envelope, Option<String>, Vec<Envelope>) {
+    pub(crate) fn finish(self) -> Finished {
         match Arc::try_unwrap(self.inner) {
-            Ok(inner) => (
-                inner.envelope,
-                inner.key,
-                inner
+            Ok(inner) => Finished {
+                envelope: inner.envelope,
+                key: inner.key,
+                outgoing: inner
                     .outgoing
                     .into_inner()
                     .unwrap_or_else(|p| p.into_inner()),
-            ),
-            Err(shared) => {
-                let out =
-                    std::mem::take(&mut *shared.outgoing.lock().unwrap_or_else(|p| p.into_inner()));
-                (shared.envelope.clone(), shared.key.clone(), out)
-            }
+                marked: inner.marked.into_inner(),
+            },
+            Err(shared) => Finished {
+                outgoing: std::mem::take(
+                    &mut *shared.outgoing.lock().unwrap_or_else(|p| p.into_inner()),
+                ),
+                envelope: shared.envelope.clone(),
+                key: shared.key.clone(),
+                marked: shared.marked.load(Ordering::Acquire),
+            },
         }
+    }
+
+    /// Records that the handler marked this delivery's key through an inbox store: the
+    /// key's `done` row then commits with the handler's own transaction.
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+    pub(crate) fn note_marked(&self) {
+        self.inner.marked.store(true, Ordering::Release);
     }
 
     /// A context for calling a handler directly in a unit test, outside any worker.

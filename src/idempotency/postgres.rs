@@ -210,15 +210,18 @@ impl PostgresStore {
     /// (the second waits on the first's row lock and sees it done once it commits; if
     /// the first rolls back, the second goes ahead).
     pub async fn mark(&self, conn: &mut PgConnection, cx: &Context) -> Result<bool, StoreError> {
-        self.mark_key(
-            conn,
-            Key {
-                group: cx.group(),
-                name: cx.name(),
-                key: cx.idempotency_key(),
-            },
-        )
-        .await
+        let marked = self
+            .mark_key(
+                conn,
+                Key {
+                    group: cx.group(),
+                    name: cx.name(),
+                    key: cx.idempotency_key(),
+                },
+            )
+            .await?;
+        cx.note_marked();
+        Ok(marked)
     }
 
     /// [`mark`](Self::mark) for an explicit key.

@@ -182,15 +182,18 @@ impl SqliteStore {
         conn: &mut SqliteConnection,
         cx: &Context,
     ) -> Result<bool, StoreError> {
-        self.mark_key(
-            conn,
-            Key {
-                group: cx.group(),
-                name: cx.name(),
-                key: cx.idempotency_key(),
-            },
-        )
-        .await
+        let marked = self
+            .mark_key(
+                conn,
+                Key {
+                    group: cx.group(),
+                    name: cx.name(),
+                    key: cx.idempotency_key(),
+                },
+            )
+            .await?;
+        cx.note_marked();
+        Ok(marked)
     }
 
     /// [`mark`](Self::mark) for an explicit key.

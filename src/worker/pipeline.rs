@@ -273,7 +273,12 @@ async fn run_typed<M: Message, H: Handler<M>>(
         acker.as_ref(),
     )
     .await;
-    let (envelope, key, outgoing) = cx.finish();
+    let crate::context::Finished {
+        envelope,
+        key,
+        outgoing,
+        marked,
+    } = cx.finish();
 
     if result.is_ok() && !outgoing.is_empty() {
         let n = outgoing.len();
@@ -298,7 +303,12 @@ async fn run_typed<M: Message, H: Handler<M>>(
             name: M::NAME,
             key,
         };
-        if result.is_ok() {
+        if result.is_ok() && marked {
+            // The handler marked the key in its own transaction (the inbox): the `done`
+            // row committed with its effects, and the inbox is what deduplicates. A
+            // `complete` would find the row done and change nothing; skipping it saves
+            // a database round trip per message.
+        } else if result.is_ok() {
             // The handler's effects stand; failing to record that only weakens
             // deduplication of a later duplicate, so the message is still acked.
             if let Err(e) = bounded(store.complete(k, &lease)).await {
