@@ -81,7 +81,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             }
         })
-        .idempotency(inbox.clone()) // the same table: a duplicate is acked unhandled
+        .inbox(inbox.clone()) // the same table: a duplicate is acked unhandled
         .build()?;
     billing.declare().await?; // so the relay's first publish is routable
     let worker = tokio::spawn(billing.run_until(stop.clone().cancelled_owned()));

@@ -66,7 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             }
         })
-        .idempotency(inbox.clone())
+        .inbox(inbox.clone()) // the same table: a duplicate is acked unhandled
         .build()?;
     billing.declare().await?;
     let worker = tokio::spawn(billing.run_until(stop.clone().cancelled_owned()));

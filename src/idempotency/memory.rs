@@ -100,6 +100,14 @@ fn sweep(map: &mut HashMap<String, State>, now: Instant, retention: Duration) {
 }
 
 impl IdempotencyStore for MemoryStore {
+    fn is_done<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let done = matches!(
+            self.lock().get(&Self::compose(key)),
+            Some(State::Done { at }) if at.elapsed() < self.retention
+        );
+        Box::pin(async move { Ok(done) })
+    }
+
     fn lease_remaining<'a>(
         &'a self,
         key: Key<'a>,

@@ -95,6 +95,16 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         lease: &'a Lease,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// Whether `key` is done (completed, or marked in a committed handler transaction),
+    /// without taking it. Used by workers built with
+    /// [`WorkerBuilder::inbox`](crate::worker::WorkerBuilder::inbox), which leave
+    /// concurrency to the inbox `mark`. The default, `false`, runs the handler and lets
+    /// its `mark` decide.
+    fn is_done<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let _ = key;
+        Box::pin(async { Ok(false) })
+    }
+
     /// How long the lease now holding `key` has left, if it is held (after
     /// [`Begin::InFlight`]). The worker puts such a delivery back for that long rather
     /// than looking again every few milliseconds: the holder may have died, and then the

@@ -18,7 +18,7 @@ pub(crate) const MIGRATE_LOCK: i64 = 0x5354_4541_4446_4153; // "STEADFAS"
 /// Idempotency keys and the transactional inbox in a PostgreSQL table (default
 /// `steadfast_inbox`).
 ///
-/// Give one to the worker (`.idempotency(store.clone())`) and use the same store inside
+/// Give one to the worker (`.inbox(store.clone())`) and use the same store inside
 /// the handler: [`mark`](Self::mark) marks the delivery's key done in *your*
 /// transaction, so the business write, the inbox key and any outbox rows commit
 /// together, exactly once.
@@ -64,6 +64,7 @@ struct Inner {
 struct Sql {
     begin: Arc<str>,
     state: Arc<str>,
+    done: Arc<str>,
     complete: Arc<str>,
     release: Arc<str>,
     remaining: Arc<str>,
@@ -92,6 +93,9 @@ impl Sql {
                  RETURNING t.token",
             ),
             state: r("SELECT state FROM {table} WHERE grp = $1 AND name = $2 AND key = $3"),
+            done: r("SELECT 1 FROM {table} \
+                 WHERE grp = $1 AND name = $2 AND key = $3 AND state = 'done' \
+                   AND done_at > now() - make_interval(secs => $4)"),
             // After an inbox `mark` the row is already done: the UPDATE matches nothing
             // without locking it and nothing is inserted, so this writes no WAL and
             // costs no commit flush on the common path.
@@ -342,6 +346,22 @@ impl IdempotencyStore for PostgresStore {
             "idempotency begin",
             self.begin_inner(key, lease),
         ))
+    }
+
+    fn is_done<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, Result<bool, StoreError>> {
+        // A key done longer ago than the retention counts as new, as in `begin`/`mark`.
+        let fut = async move {
+            sqlx::query(AssertSqlSafe(self.inner.sql.done.clone()))
+                .bind(key.group)
+                .bind(key.name)
+                .bind(key.key)
+                .bind(self.inner.retention.as_secs_f64())
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map(|row| row.is_some())
+                .map_err(db_err("could not look up the inbox key"))
+        };
+        Box::pin(bounded(self.inner.timeout, "inbox lookup", fut))
     }
 
     fn complete<'a>(

@@ -47,6 +47,7 @@ struct Inner {
 struct Sql {
     begin: Arc<str>,
     state: Arc<str>,
+    done: Arc<str>,
     complete: Arc<str>,
     release: Arc<str>,
     remaining: Arc<str>,
@@ -68,6 +69,9 @@ impl Sql {
                  RETURNING token",
             ),
             state: r("SELECT state FROM {table} WHERE grp = ?1 AND name = ?2 AND key = ?3"),
+            done: r("SELECT 1 FROM {table} \
+                 WHERE grp = ?1 AND name = ?2 AND key = ?3 AND state = 'done' \
+                   AND done_at > {now} - ?4"),
             complete: r("INSERT INTO {table} (grp, name, key, state, done_at) \
                  VALUES (?1, ?2, ?3, 'done', {now}) \
                  ON CONFLICT (grp, name, key) DO UPDATE \
@@ -310,6 +314,22 @@ impl IdempotencyStore for SqliteStore {
             "idempotency begin",
             self.begin_inner(key, lease),
         ))
+    }
+
+    fn is_done<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, Result<bool, StoreError>> {
+        // A key done longer ago than the retention counts as new, as in `begin`/`mark`.
+        let fut = async move {
+            sqlx::query(AssertSqlSafe(self.inner.sql.done.clone()))
+                .bind(key.group)
+                .bind(key.name)
+                .bind(key.key)
+                .bind(millis(self.inner.retention))
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map(|row| row.is_some())
+                .map_err(db_err("could not look up the inbox key"))
+        };
+        Box::pin(bounded(self.inner.timeout, "inbox lookup", fut))
     }
 
     fn complete<'a>(

@@ -39,6 +39,8 @@ pub struct WorkerBuilder {
     routes: Vec<(&'static str, Arc<dyn Route>)>,
     policy: RetryPolicy,
     store: Option<Arc<dyn IdempotencyStore>>,
+    /// The store is used as an inbox (look, no lease) rather than with leases.
+    inbox_only: bool,
     concurrency: usize,
     handler_timeout: Duration,
     drain_timeout: Duration,
@@ -60,6 +62,7 @@ impl fmt::Debug for WorkerBuilder {
             )
             .field("policy", &self.policy)
             .field("idempotency", &self.store.is_some())
+            .field("inbox_only", &self.inbox_only)
             .field("concurrency", &self.concurrency)
             .field("handler_timeout", &self.handler_timeout)
             .field("drain_timeout", &self.drain_timeout)
@@ -84,6 +87,7 @@ impl WorkerBuilder {
             routes: Vec::new(),
             policy: RetryPolicy::default(),
             store: None,
+            inbox_only: false,
             concurrency: 16,
             handler_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(20),
@@ -121,9 +125,61 @@ impl WorkerBuilder {
         self
     }
 
-    /// Deduplicates deliveries through `store` (keys scoped by group and message name).
+    /// Deduplicates deliveries through `store` (keys scoped by group and message name):
+    /// before the handler the worker takes the key with a lease, so a second delivery of
+    /// a message in flight waits instead of running at the same time; after success it
+    /// marks the key done. For handlers whose effects are outside your database. When
+    /// every handler marks its key in its own transaction, [`inbox`](Self::inbox) costs
+    /// less.
     pub fn idempotency(mut self, store: impl IdempotencyStore) -> Self {
         self.store = Some(Arc::new(store));
+        self.inbox_only = false;
+        self
+    }
+
+    /// The transactional inbox: the handlers mark their key in their own transaction
+    /// (`PostgresStore::mark`, `SqliteStore::mark`), and that mark — not a lease — is what
+    /// makes their effects happen once. Before a handler the worker only looks whether
+    /// the key is done, and acks a duplicate without running the handler; it takes no
+    /// lease, so two deliveries of one message may run at once, and the second one's
+    /// `mark` waits for the first transaction and then returns `false`. A handler that
+    /// does not call `mark` gets its key marked done after it succeeds.
+    ///
+    /// One statement less per message than [`idempotency`](Self::idempotency), and no
+    /// lease left behind by a crash for a redelivery to wait out.
+    ///
+    /// ```no_run
+    /// # async fn f(transport: steadfast::transport::memory::MemoryTransport, pool: sqlx::PgPool) {
+    /// use steadfast::{Context, HandlerError, Message, Worker, idempotency::PostgresStore};
+    ///
+    /// #[derive(serde::Serialize, serde::Deserialize, Message)]
+    /// #[message(name = "orders.placed")]
+    /// struct OrderPlaced { #[message(key)] order_id: i64 }
+    ///
+    /// let inbox = PostgresStore::new(pool.clone());
+    /// let store = inbox.clone();
+    /// let worker = Worker::builder(transport, "billing")
+    ///     .inbox(inbox.clone())
+    ///     .handle(move |m: OrderPlaced, cx: Context| {
+    ///         let (pool, inbox) = (pool.clone(), store.clone());
+    ///         async move {
+    ///             let mut tx = pool.begin().await?;
+    ///             if !inbox.mark(&mut tx, &cx).await? {
+    ///                 return Ok::<_, HandlerError>(()); // handled before
+    ///             }
+    ///             sqlx::query("INSERT INTO charges (order_id) VALUES ($1)")
+    ///                 .bind(m.order_id).execute(&mut *tx).await?;
+    ///             tx.commit().await?;
+    ///             Ok(())
+    ///         }
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// # }
+    /// ```
+    pub fn inbox(mut self, store: impl IdempotencyStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self.inbox_only = true;
         self
     }
 
@@ -270,6 +326,7 @@ impl WorkerBuilder {
             routes,
             policy: self.policy,
             store: self.store,
+            inbox_only: self.inbox_only,
             handler_timeout: self.handler_timeout,
             // A crashed worker's key frees itself once the lease ends; it must outlive a
             // handler that is still legitimately running.

@@ -68,6 +68,8 @@ pub(super) struct Shared {
     pub(super) routes: HashMap<String, Arc<dyn Route>>,
     pub(super) policy: RetryPolicy,
     pub(super) store: Option<Arc<dyn IdempotencyStore>>,
+    /// `store` is an inbox: look before the handler, no lease (`WorkerBuilder::inbox`).
+    pub(super) inbox_only: bool,
     pub(super) handler_timeout: Duration,
     pub(super) lease: Duration,
     pub(super) max_payload_bytes: usize,
@@ -231,9 +233,18 @@ async fn run_typed<M: Message, H: Handler<M>>(
             name: M::NAME,
             key: key.get_or_insert_with(|| envelope.id.to_string()),
         };
-        match bounded(store.begin(k, shared.lease)).await {
-            Ok(Begin::Acquired(l)) => lease = Some(l),
-            Ok(Begin::AlreadyDone) => {
+        // `None`: run the handler without a lease (an inbox whose key is not done).
+        let begun = if shared.inbox_only {
+            bounded(store.is_done(k))
+                .await
+                .map(|done| done.then_some(Begin::AlreadyDone))
+        } else {
+            bounded(store.begin(k, shared.lease)).await.map(Some)
+        };
+        match begun {
+            Ok(None) => {}
+            Ok(Some(Begin::Acquired(l))) => lease = Some(l),
+            Ok(Some(Begin::AlreadyDone)) => {
                 tracing::debug!("duplicate: idempotency key already done");
                 return settle_as(
                     shared,
@@ -244,7 +255,7 @@ async fn run_typed<M: Message, H: Handler<M>>(
                 )
                 .await;
             }
-            Ok(Begin::InFlight) => {
+            Ok(Some(Begin::InFlight)) => {
                 // Not a failure: another worker is on it — or was, and died holding the
                 // key, which then frees itself only when the lease ends. Look again then:
                 // every look is a delivery, and the broker's delivery limit counts them
@@ -297,25 +308,34 @@ async fn run_typed<M: Message, H: Handler<M>>(
         }
     }
 
-    if let (Some(store), Some(lease), Some(key)) = (&shared.store, lease, key.as_deref()) {
+    if let (Some(store), Some(key)) = (&shared.store, key.as_deref()) {
         let k = Key {
             group: &shared.group,
             name: M::NAME,
             key,
         };
-        if result.is_ok() && marked {
+        match (&result, &lease) {
             // The handler marked the key in its own transaction (the inbox): the `done`
             // row committed with its effects, and the inbox is what deduplicates. A
             // `complete` would find the row done and change nothing; skipping it saves
             // a database round trip per message.
-        } else if result.is_ok() {
-            // The handler's effects stand; failing to record that only weakens
-            // deduplication of a later duplicate, so the message is still acked.
-            if let Err(e) = bounded(store.complete(k, &lease)).await {
-                tracing::warn!(error = %e, "handled, but the idempotency key could not be marked done");
+            (Ok(()), _) if marked => {}
+            (Ok(()), _) => {
+                // The handler's effects stand; failing to record that only weakens
+                // deduplication of a later duplicate, so the message is still acked.
+                // (An inbox worker took no lease; `complete` does not need one.)
+                let lease = lease.unwrap_or_default();
+                if let Err(e) = bounded(store.complete(k, &lease)).await {
+                    tracing::warn!(error = %e, "handled, but the idempotency key could not be marked done");
+                }
             }
-        } else if let Err(e) = bounded(store.release(k, &lease)).await {
-            tracing::warn!(error = %e, "could not release the idempotency key; it frees itself when the lease ends");
+            (Err(_), Some(lease)) => {
+                if let Err(e) = bounded(store.release(k, lease)).await {
+                    tracing::warn!(error = %e, "could not release the idempotency key; it frees itself when the lease ends");
+                }
+            }
+            // An inbox worker took no lease: nothing to release.
+            (Err(_), None) => {}
         }
     }
 

@@ -200,6 +200,44 @@ async fn concurrent_duplicate_is_deferred_not_run_twice() {
     h.stop().await.unwrap();
 }
 
+/// `.inbox(store)` with a handler that never calls `mark`: no lease, so concurrent
+/// copies both run, but once one succeeded the worker records the key, and a later copy
+/// is acked as a duplicate without running the handler.
+#[tokio::test(start_paused = true)]
+async fn inbox_mode_records_a_key_the_handler_did_not_mark() {
+    let broker = MemoryTransport::new();
+    let store = MemoryStore::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let builder = Worker::builder(broker.clone(), "billing")
+        .inbox(store.clone())
+        .concurrency(4)
+        .handle(move |_: OrderPlaced, _cx: Context| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Ok(())
+            }
+        });
+    let h = TestHarness::start(&broker, builder).await.unwrap();
+    let env = Envelope::encode(&OrderPlaced { order_id: 1 }).unwrap();
+    h.publish_envelope(&env).await.unwrap();
+    h.publish_envelope(&env).await.unwrap();
+    let report = h.run_until_idle().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "no lease: both copies ran");
+    assert_eq!(report.count(|o| matches!(o, Outcome::Deferred { .. })), 0);
+    assert_eq!(store.completed(), 1, "the worker recorded the key");
+    h.publish_envelope(&env).await.unwrap();
+    let report = h.run_until_idle().await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the later copy did not run"
+    );
+    assert!(report.outcomes(env.id).contains(&Outcome::Duplicate));
+    h.stop().await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn stopping_mid_handler_redelivers_to_the_next_worker() {
     let broker = MemoryTransport::new();

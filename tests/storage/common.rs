@@ -314,9 +314,39 @@ pub(crate) fn start_worker<H: Handler<OrderPlaced>>(
     outcomes: &Outcomes,
     concurrency: usize,
 ) -> Running {
-    let worker = Worker::builder_shared(transport, "billing")
-        .handle(handler)
-        .idempotency(store)
+    start_worker_as(
+        Dedup::Lease,
+        transport,
+        handler,
+        store,
+        outcomes,
+        concurrency,
+    )
+}
+
+/// How the worker uses its store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dedup {
+    /// `.idempotency(store)`: a lease around the handler.
+    Lease,
+    /// `.inbox(store)`: a look before the handler; the handler's `mark` decides.
+    Inbox,
+}
+
+pub(crate) fn start_worker_as<H: Handler<OrderPlaced>>(
+    dedup: Dedup,
+    transport: Arc<dyn Transport>,
+    handler: H,
+    store: impl steadfast::idempotency::IdempotencyStore,
+    outcomes: &Outcomes,
+    concurrency: usize,
+) -> Running {
+    let builder = Worker::builder_shared(transport, "billing").handle(handler);
+    let builder = match dedup {
+        Dedup::Lease => builder.idempotency(store),
+        Dedup::Inbox => builder.inbox(store),
+    };
+    let worker = builder
         .retry(RetryPolicy::fixed(Duration::from_millis(50)).max_attempts(5))
         .concurrency(concurrency)
         // The lease is 2 × this + 5 s, and a duplicate that finds the key held waits out

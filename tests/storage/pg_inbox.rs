@@ -143,12 +143,22 @@ async fn concurrent_marks_in_transactions_make_one_effect() {
 
 #[tokio::test]
 async fn duplicate_delivery_makes_one_effect() {
+    duplicate_delivery_makes_one_effect_as(Dedup::Lease).await;
+}
+
+#[tokio::test]
+async fn inbox_mode_duplicate_delivery_makes_one_effect() {
+    duplicate_delivery_makes_one_effect_as(Dedup::Inbox).await;
+}
+
+async fn duplicate_delivery_makes_one_effect_as(dedup: Dedup) {
     let pg = Pg::new().await;
     let broker = MemoryTransport::new();
     let outcomes = Outcomes::default();
     let billing = pg.billing();
     let calls = billing.calls.clone();
-    let w = start_worker(
+    let w = start_worker_as(
+        dedup,
         Arc::new(broker.clone()),
         billing,
         pg.inbox.clone(),
@@ -256,7 +266,60 @@ async fn same_message_to_two_workers_at_once_makes_one_effect() {
 }
 
 #[tokio::test]
+async fn inbox_mode_same_message_to_two_workers_at_once_makes_one_effect() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    let outcomes = Outcomes::default();
+    let mut billing = pg.billing();
+    billing.hold = Duration::from_millis(300); // both copies overlap in time
+    let start = |b| {
+        start_worker_as(
+            Dedup::Inbox,
+            Arc::new(broker.clone()),
+            b,
+            pg.inbox.clone(),
+            &outcomes,
+            1,
+        )
+    };
+    let (w1, w2) = (start(billing.clone()), start(billing.clone()));
+    for id in 1..=5 {
+        let env = order(id);
+        broker.publish(&env).await.unwrap();
+        broker.publish(&env).await.unwrap();
+    }
+    eventually(30, "all deliveries settled", || async {
+        outcomes.count(|o| matches!(o, Outcome::Acked | Outcome::Duplicate)) == 10
+    })
+    .await;
+    assert_eq!(pg.effects().await, (5, 5), "one effect per message");
+    assert_eq!(
+        outcomes.count(|o| matches!(o, Outcome::Deferred { .. })),
+        0,
+        "no lease, so no copy waits for another"
+    );
+    assert!(
+        billing.calls.load(Ordering::SeqCst) > 5,
+        "copies that overlapped both ran the handler; their marks kept one effect"
+    );
+    assert!(broker.is_idle("billing"));
+    w1.stop().await;
+    w2.stop().await;
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
 async fn handler_failing_after_partial_work_is_rolled_back_and_retried() {
+    handler_failing_after_partial_work_is_rolled_back_and_retried_as(Dedup::Lease).await;
+}
+
+#[tokio::test]
+async fn inbox_mode_handler_failing_after_partial_work_is_rolled_back_and_retried() {
+    handler_failing_after_partial_work_is_rolled_back_and_retried_as(Dedup::Inbox).await;
+}
+
+async fn handler_failing_after_partial_work_is_rolled_back_and_retried_as(dedup: Dedup) {
     let pg = Pg::new().await;
     let broker = MemoryTransport::new();
     broker.bind("billing", ["orders.placed"]);
@@ -264,7 +327,8 @@ async fn handler_failing_after_partial_work_is_rolled_back_and_retried() {
     let mut billing = pg.billing();
     billing.fail_first_attempt = true;
     let calls = billing.calls.clone();
-    let w = start_worker(
+    let w = start_worker_as(
+        dedup,
         Arc::new(broker.clone()),
         billing,
         pg.inbox.clone(),
@@ -303,6 +367,15 @@ async fn handler_failing_after_partial_work_is_rolled_back_and_retried() {
 
 #[tokio::test]
 async fn crash_after_commit_before_ack_is_acked_without_running_again() {
+    crash_after_commit_before_ack_is_acked_without_running_again_as(Dedup::Lease).await;
+}
+
+#[tokio::test]
+async fn inbox_mode_crash_after_commit_before_ack_is_acked_without_running_again() {
+    crash_after_commit_before_ack_is_acked_without_running_again_as(Dedup::Inbox).await;
+}
+
+async fn crash_after_commit_before_ack_is_acked_without_running_again_as(dedup: Dedup) {
     let pg = Pg::new().await;
     let broker = MemoryTransport::new();
     broker.bind("billing", ["orders.placed"]);
@@ -314,7 +387,7 @@ async fn crash_after_commit_before_ack_is_acked_without_running_again() {
     let outcomes = Outcomes::default();
     let billing = pg.billing();
     let calls = billing.calls.clone();
-    let w = start_worker(flaky, billing, pg.inbox.clone(), &outcomes, 2);
+    let w = start_worker_as(dedup, flaky, billing, pg.inbox.clone(), &outcomes, 2);
     broker.publish(&order(1)).await.unwrap();
     eventually(10, "redelivery acked as duplicate", || async {
         outcomes.count(|o| *o == Outcome::Duplicate) == 1

@@ -60,6 +60,15 @@ async fn lease_release_complete_retention() {
 
 #[tokio::test]
 async fn duplicate_and_crash_after_commit_make_one_effect() {
+    duplicate_and_crash_after_commit_make_one_effect_as(Dedup::Lease).await;
+}
+
+#[tokio::test]
+async fn inbox_mode_duplicate_and_crash_after_commit_make_one_effect() {
+    duplicate_and_crash_after_commit_make_one_effect_as(Dedup::Inbox).await;
+}
+
+async fn duplicate_and_crash_after_commit_make_one_effect_as(dedup: Dedup) {
     let db = Lite::new().await;
     let broker = MemoryTransport::new();
     broker.bind("billing", ["orders.placed"]);
@@ -71,7 +80,7 @@ async fn duplicate_and_crash_after_commit_make_one_effect() {
     let outcomes = Outcomes::default();
     let billing = db.billing();
     let calls = billing.calls.clone();
-    let w = start_worker(flaky, billing, db.inbox.clone(), &outcomes, 4);
+    let w = start_worker_as(dedup, flaky, billing, db.inbox.clone(), &outcomes, 4);
     let env = order(1);
     broker.publish(&env).await.unwrap();
     eventually(
@@ -94,6 +103,15 @@ async fn duplicate_and_crash_after_commit_make_one_effect() {
 
 #[tokio::test]
 async fn failing_handler_is_rolled_back_and_retried() {
+    failing_handler_is_rolled_back_and_retried_as(Dedup::Lease).await;
+}
+
+#[tokio::test]
+async fn inbox_mode_failing_handler_is_rolled_back_and_retried() {
+    failing_handler_is_rolled_back_and_retried_as(Dedup::Inbox).await;
+}
+
+async fn failing_handler_is_rolled_back_and_retried_as(dedup: Dedup) {
     let db = Lite::new().await;
     let broker = MemoryTransport::new();
     broker.bind("billing", ["orders.placed"]);
@@ -101,7 +119,8 @@ async fn failing_handler_is_rolled_back_and_retried() {
     let mut billing = db.billing();
     billing.fail_first_attempt = true;
     let calls = billing.calls.clone();
-    let w = start_worker(
+    let w = start_worker_as(
+        dedup,
         Arc::new(broker.clone()),
         billing,
         db.inbox.clone(),
