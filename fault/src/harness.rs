@@ -103,6 +103,8 @@ pub struct Scenario {
     pub delivery_limit: u32,
     /// A stuck system fails at this deadline after publishing ended.
     pub deadline: Duration,
+    /// Workers built with `.inbox(store)` instead of `.idempotency(store)`.
+    pub inbox_mode: bool,
 }
 
 impl Scenario {
@@ -118,6 +120,7 @@ impl Scenario {
             special: Vec::new(),
             delivery_limit: 20,
             deadline: Duration::from_secs(120),
+            inbox_mode: false,
         }
     }
 
@@ -565,6 +568,7 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     }
     let mut spec = Spec::new(s.broker, broker_url.clone(), env.db_url.clone(), &tag);
     spec.delivery_limit = s.delivery_limit;
+    spec.inbox_mode = s.inbox_mode;
     let broker_proxy = if s.fault == Fault::CutBroker {
         Some(
             Proxy::start(servers::addr_of(&broker_url)?)

@@ -95,6 +95,9 @@ pub struct Spec {
     pub delivery_limit: u32,
     /// Failpoints to abort at: name -> hit number.
     pub abort_at: BTreeMap<String, u64>,
+    /// The worker uses its store with `.inbox(store)` (a look, no lease) instead of
+    /// `.idempotency(store)`.
+    pub inbox_mode: bool,
 }
 
 fn var(name: &str) -> Result<String, String> {
@@ -127,6 +130,7 @@ impl Spec {
             max_payload_bytes: 64 * 1024,
             delivery_limit: 20,
             abort_at: BTreeMap::new(),
+            inbox_mode: false,
         }
     }
 
@@ -167,6 +171,7 @@ impl Spec {
             max_payload_bytes: num("FW_MAX_PAYLOAD", 64 * 1024)?,
             delivery_limit: num("FW_DELIVERY_LIMIT", 20)?,
             abort_at,
+            inbox_mode: std::env::var("FW_INBOX_MODE").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -209,6 +214,7 @@ impl Spec {
             ("FW_MAX_PAYLOAD", self.max_payload_bytes.to_string()),
             ("FW_DELIVERY_LIMIT", self.delivery_limit.to_string()),
             ("FW_ABORT_AT", abort.join(",")),
+            ("FW_INBOX_MODE", u8::from(self.inbox_mode).to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

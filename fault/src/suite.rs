@@ -29,6 +29,13 @@ fn sc(name: &str, broker: Broker, n: u64, fault: Fault) -> Scenario {
 /// One scenario by name for `broker` with `n` messages; `None` for a name that does not
 /// apply to the broker (RabbitMQ-only faults on NATS).
 pub fn scenario(name: &str, broker: Broker, n: u64) -> Option<Scenario> {
+    // `NAME+inbox`: the scenario with workers built with `.inbox(store)`.
+    if let Some(base) = name.strip_suffix("+inbox") {
+        let mut s = scenario(base, broker, n)?;
+        s.name.push_str(" (.inbox)");
+        s.inbox_mode = true;
+        return Some(s);
+    }
     let hit = (n / 10).max(3);
     let window = |p: &'static str| Fault::Window { point: p, hit };
     let s = match name {
@@ -222,6 +229,10 @@ pub const ALL: &[&str] = &[
     "relay-window",
     "relay-pg-restart",
     "relay-cut-db",
+    // The same model with workers that use their store as an inbox (a look, no lease).
+    "sigkill+inbox",
+    "before-settle+inbox",
+    "duplicates+inbox",
 ];
 
 /// The long run: every scenario on both brokers with `n` messages each.

@@ -71,13 +71,19 @@ pub fn build_worker(
     let effects = format!("{}.effects", spec.schema);
     let handler_inbox = inbox.clone();
     let calls = tally.clone();
-    Worker::builder_shared(transport, spec.group.clone())
-        .handle(move |job: Work, cx: Context| {
+    let builder = Worker::builder_shared(transport, spec.group.clone()).handle(
+        move |job: Work, cx: Context| {
             calls.calls.fetch_add(1, Ordering::Relaxed);
             let (pool, inbox, effects) = (pool.clone(), handler_inbox.clone(), effects.clone());
             async move { handle(job, cx, &pool, &inbox, &effects).await }
-        })
-        .idempotency(inbox)
+        },
+    );
+    let builder = if spec.inbox_mode {
+        builder.inbox(inbox)
+    } else {
+        builder.idempotency(inbox)
+    };
+    builder
         .retry(spec.retry_policy())
         .concurrency(spec.concurrency)
         .handler_timeout(spec.handler_timeout)

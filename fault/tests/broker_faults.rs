@@ -87,4 +87,6 @@ scenarios! {
     amqp_relay_killed_after_confirm: "relay-window" on Amqp;
     amqp_postgres_restart_under_relay: "relay-pg-restart" on Amqp;
     amqp_tcp_cut_relay_to_database: "relay-cut-db" on Amqp;
+    amqp_random_sigkills_inbox_mode: "sigkill+inbox" on Amqp;
+    nats_concurrent_duplicates_inbox_mode: "duplicates+inbox" on Nats;
 }

@@ -674,3 +674,54 @@ async fn dropped_deliveries_come_back_once_each() {
     drop(stream);
     cleanup(&nt).await;
 }
+
+/// Messages waiting out a retry delay do not starve the rest: four handlers, four
+/// messages failing their first attempt (retried after 2 s), then four healthy ones. A
+/// `Nak` with a delay keeps the message ack-pending, and the group consumer's
+/// `max_ack_pending` used to be the worker's concurrency, so the healthy messages waited
+/// for the retries' delays (the fault suite's 100,000-message run with misbehaving
+/// handlers on NATS stalled on this).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_in_their_delay_do_not_hold_up_other_messages() {
+    let nt = transport("starve").await;
+    let t: Arc<dyn Transport> = Arc::new(nt.clone());
+    let seen = Seen::default();
+    let w = start(job_builder(&t, "starve", &seen).concurrency(4)).await;
+    for n in 0..4 {
+        t.publish(&job(n, true, 0)).await.unwrap();
+    }
+    wait_until("four retried", || {
+        seen.outcomes()
+            .iter()
+            .filter(|p| matches!(p.outcome, Outcome::Retried { .. }))
+            .count()
+            == 4
+    })
+    .await;
+    let published = Instant::now();
+    for n in 4..8 {
+        t.publish(&job(n, false, 0)).await.unwrap();
+    }
+    wait_until("the healthy four handled", || {
+        (4..8).all(|n| !seen.calls_of(n).is_empty())
+    })
+    .await;
+    let waited = (4..8)
+        .map(|n| seen.calls_of(n)[0].1 - published)
+        .max()
+        .unwrap();
+    assert!(
+        waited < Duration::from_millis(1500),
+        "a healthy message waited {waited:?} behind retries in their 2 s delay"
+    );
+    wait_until("all eight acked", || {
+        seen.outcomes()
+            .iter()
+            .filter(|p| p.outcome == Outcome::Acked)
+            .count()
+            == 8
+    })
+    .await;
+    w.stop().await;
+    cleanup(&nt).await;
+}

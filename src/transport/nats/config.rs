@@ -21,6 +21,9 @@ pub(crate) struct Settings {
     pub(crate) dlq_stream: String,
     /// Overrides the ack deadline derived from the handler timeout.
     pub(crate) ack_wait: Option<Duration>,
+    /// Overrides the group consumer's `max_ack_pending` (default: 1,000, or the
+    /// worker's concurrency if larger).
+    pub(crate) max_ack_pending: Option<i64>,
     /// Deliveries allowed beyond the retry policy's attempts before the server's
     /// delivery limit (`max_deliver`) stops a message.
     pub(crate) delivery_margin: u32,
@@ -72,6 +75,7 @@ pub struct NatsBuilder {
     nkey: Option<String>,
     name: Option<String>,
     ack_wait: Option<Duration>,
+    max_ack_pending: Option<i64>,
     delivery_margin: u32,
     max_age: Duration,
     dlq_max_age: Duration,
@@ -107,6 +111,7 @@ impl NatsBuilder {
             nkey: None,
             name: None,
             ack_wait: None,
+            max_ack_pending: None,
             delivery_margin: 5,
             max_age: Duration::ZERO,
             dlq_max_age: Duration::ZERO,
@@ -160,6 +165,19 @@ impl NatsBuilder {
     #[must_use]
     pub fn ack_wait(mut self, d: Duration) -> Self {
         self.ack_wait = Some(d);
+        self
+    }
+
+    /// How many of the group's messages may be delivered and not yet acked at once,
+    /// across every worker of the group — including messages waiting out a retry delay
+    /// (a `Nak` with a delay stays pending). Default: 1,000, or the worker's concurrency
+    /// if that is larger. Each worker still holds no more than its concurrency plus the
+    /// pull batch it has asked for next; this is the group-wide cap, so it must leave
+    /// room for every replica and for the retries in their delays. Set to the
+    /// concurrency for one worker that holds nothing beyond what it works on.
+    #[must_use]
+    pub fn max_ack_pending(mut self, n: u32) -> Self {
+        self.max_ack_pending = Some(i64::from(n.max(1)));
         self
     }
 
@@ -316,6 +334,7 @@ impl NatsBuilder {
             stream,
             prefix: self.prefix,
             ack_wait: self.ack_wait,
+            max_ack_pending: self.max_ack_pending,
             delivery_margin: self.delivery_margin,
             max_age: self.max_age,
             dlq_max_age: self.dlq_max_age,

@@ -156,6 +156,10 @@ fn is_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
     matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.code() == 404)
 }
 
+/// The group consumer's `max_ack_pending` unless the builder sets one (nats-server's own
+/// default too).
+const DEFAULT_MAX_ACK_PENDING: i64 = 1000;
+
 /// The settings a group's consumers need, derived from the subscription.
 #[derive(Debug, Clone)]
 pub(crate) struct Wanted {
@@ -173,7 +177,13 @@ pub(crate) fn wanted(inner: &Inner, sub: &Subscription) -> Wanted {
         ack_wait,
         max_deliver: i64::from(sub.max_attempts.max(1))
             + i64::from(inner.settings.delivery_margin.max(1)),
-        max_ack_pending: sub.prefetch.max(1) as i64,
+        // Group-wide, and counting messages in a retry delay: capping it at one worker's
+        // concurrency kept a second replica idle and, under retries, starved the group
+        // (fault suite, 100,000 messages with misbehaving handlers).
+        max_ack_pending: inner
+            .settings
+            .max_ack_pending
+            .unwrap_or_else(|| DEFAULT_MAX_ACK_PENDING.max(sub.prefetch.max(1) as i64)),
     }
 }
 
