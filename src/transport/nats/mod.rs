@@ -137,12 +137,18 @@ impl NatsTransport {
 
 impl Inner {
     /// Runs `fut` under the request bound, mapping a timeout to [`TransportErrorKind::Timeout`].
+    /// The bound on one request: the request timeout, plus slack for the client's own
+    /// timer to fire first.
+    pub(crate) fn op_limit(&self) -> Duration {
+        self.settings.op_timeout + Duration::from_millis(500)
+    }
+
     pub(crate) async fn bounded<T>(
         &self,
         what: &str,
         fut: impl std::future::Future<Output = Result<T, TransportError>>,
     ) -> Result<T, TransportError> {
-        let limit = self.settings.op_timeout + Duration::from_millis(500);
+        let limit = self.op_limit();
         match tokio::time::timeout(limit, fut).await {
             Ok(r) => r,
             Err(_) => Err(TransportError::new(

@@ -8,10 +8,7 @@ use crate::{
 };
 use async_nats::{HeaderMap, jetstream::context::PublishErrorKind};
 use bytes::Bytes;
-use std::{
-    borrow::Cow,
-    time::{Duration, Instant},
-};
+use std::{borrow::Cow, time::Instant};
 
 /// The header JetStream deduplicates on.
 pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
@@ -136,7 +133,7 @@ pub(crate) async fn publish_many(
     what: &str,
     outgoing: Vec<Result<Outgoing, TransportError>>,
 ) -> Vec<Result<(), TransportError>> {
-    let limit = inner.settings.op_timeout + Duration::from_millis(500);
+    let limit = inner.op_limit();
     let send_deadline = Instant::now() + limit;
     let mut pending = Vec::with_capacity(outgoing.len());
     for item in outgoing {
