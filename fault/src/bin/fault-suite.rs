@@ -1,8 +1,8 @@
 //! Runs the fault suite and prints the table of `docs/reliability.md`.
 //!
 //! ```text
-//! cargo build --workspace --all-features --bins
-//! FAULT_N=100000 target/debug/fault-suite          # the long run; FAULT_N=2000 is quick
+//! cargo build --profile bench --workspace --all-features --bins
+//! FAULT_N=100000 target/release/fault-suite        # the long run; FAULT_N=2000 is quick
 //! ```
 //!
 //! Needs RabbitMQ, NATS and PostgreSQL on 127.0.0.1 (as `scripts/test.sh` starts them),
