@@ -20,5 +20,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     created_at   timestamptz NOT NULL DEFAULT now(),
     sent_at      timestamptz
 );
-CREATE INDEX IF NOT EXISTS {index}_pending ON {table} (seq) WHERE state = 'pending';
+-- The claim walks this in sequence order; `available_at` in the index lets it pass the
+-- rows other batches hold (claimed, not yet marked sent) without reading the table.
+CREATE INDEX IF NOT EXISTS {index}_claim ON {table} (seq, available_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS {index}_sent_at ON {table} (sent_at) WHERE state = 'sent';

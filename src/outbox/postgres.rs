@@ -78,13 +78,17 @@ impl Sql {
             insert_notify: r(&format!(
                 "WITH ins AS ({insert} RETURNING id) SELECT pg_notify($7, '') FROM ins"
             )),
-            claim: r("WITH c AS ( \
+            // `id = ANY(ARRAY(...))`: the claimed ids are looked up in the primary key.
+            // A join with the claim's CTE let the planner hash the whole table, sent
+            // rows kept for their retention included, on every claim.
+            claim: r(
+                "UPDATE {table} SET available_at = now() + make_interval(secs => $2) \
+                 WHERE id = ANY(ARRAY( \
                     SELECT id FROM {table} \
                     WHERE state = 'pending' AND available_at <= now() \
-                    ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
-                 UPDATE {table} o SET available_at = now() + make_interval(secs => $2) \
-                 FROM c WHERE o.id = c.id \
-                 RETURNING o.id, o.seq, o.name, o.source, o.time, o.headers::text, o.payload, o.attempts"),
+                    ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+                 RETURNING id, seq, name, source, time, headers::text, payload, attempts",
+            ),
             sent: r("UPDATE {table} SET state = 'sent', sent_at = now() WHERE id = ANY($1)"),
             failed: r(
                 "UPDATE {table} SET attempts = attempts + 1, last_error = $2, \

@@ -461,6 +461,34 @@ impl Transport for CrashBeforeFirstAck {
     }
 }
 
+/// The `Transport` methods a test wrapper passes through to its `inner`
+/// `MemoryTransport` unchanged.
+macro_rules! delegate_to_inner {
+    () => {
+        fn system(&self) -> &'static str {
+            "memory"
+        }
+        fn declare<'a>(
+            &'a self,
+            sub: &'a Subscription,
+        ) -> BoxFuture<'a, Result<(), TransportError>> {
+            self.inner.declare(sub)
+        }
+        fn subscribe<'a>(
+            &'a self,
+            sub: &'a Subscription,
+        ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
+            self.inner.subscribe(sub)
+        }
+        fn publish<'a>(
+            &'a self,
+            envelope: &'a Envelope,
+        ) -> BoxFuture<'a, Result<(), TransportError>> {
+            self.inner.publish(envelope)
+        }
+    };
+}
+
 /// Simulates a relay killed after the broker confirmed a batch and before the rows were
 /// marked sent: the first batch is published, then the call never returns (the test
 /// aborts the relay task when `confirmed` fires).
@@ -471,21 +499,7 @@ pub(crate) struct HangAfterConfirm {
 }
 
 impl Transport for HangAfterConfirm {
-    fn system(&self) -> &'static str {
-        "memory"
-    }
-    fn declare<'a>(&'a self, sub: &'a Subscription) -> BoxFuture<'a, Result<(), TransportError>> {
-        self.inner.declare(sub)
-    }
-    fn subscribe<'a>(
-        &'a self,
-        sub: &'a Subscription,
-    ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
-        self.inner.subscribe(sub)
-    }
-    fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), TransportError>> {
-        self.inner.publish(envelope)
-    }
+    delegate_to_inner!();
     fn publish_batch<'a>(
         &'a self,
         envelopes: &'a [Envelope],
@@ -496,6 +510,43 @@ impl Transport for HangAfterConfirm {
                 self.confirmed.notify_one();
                 std::future::pending::<()>().await;
             }
+            out
+        })
+    }
+}
+
+/// A broker whose confirms take `delay`; counts the `publish_batch` calls under way at
+/// once and the most seen.
+pub(crate) struct SlowConfirms {
+    pub(crate) inner: MemoryTransport,
+    pub(crate) delay: Duration,
+    pub(crate) now: AtomicU32,
+    pub(crate) most: AtomicU32,
+}
+
+impl SlowConfirms {
+    pub(crate) fn new(inner: MemoryTransport, delay: Duration) -> Self {
+        Self {
+            inner,
+            delay,
+            now: AtomicU32::new(0),
+            most: AtomicU32::new(0),
+        }
+    }
+}
+
+impl Transport for SlowConfirms {
+    delegate_to_inner!();
+    fn publish_batch<'a>(
+        &'a self,
+        envelopes: &'a [Envelope],
+    ) -> BoxFuture<'a, Vec<Result<(), TransportError>>> {
+        Box::pin(async move {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            let out = self.inner.publish_batch(envelopes).await;
+            tokio::time::sleep(self.delay).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
             out
         })
     }

@@ -279,6 +279,48 @@ async fn two_relays_publish_each_row_once() {
 }
 
 #[tokio::test]
+async fn batches_await_their_confirms_together_up_to_in_flight() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    enqueue_orders(&pg, 1..=300).await;
+    for (in_flight, start) in [(4_u32, 0), (1, 300)] {
+        if start > 0 {
+            enqueue_orders(&pg, start + 1..=start + 300).await;
+        }
+        let slow = Arc::new(SlowConfirms::new(
+            broker.clone(),
+            Duration::from_millis(150),
+        ));
+        let (stop, task) = spawn(
+            relay(&pg.outbox, slow.clone())
+                .batch_size(20)
+                .in_flight(in_flight as usize)
+                .build()
+                .unwrap(),
+        );
+        eventually(30, "every row marked sent", || async {
+            pg.outbox.pending().await.unwrap() == 0
+        })
+        .await;
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(
+            slow.most.load(std::sync::atomic::Ordering::SeqCst),
+            in_flight,
+            "batches awaiting confirms at once"
+        );
+    }
+    let mut seen: HashMap<_, usize> = HashMap::new();
+    for e in broker.published() {
+        *seen.entry(e.id).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 600, "every row published");
+    assert!(seen.values().all(|n| *n == 1), "a row was published twice");
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
 async fn poison_rows_are_parked_with_their_reason_and_others_flow() {
     let pg = Pg::new().await;
     let broker = MemoryTransport::new();
