@@ -767,10 +767,14 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
             dead = read_dead(&transport, &spec).await?;
             let (dl_n, raw) = dead_ids(&dead);
             let poison_done = poison_ok.iter().all(|n| dl_n.contains(n));
+            // The outbox first: once no row is pending, every row was confirmed by the
+            // broker, so an empty queue read after it cannot miss a row the relay
+            // publishes again (read the other way round, a republish between the two
+            // reads passed for drained and was left in the queue).
             if poison_done
                 && raw >= raw_bad
-                && queues_empty(&spec, &transport, false).await.unwrap_or(1) == 0
                 && outbox.pending().await.unwrap_or(1) == 0
+                && queues_empty(&spec, &transport, false).await.unwrap_or(1) == 0
             {
                 drained = true;
                 break;
