@@ -380,12 +380,15 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 /// Keeps a panic that escapes the pipeline (an `on_outcome` hook, say) from taking the
 /// worker down; handler panics are already caught, and turned into transient failures,
 /// inside the pipeline.
-async fn guard(fut: impl Future<Output = ()>) {
-    if AssertUnwindSafe(fut).catch_unwind().await.is_err() {
-        tracing::error!(
-            "a panic escaped the message pipeline; the delivery goes back to the broker"
-        );
-    }
+fn guard(fut: impl Future<Output = ()>) -> impl Future<Output = ()> {
+    // A combinator rather than an `async fn`, which would hold `fut` twice.
+    AssertUnwindSafe(fut).catch_unwind().map(|r| {
+        if r.is_err() {
+            tracing::error!(
+                "a panic escaped the message pipeline; the delivery goes back to the broker"
+            );
+        }
+    })
 }
 
 /// Completes on SIGTERM or ctrl-c (SIGINT).

@@ -12,7 +12,10 @@ use crate::{
     retry::{Disposition, Failure, RetryPolicy},
     transport::{Acker, Delivery, Transport},
 };
-use futures::{FutureExt, future::BoxFuture};
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Either},
+};
 use std::{
     any::Any, collections::HashMap, fmt, marker::PhantomData, panic::AssertUnwindSafe, sync::Arc,
     time::Duration,
@@ -123,7 +126,11 @@ impl<M: Message, H: Handler<M>> Route for TypedRoute<M, H> {
 }
 
 /// Entry point for one delivery: one future in the worker's in-flight set.
-pub(super) async fn process(shared: &Shared, delivery: Delivery) {
+///
+/// The prelude (attempt check, span) runs here, outside the future, and the rare paths
+/// (dead letters before any handler) are boxed, so the future the worker keeps per
+/// delivery stays small: it was 3,768 bytes, copied into the in-flight set per message.
+pub(super) fn process(shared: &Shared, delivery: Delivery) -> impl Future<Output = ()> + '_ {
     let started = std::time::Instant::now();
     let m = &shared.metrics;
     m.consumed.increment(1);
@@ -154,12 +161,12 @@ pub(super) async fn process(shared: &Shared, delivery: Delivery) {
     crate::otel::set_parent(&span, &envelope.headers);
     let settled = async move {
         if let Some(defect) = defect {
-            return dead_letter_now(
+            return Box::pin(dead_letter_now(
                 shared,
                 envelope,
                 acker,
                 format!("malformed delivery: {defect}"),
-            )
+            ))
             .await;
         }
         if envelope.payload.len() > shared.max_payload_bytes {
@@ -168,7 +175,7 @@ pub(super) async fn process(shared: &Shared, delivery: Delivery) {
                 envelope.payload.len(),
                 shared.max_payload_bytes
             );
-            return dead_letter_now(shared, envelope, acker, reason).await;
+            return Box::pin(dead_letter_now(shared, envelope, acker, reason)).await;
         }
         match shared.routes.get(envelope.name.as_str()) {
             Some(route) => route.run(shared, envelope, acker).await,
@@ -178,13 +185,14 @@ pub(super) async fn process(shared: &Shared, delivery: Delivery) {
                     truncate(&envelope.name, 200),
                     shared.group
                 );
-                dead_letter_now(shared, envelope, acker, reason).await
+                Box::pin(dead_letter_now(shared, envelope, acker, reason)).await
             }
         }
     }
-    .instrument(span)
-    .await;
-    m.settled(settled, started.elapsed().as_secs_f64());
+    .instrument(span);
+    // A combinator, not an `async` block: a block would keep `settled` twice (the
+    // captured value and the awaited one).
+    settled.map(move |fate| m.settled(fate, started.elapsed().as_secs_f64()))
 }
 
 struct ProcessName<'a>(&'a str);
@@ -219,7 +227,7 @@ async fn run_typed<M: Message, H: Handler<M>>(
         Ok(m) => m,
         Err(e) => {
             let reason = format!("cannot decode `{}` as JSON: {e}", M::NAME);
-            return dead_letter_now(shared, envelope, acker, reason).await;
+            return Box::pin(dead_letter_now(shared, envelope, acker, reason)).await;
         }
     };
     let key: Option<String> = msg.idempotency_key().map(|k| k.into_owned());
@@ -246,13 +254,13 @@ async fn run_typed<M: Message, H: Handler<M>>(
             Ok(Some(Begin::Acquired(l))) => lease = Some(l),
             Ok(Some(Begin::AlreadyDone)) => {
                 tracing::debug!("duplicate: idempotency key already done");
-                return settle_as(
+                return Box::pin(settle_as(
                     shared,
                     envelope,
                     acker,
                     Disposition::Ack,
                     Outcome::Duplicate,
-                )
+                ))
                 .await;
             }
             Ok(Some(Begin::InFlight)) => {
@@ -265,12 +273,18 @@ async fn run_typed<M: Message, H: Handler<M>>(
                     Ok(Some(left)) => (left + Duration::from_millis(50)).clamp(floor, shared.lease),
                     _ => floor,
                 };
-                return settle(shared, envelope, acker, Disposition::Defer { delay }).await;
+                return Box::pin(settle(
+                    shared,
+                    envelope,
+                    acker,
+                    Disposition::Defer { delay },
+                ))
+                .await;
             }
             Err(e) => {
                 let result = Err(e);
                 let d = shared.policy.decide(&result, envelope.attempt, envelope.id);
-                return settle(shared, envelope, acker, d).await;
+                return Box::pin(settle(shared, envelope, acker, d)).await;
             }
         }
     }
@@ -347,31 +361,20 @@ async fn run_typed<M: Message, H: Handler<M>>(
 }
 
 /// Runs the handler future with a timeout, catching panics, and keeps a long handler's
-/// delivery alive at the broker.
-async fn call_guarded(
-    fut: impl std::future::Future<Output = Result<(), HandlerError>> + Send,
+/// delivery alive at the broker. Built from combinators (an `async fn` would hold the
+/// handler's future twice), with the progress loop, which only some transports need,
+/// boxed so that it does not enlarge every delivery's future.
+fn call_guarded<'a>(
+    fut: impl Future<Output = Result<(), HandlerError>> + Send + 'a,
     timeout: Duration,
-    acker: &dyn Acker,
-) -> Result<(), HandlerError> {
+    acker: &'a dyn Acker,
+) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a {
     let guarded = AssertUnwindSafe(tokio::time::timeout(timeout, fut)).catch_unwind();
     let outcome = match acker.progress_interval() {
-        None => guarded.await,
-        Some(every) => {
-            tokio::pin!(guarded);
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            loop {
-                tokio::select! {
-                    out = &mut guarded => break out,
-                    _ = tick.tick() => {
-                        if let Err(e) = acker.progress().await {
-                            tracing::warn!(error = %e, "could not extend the delivery's ack deadline");
-                        }
-                    }
-                }
-            }
-        }
+        None => Either::Left(guarded),
+        Some(every) => Either::Right(Box::pin(with_progress(guarded, every, acker))),
     };
-    match outcome {
+    outcome.map(move |outcome| match outcome {
         Ok(Ok(r)) => r,
         Ok(Err(_elapsed)) => Err(HandlerError::msg(format!(
             "handler timed out after {}",
@@ -381,6 +384,22 @@ async fn call_guarded(
             "handler panicked: {}",
             panic_text(&*panic)
         ))),
+    })
+}
+
+/// Awaits `guarded` while extending the delivery's ack deadline every `every`.
+async fn with_progress<F: Future>(guarded: F, every: Duration, acker: &dyn Acker) -> F::Output {
+    tokio::pin!(guarded);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            out = &mut guarded => break out,
+            _ = tick.tick() => {
+                if let Err(e) = acker.progress().await {
+                    tracing::warn!(error = %e, "could not extend the delivery's ack deadline");
+                }
+            }
+        }
     }
 }
 
@@ -391,16 +410,18 @@ fn panic_text(p: &(dyn Any + Send)) -> &str {
         .unwrap_or("(non-text panic payload)")
 }
 
-async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
-    fut: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, HandlerError> {
-    match tokio::time::timeout(STORE_TIMEOUT, fut).await {
+/// `fut` within [`STORE_TIMEOUT`], its error a transient handler error. A combinator, so
+/// the future is held once.
+fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
+    fut: impl Future<Output = Result<T, E>>,
+) -> impl Future<Output = Result<T, HandlerError>> {
+    tokio::time::timeout(STORE_TIMEOUT, fut).map(|r| match r {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(HandlerError::transient(e)),
         Err(_) => Err(HandlerError::msg(format!(
             "idempotency store did not answer within {STORE_TIMEOUT:?}"
         ))),
-    }
+    })
 }
 
 async fn settle(
