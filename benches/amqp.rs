@@ -138,7 +138,7 @@ impl Shape {
                 plain
                     .with_message_id(env.id.to_string().into())
                     .with_type(Item::NAME.into())
-                    .with_content_type("application/json".into())
+                    .with_content_type(steadfast::envelope::header::CONTENT_TYPE_JSON.into())
                     .with_timestamp(now)
                     .with_headers(headers)
             }
@@ -187,6 +187,20 @@ async fn raw_queue(conn: &Connection, name: &str, size: usize, n: usize, shape: 
         }
     }
     let _ = ch.close(200, "OK".into()).await;
+}
+
+/// Pre-fills `queue` with `n` messages of `shape` and consumes them with `ack`.
+async fn raw_run(
+    conn: &Connection,
+    queue: &str,
+    size: usize,
+    n: usize,
+    ack: Ack,
+    shape: Shape,
+) -> (Duration, Duration) {
+    raw_queue(conn, queue, size, n, shape).await;
+    let ch = conn.create_channel().await.unwrap();
+    raw_consume(ch, queue.to_owned(), n, ack).await
 }
 
 /// How the raw lapin consumer acks.
@@ -332,9 +346,8 @@ fn main() {
             Ok("coalesced") => {
                 for size in [256usize, 1024] {
                     let q = format!("sf-bench-raw-{}", uuid::Uuid::now_v7().simple());
-                    raw_queue(&conn, &q, size, n, Shape::Steadfast).await;
-                    let ch = conn.create_channel().await.unwrap();
-                    let (w, c) = raw_consume(ch, q.clone(), n, Ack::Coalesce).await;
+                    let (w, c) =
+                        raw_run(&conn, &q, size, n, Ack::Coalesce, Shape::Steadfast).await;
                     report("raw-coalesced", size, n, w, c);
                     let ch = conn.create_channel().await.unwrap();
                     let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
@@ -343,7 +356,7 @@ fn main() {
             }
             _ => {}
         }
-        // `BENCH_ROUNDS` rounds (default 2), the four consumers interleaved within each,
+        // `BENCH_ROUNDS` rounds (default 2), the five consumers interleaved within each,
         // so a change in the machine's load lands on all of them.
         let rounds: usize = std::env::var("BENCH_ROUNDS")
             .ok()
@@ -353,14 +366,7 @@ fn main() {
             for size in [256usize, 1024] {
                 println!("round {round}, {size} B");
                 let q = format!("sf-bench-raw-{}", uuid::Uuid::now_v7().simple());
-                let raw = |ack: Ack, shape: Shape| {
-                    let (conn, q) = (&conn, q.clone());
-                    async move {
-                        raw_queue(conn, &q, size, n, shape).await;
-                        let ch = conn.create_channel().await.unwrap();
-                        raw_consume(ch, q, n, ack).await
-                    }
-                };
+                let raw = |ack: Ack, shape: Shape| raw_run(&conn, &q, size, n, ack, shape);
                 let (w, c) = raw(Ack::Await, Shape::Steadfast).await;
                 let awaited = report("raw-ack-await", size, n, w, c);
                 let (w, c) = raw(Ack::Spawn, Shape::Steadfast).await;

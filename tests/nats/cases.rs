@@ -618,8 +618,8 @@ async fn acks_leave_nothing_pending_in_both_modes() {
 }
 
 /// Deliveries dropped unsettled (a worker stopping with handlers still running) come back
-/// promptly, once each as a rule, to the next subscriber. (With plain `-NAK`s nats-server 2.9 at
-/// times redelivered one of them twice and kept the other until `ack_wait`; the
+/// promptly, once each as a rule, to the next subscriber. (With plain `-NAK`s nats-server
+/// 2.9 at times redelivered one of them twice and kept the other until `ack_wait`; the
 /// conformance case `shutdown_redelivers_unfinished_work` caught it most runs, this test
 /// only sometimes — see `DROPPED_NAK_DELAY`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,7 @@ impl Acker for AmqpAcker {
         }
         Box::pin(async move {
             match disposition {
+                // Settled by the future above.
                 Disposition::Ack => {}
                 Disposition::Retry { delay } => {
                     let attempt = envelope.attempt.saturating_add(1);
