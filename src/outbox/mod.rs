@@ -153,6 +153,15 @@ pub trait OutboxSource: Send + Sync + 'static {
     /// Marks rows sent (the broker confirmed them), in one statement.
     fn mark_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// Deletes rows the broker confirmed, in one statement: what a relay with a zero
+    /// [`retention`](RelayBuilder::retention) does instead of
+    /// [`mark_sent`](Self::mark_sent). The default marks them sent (a later
+    /// [`purge_sent`](Self::purge_sent) removes them); the PostgreSQL and SQLite outboxes
+    /// delete, which writes no new row version.
+    fn delete_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.mark_sent(ids)
+    }
+
     /// Records failed publishes: attempts + 1, the error, parked or retried later.
     fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>>;
 

@@ -59,6 +59,7 @@ struct Sql {
     insert_notify: Arc<str>,
     claim: Arc<str>,
     sent: Arc<str>,
+    delete_sent: Arc<str>,
     failed: Arc<str>,
     purge: Arc<str>,
     parked: Arc<str>,
@@ -107,6 +108,12 @@ impl Sql {
             sent: r(&format!(
                 "UPDATE {{table}} SET state = 'sent', sent_at = now() \
                  WHERE id = ANY($1) AND {ASYNC_COMMIT}"
+            )),
+            // Zero retention: the confirmed rows go at once. A DELETE only stamps the
+            // row versions dead; the UPDATE above writes new ones and their index
+            // entries (18–29 % less database time for claim + this, measured in SQL).
+            delete_sent: r(&format!(
+                "DELETE FROM {{table}} WHERE id = ANY($1) AND {ASYNC_COMMIT}"
             )),
             failed: r(&format!(
                 "UPDATE {{table}} SET attempts = attempts + 1, last_error = $2, \
@@ -448,6 +455,19 @@ impl OutboxSource for PostgresOutbox {
                 .map_err(db_err("could not mark outbox rows sent"))
         };
         Box::pin(bounded(self.inner.timeout, "marking rows sent", fut))
+    }
+
+    fn delete_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
+        let fut = async move {
+            let ids: Vec<Uuid> = ids.iter().map(|i| *i.as_uuid()).collect();
+            sqlx::query(AssertSqlSafe(self.inner.sql.delete_sent.clone()))
+                .bind(ids)
+                .execute(&self.inner.pool)
+                .await
+                .map(drop)
+                .map_err(db_err("could not delete sent outbox rows"))
+        };
+        Box::pin(bounded(self.inner.timeout, "deleting sent rows", fut))
     }
 
     fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>> {

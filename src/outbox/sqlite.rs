@@ -61,6 +61,7 @@ struct Sql {
     insert: Arc<str>,
     claim: Arc<str>,
     sent: Arc<str>,
+    delete_sent: Arc<str>,
     failed: Arc<str>,
     purge: Arc<str>,
     parked: Arc<str>,
@@ -84,6 +85,7 @@ impl Sql {
             // Ids are bound as a JSON array: one statement whatever the batch size.
             sent: r("UPDATE {table} SET state = 'sent', sent_at = {now} \
                  WHERE id IN (SELECT value FROM json_each(?1))"),
+            delete_sent: r("DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?1))"),
             failed: r(
                 "UPDATE {table} SET attempts = attempts + 1, last_error = ?2, \
                  state = CASE WHEN ?3 THEN 'parked' ELSE 'pending' END, \
@@ -324,6 +326,29 @@ impl SqliteOutbox {
     }
 }
 
+impl SqliteOutbox {
+    /// Runs `sql` with `ids` as its JSON array parameter, bounded; `what` names the step
+    /// for a timeout and for a database error.
+    async fn by_ids(
+        &self,
+        sql: &Arc<str>,
+        ids: &[MessageId],
+        what: (&'static str, &'static str),
+    ) -> Result<(), StoreError> {
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        let json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned());
+        let fut = async move {
+            sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(json)
+                .execute(&self.inner.pool)
+                .await
+                .map(drop)
+                .map_err(db_err(what.1))
+        };
+        bounded(self.inner.timeout, what.0, fut).await
+    }
+}
+
 impl OutboxSource for SqliteOutbox {
     fn backend(&self) -> &'static str {
         "sqlite"
@@ -357,17 +382,19 @@ impl OutboxSource for SqliteOutbox {
     }
 
     fn mark_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
-        let fut = async move {
-            let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-            let json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned());
-            sqlx::query(AssertSqlSafe(self.inner.sql.sent.clone()))
-                .bind(json)
-                .execute(&self.inner.pool)
-                .await
-                .map(drop)
-                .map_err(db_err("could not mark outbox rows sent"))
-        };
-        Box::pin(bounded(self.inner.timeout, "marking rows sent", fut))
+        Box::pin(self.by_ids(
+            &self.inner.sql.sent,
+            ids,
+            ("marking rows sent", "could not mark outbox rows sent"),
+        ))
+    }
+
+    fn delete_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.by_ids(
+            &self.inner.sql.delete_sent,
+            ids,
+            ("deleting sent rows", "could not delete sent outbox rows"),
+        ))
     }
 
     fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>> {

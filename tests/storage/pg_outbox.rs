@@ -379,3 +379,57 @@ async fn poison_rows_are_parked_with_their_reason_and_others_flow() {
     task.await.unwrap();
     pg.drop_schema().await;
 }
+
+/// The outbox table's rows as (id, state), in sequence order.
+async fn outbox_rows(pg: &Pg) -> Vec<(uuid::Uuid, String)> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id, state FROM {} ORDER BY seq",
+        pg.outbox.table()
+    )))
+    .fetch_all(&pg.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn zero_retention_deletes_confirmed_rows_and_keeps_failed_ones() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    let mut tx = pg.pool.begin().await.unwrap();
+    let unroutable = pg
+        .outbox
+        .enqueue_envelope(&mut tx, Envelope::new("nobody.listens", &b"{}"[..]))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let sent = enqueue_orders(&pg, 1..=5).await;
+    let r = relay(&pg.outbox, Arc::new(broker.clone()))
+        .retention(Duration::ZERO)
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    let stats = r.run_once().await.unwrap();
+    assert_eq!((stats.claimed, stats.sent, stats.parked), (6, 5, 1));
+    assert_eq!(
+        broker.published().iter().map(|e| e.id).collect::<Vec<_>>(),
+        sent.iter().map(|e| e.id).collect::<Vec<_>>()
+    );
+    // The confirmed rows are gone at once; the parked one stays for an operator.
+    assert_eq!(
+        outbox_rows(&pg).await,
+        vec![(*unroutable.as_uuid(), "parked".to_owned())]
+    );
+    // The default retention keeps sent rows (as `sent`) until they are purged.
+    let kept = enqueue_orders(&pg, 6..=7).await;
+    let r = relay(&pg.outbox, Arc::new(broker.clone())).build().unwrap();
+    assert_eq!(r.run_once().await.unwrap().sent, 2);
+    let rows = outbox_rows(&pg).await;
+    assert_eq!(
+        rows[1..],
+        kept.iter()
+            .map(|e| (*e.id.as_uuid(), "sent".to_owned()))
+            .collect::<Vec<_>>()
+    );
+    pg.drop_schema().await;
+}

@@ -209,3 +209,41 @@ async fn outbox_relay_out_of_order_commits_and_poison_rows() {
     task.await.unwrap();
     db.remove().await;
 }
+
+#[tokio::test]
+async fn zero_retention_deletes_confirmed_rows_and_keeps_failed_ones() {
+    let db = Lite::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    let mut tx = db.pool.begin().await.unwrap();
+    let unroutable = db
+        .outbox
+        .enqueue_envelope(&mut tx, Envelope::new("nobody.listens", &b"{}"[..]))
+        .await
+        .unwrap();
+    for order_id in 1..=3 {
+        db.outbox
+            .enqueue(&mut tx, &OrderPlaced { order_id, cents: 1 })
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let relay = Relay::builder(db.outbox.clone(), Arc::new(broker.clone()))
+        .retention(Duration::ZERO)
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    let stats = relay.run_once().await.unwrap();
+    assert_eq!((stats.claimed, stats.sent, stats.parked), (4, 3, 1));
+    assert_eq!(broker.published().len(), 3);
+    // The confirmed rows are gone at once; the parked one stays for an operator.
+    let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id, state FROM {}",
+        db.outbox.table()
+    )))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, vec![(unroutable.to_string(), "parked".to_owned())]);
+    db.remove().await;
+}
