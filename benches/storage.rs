@@ -24,8 +24,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const N: i64 = 2000;
-/// Rows per relay figure: enough for the relay to reach its steady state.
-const RELAY_N: i64 = 20_000;
+/// Rows per relay figure: enough for the relay to reach its steady state
+/// (`BENCH_RELAY_ROWS` overrides it, e.g. to profile one figure for longer).
+fn relay_rows() -> i64 {
+    std::env::var("BENCH_RELAY_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000)
+}
 
 #[derive(serde::Serialize, serde::Deserialize, Message)]
 #[message(name = "bench.item")]
@@ -142,33 +148,71 @@ async fn enqueue_rate(pool: &PgPool, outbox: Option<&PostgresOutbox>, schema: &s
     N as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn relay_rate(
-    outbox: &PostgresOutbox,
-    transport: Arc<dyn Transport>,
+/// How a relay figure runs: rows per batch, batches awaiting confirms, and whether sent
+/// rows are kept (the default retention) or deleted at once (zero retention).
+#[derive(Clone, Copy)]
+struct Shape {
     batch: usize,
     in_flight: usize,
+    keep: bool,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rows = if self.keep { "kept" } else { "deleted" };
+        write!(
+            f,
+            "{} × {:<4} sent rows {rows:<7}",
+            self.in_flight, self.batch
+        )
+    }
+}
+
+async fn relay_rate(
+    pool: &PgPool,
+    outbox: &PostgresOutbox,
+    transport: Arc<dyn Transport>,
+    shape: Shape,
 ) -> f64 {
     // `run_until`, as a service runs it: claims, publishes and records overlap.
+    let retention = if shape.keep {
+        Duration::from_secs(24 * 3600)
+    } else {
+        Duration::ZERO
+    };
     let relay = Relay::builder(outbox.clone(), transport)
-        .batch_size(batch)
-        .in_flight(in_flight)
+        .batch_size(shape.batch)
+        .in_flight(shape.in_flight)
+        .retention(retention)
         .build()
         .unwrap();
     let stop = CancellationToken::new();
+    // On stderr, for a profiler to attach to the figure.
+    eprintln!("relaying: {shape}");
     let start = Instant::now();
     let task = tokio::spawn(relay.run_until(stop.clone().cancelled_owned()));
-    // `pending` counts claimed rows until they are marked sent. Asked every 25 ms (about
-    // 2 % of a run), so the count does not take much database time from the relay.
-    while outbox.pending().await.unwrap() > 0 {
+    // Done when no row is pending (claimed rows stay pending until marked sent). Asked
+    // every 25 ms with EXISTS, which stops at the first pending row: `outbox.pending()`
+    // counts them all, 2–4 ms of database CPU per ask with 20,000 rows, and took up to a
+    // fifth of the database's time from the relay in this loop.
+    let any_pending = format!(
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE state = 'pending')",
+        outbox.table()
+    );
+    while sqlx::query_scalar::<_, bool>(AssertSqlSafe(any_pending.clone()))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let rate = RELAY_N as f64 / start.elapsed().as_secs_f64();
+    let rate = relay_rows() as f64 / start.elapsed().as_secs_f64();
     stop.cancel();
     task.await.unwrap();
     rate
 }
 
-/// Empties the outbox and enqueues `RELAY_N` fresh rows, 500 per transaction.
+/// Empties the outbox and enqueues `relay_rows()` fresh rows, 500 per transaction.
 async fn drain_and_refill(pool: &PgPool, outbox: &PostgresOutbox, schema: &str) {
     sqlx::query(AssertSqlSafe(format!(
         "DELETE FROM {schema}.steadfast_outbox"
@@ -176,7 +220,7 @@ async fn drain_and_refill(pool: &PgPool, outbox: &PostgresOutbox, schema: &str) 
     .execute(pool)
     .await
     .unwrap();
-    for chunk in (0..RELAY_N).collect::<Vec<_>>().chunks(500) {
+    for chunk in (0..relay_rows()).collect::<Vec<_>>().chunks(500) {
         let mut tx = pool.begin().await.unwrap();
         for &id in chunk {
             outbox.enqueue(&mut tx, &Item { id }).await.unwrap();
@@ -186,11 +230,12 @@ async fn drain_and_refill(pool: &PgPool, outbox: &PostgresOutbox, schema: &str) 
 }
 
 async fn raw_publish_rate(transport: &dyn Transport) -> f64 {
-    let envs: Vec<Envelope> = (0..RELAY_N)
+    let envs: Vec<Envelope> = (0..relay_rows())
         .map(|id| Envelope::encode(&Item { id }).unwrap())
         .collect();
     // Pipelined: five batches of 200 in flight, so up to 1,000 messages await their
     // confirms at once (the direct-publishing figure).
+    eprintln!("publishing: {}", transport.system());
     let start = Instant::now();
     let mut batches = futures::stream::iter(envs.chunks(200))
         .map(|chunk| transport.publish_batch(chunk))
@@ -200,7 +245,7 @@ async fn raw_publish_rate(transport: &dyn Transport) -> f64 {
             r.unwrap();
         }
     }
-    RELAY_N as f64 / start.elapsed().as_secs_f64()
+    relay_rows() as f64 / start.elapsed().as_secs_f64()
 }
 
 /// "median (min–max) unit" of `v`.
@@ -306,14 +351,25 @@ async fn main() {
         return;
     }
 
-    drain_and_refill(&pool, &quiet, &schema).await;
     let memory = MemoryTransport::new();
     memory.bind("bench", ["bench.item"]);
     let raw = raw_publish_rate(&memory).await;
-    let relayed = relay_rate(&outbox, Arc::new(memory.clone()), 250, 4).await;
-    println!("{RELAY_N} rows per relay figure");
+    let memory_shape = Shape {
+        batch: 250,
+        in_flight: 4,
+        keep: true,
+    };
+    println!("{} rows per relay figure", relay_rows());
     println!("memory: pipelined publish_batch      {raw:>9.0} msg/s");
-    println!("memory: relay 4 × 250 in flight      {relayed:>9.0} msg/s");
+    for keep in [true, false] {
+        drain_and_refill(&pool, &quiet, &schema).await;
+        let shape = Shape {
+            keep,
+            ..memory_shape
+        };
+        let relayed = relay_rate(&pool, &outbox, Arc::new(memory.clone()), shape).await;
+        println!("memory: relay {shape}  {relayed:>9.0} msg/s");
+    }
     #[cfg(feature = "amqp")]
     {
         use steadfast::transport::{Subscription, amqp::AmqpTransport};
@@ -336,6 +392,12 @@ async fn main() {
         let raw_ch = raw_conn.create_channel().await.unwrap();
         let queue = format!("{schema}-bench");
         let sub = Subscription::new("bench", ["bench.item"]);
+        let settle = Duration::from_millis(
+            std::env::var("BENCH_SETTLE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        );
         let purge = || async {
             // Declared again first: publishing does not count as using a queue, and
             // RabbitMQ 3.10 stopped confirming publishes to a quorum queue that expired
@@ -345,22 +407,38 @@ async fn main() {
                 .queue_purge(queue.as_str().into(), Default::default())
                 .await
                 .unwrap();
+            // Let the broker finish with what was purged (and the database with the
+            // refill) before the next figure starts.
+            tokio::time::sleep(settle).await;
         };
         // The relay as configured for the comparison (4 batches of 250: 1,000 awaiting
-        // confirms, as in the baseline), with its defaults (4 × 100), and one batch of
-        // 1,000 at a time.
-        let shapes = [(250, 4), (100, 4), (1000, 1)];
+        // confirms, as in the baseline), the same deleting sent rows at once (zero
+        // retention), with its defaults (4 × 100), and one batch of 1,000 at a time.
+        let shape = |batch, in_flight, keep| Shape {
+            batch,
+            in_flight,
+            keep,
+        };
+        let shapes = [
+            shape(250, 4, true),
+            shape(250, 4, false),
+            shape(100, 4, true),
+            shape(1000, 1, true),
+        ];
         let mut raws = Vec::new();
         let mut relays: Vec<Vec<f64>> = vec![Vec::new(); shapes.len()];
         let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); shapes.len()];
+        // Each relay figure is paired with a bare one taken just before it, after the same
+        // refill and purge, so both meet the same broker and database state (a queue
+        // purged of the previous figure's messages, autovacuum after the refill).
         for _ in 0..rounds {
-            purge().await;
-            let raw = raw_publish_rate(&*amqp).await;
-            raws.push(raw);
-            for (i, &(batch, in_flight)) in shapes.iter().enumerate() {
+            for (i, &shape) in shapes.iter().enumerate() {
                 drain_and_refill(&pool, &quiet, &schema).await;
                 purge().await;
-                let relayed = relay_rate(&outbox, amqp.clone(), batch, in_flight).await;
+                let raw = raw_publish_rate(&*amqp).await;
+                raws.push(raw);
+                purge().await;
+                let relayed = relay_rate(&pool, &outbox, amqp.clone(), shape).await;
                 relays[i].push(relayed);
                 ratios[i].push(relayed / raw);
             }
@@ -369,13 +447,13 @@ async fn main() {
             "rabbitmq: pipelined publish_batch    {}",
             spread(&mut raws, "msg/s")
         );
-        for (i, (batch, in_flight)) in shapes.iter().enumerate() {
+        for (i, shape) in shapes.iter().enumerate() {
             println!(
-                "rabbitmq: relay {in_flight} × {batch:<4} in flight   {}",
+                "rabbitmq: relay {shape}  {}",
                 spread(&mut relays[i], "msg/s")
             );
             println!(
-                "  relay ÷ bare, per round           {}",
+                "  relay ÷ bare just before it       {}",
                 spread(&mut ratios[i], "x")
             );
         }
