@@ -115,7 +115,9 @@ impl RelayBuilder {
     /// [`run_until`](Relay::run_until) (default 4, up to 64). With the default batch
     /// size, 400 messages are on their way while the next batch is claimed; more hides
     /// more broker latency, and every batch in flight is published again if the relay
-    /// dies before marking it sent.
+    /// dies before marking it sent. One more batch is claimed ahead and published as soon
+    /// as one in flight is confirmed (if the relay dies first, its rows come back when
+    /// their claim lease ends).
     pub fn in_flight(mut self, n: usize) -> Self {
         self.cfg.in_flight = n;
         self
@@ -369,8 +371,8 @@ impl Relay {
     ///
     /// Under load the database and the broker work at once: up to
     /// [`in_flight`](RelayBuilder::in_flight) batches await their confirms while the next
-    /// batch is claimed and the confirmed ones are marked sent, all of them in one
-    /// statement. Batches are disjoint (a claimed row is hidden from claims for the claim
+    /// batch is claimed (and waits, ready, until one of them is confirmed) and the
+    /// confirmed ones are marked sent, all of them in one statement. Batches are disjoint (a claimed row is hidden from claims for the claim
     /// lease), so the overlap changes no outcome; it only lets batches' messages
     /// interleave on the broker.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
@@ -398,9 +400,16 @@ impl Relay {
             in_flight = cfg.in_flight,
             "outbox relay started"
         );
-        // Batches awaiting their confirms; the claim under way; the record under way.
+        // Batches awaiting their confirms; the claim under way (and when it started); the
+        // record under way.
         let mut publishing = FuturesUnordered::new();
         let mut claiming: Option<BoxFuture<'_, Result<Vec<Claimed>, StoreError>>> = None;
+        let mut claim_started = Instant::now();
+        // One batch claimed ahead while `in_flight` batches await their confirms, and when
+        // its claim started: published as soon as one of them is confirmed, so no claim
+        // stands between a confirm and the next publish (measured beside RabbitMQ: a claim
+        // of 250 rows took 4–5 ms against 55–70 ms for a batch's confirms).
+        let mut ready: Option<(Vec<Claimed>, Instant)> = None;
         let mut recording: Option<BoxFuture<'_, Result<RelayStats, (Published, StoreError)>>> =
             None;
         // Published and not yet recorded (kept and recorded again after a database
@@ -437,15 +446,34 @@ impl Relay {
             if recording.is_none() && !unrecorded.is_empty() && now >= record_at {
                 recording = Some(Box::pin(self.record(std::mem::take(&mut unrecorded))));
             }
-            let room = match pace {
-                Pace::Full => publishing.len() < cfg.in_flight,
-                Pace::Partial => publishing.is_empty(),
-                Pace::Empty => false,
-            };
+            if publishing.len() < cfg.in_flight
+                && let Some((batch, claimed)) = ready.take()
+            {
+                // Published only with a whole publish timeout of its lease left, so a slow
+                // publish cannot outlive the lease and be sent twice; otherwise its rows
+                // come back when the lease ends.
+                if claimed.elapsed() + cfg.publish_timeout < cfg.claim_lease {
+                    publishing.push(self.publish(batch));
+                } else {
+                    tracing::debug!(
+                        rows = batch.len(),
+                        "a batch claimed ahead waited too long; it is claimed again after its lease"
+                    );
+                }
+            }
+            let room = ready.is_none()
+                && match pace {
+                    // Also while `in_flight` batches publish: the next batch waits ready.
+                    Pace::Full => true,
+                    Pace::Partial => publishing.is_empty(),
+                    Pace::Empty => false,
+                };
             if claiming.is_none() && !stopping && room && now >= claim_at {
+                claim_started = Instant::now();
                 claiming = Some(Box::pin(self.claim()));
             }
-            if claiming.is_none() && publishing.is_empty() && recording.is_none() {
+            if claiming.is_none() && publishing.is_empty() && recording.is_none() && ready.is_none()
+            {
                 // Nothing under way.
                 if stopping {
                     break;
@@ -495,7 +523,11 @@ impl Relay {
                                 _ => Pace::Full,
                             };
                             if !c.is_empty() {
-                                publishing.push(self.publish(c));
+                                if publishing.len() < cfg.in_flight {
+                                    publishing.push(self.publish(c));
+                                } else {
+                                    ready = Some((c, claim_started));
+                                }
                             }
                         }
                         Err(e) => {
