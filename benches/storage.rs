@@ -23,7 +23,7 @@ use steadfast::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-const N: i64 = 2000;
+const N: i64 = 10_000;
 /// Rows per relay figure: enough for the relay to reach its steady state
 /// (`BENCH_RELAY_ROWS` overrides it, e.g. to profile one figure for longer).
 fn relay_rows() -> i64 {
@@ -457,7 +457,14 @@ async fn main() {
                 spread(&mut ratios[i], "x")
             );
         }
-        purge().await;
+        // Deleted, not left to expire: a quorum queue that took this run's messages
+        // holds broker memory until then, and later runs measured a slower broker.
+        for q in [queue.clone(), format!("{queue}.dlq")] {
+            raw_ch
+                .queue_delete(q.as_str().into(), Default::default())
+                .await
+                .unwrap();
+        }
         amqp.close().await;
     }
 
