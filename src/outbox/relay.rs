@@ -407,8 +407,8 @@ impl Relay {
         let mut claim_started = Instant::now();
         // One batch claimed ahead while `in_flight` batches await their confirms, and when
         // its claim started: published as soon as one of them is confirmed, so no claim
-        // stands between a confirm and the next publish (measured beside RabbitMQ: a claim
-        // of 250 rows took 4–5 ms against 55–70 ms for a batch's confirms).
+        // stands between a confirm and the next publish (measured: a claim of 250 rows took
+        // 4–5 ms, a batch's confirms from RabbitMQ 58 ms and more).
         let mut ready: Option<(Vec<Claimed>, Instant)> = None;
         let mut recording: Option<BoxFuture<'_, Result<RelayStats, (Published, StoreError)>>> =
             None;
