@@ -433,3 +433,48 @@ async fn zero_retention_deletes_confirmed_rows_and_keeps_failed_ones() {
     );
     pg.drop_schema().await;
 }
+
+#[tokio::test]
+async fn a_batch_claimed_ahead_is_not_published_too_close_to_its_lease_end() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    enqueue_orders(&pg, 1..=20).await;
+    // One batch in flight, whose confirm takes 1.5 s; the next batch is claimed ahead at
+    // once and would be published at 1.5 s with at most 1.5 s of its 3 s lease left —
+    // less than the 2 s a publish may take, so it must wait for its lease to end instead.
+    let slow = Arc::new(SlowConfirms::new(
+        broker.clone(),
+        Duration::from_millis(1500),
+    ));
+    let start = tokio::time::Instant::now();
+    let (stop, task) = spawn(
+        relay(&pg.outbox, slow)
+            .batch_size(10)
+            .in_flight(1)
+            .claim_lease(Duration::from_secs(3))
+            .publish_timeout(Duration::from_secs(2))
+            .poll_interval(Duration::from_millis(100))
+            .build()
+            .unwrap(),
+    );
+    tokio::time::sleep_until(start + Duration::from_millis(2250)).await;
+    assert_eq!(
+        broker.published().len(),
+        10,
+        "the batch claimed ahead went out with less than a publish timeout of lease left"
+    );
+    eventually(15, "every row published after its lease", || async {
+        pg.outbox.pending().await.unwrap() == 0
+    })
+    .await;
+    let mut seen: HashMap<_, usize> = HashMap::new();
+    for e in broker.published() {
+        *seen.entry(e.id).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 20, "every row published");
+    assert!(seen.values().all(|n| *n == 1), "a row was published twice");
+    stop.cancel();
+    task.await.unwrap();
+    pg.drop_schema().await;
+}
