@@ -412,6 +412,28 @@ impl PostgresOutbox {
     }
 }
 
+impl PostgresOutbox {
+    /// Runs `sql` with `ids` as its uuid array parameter, bounded; `what` names the step
+    /// for a timeout and for a database error.
+    async fn by_ids(
+        &self,
+        sql: &Arc<str>,
+        ids: &[MessageId],
+        what: (&'static str, &'static str),
+    ) -> Result<(), StoreError> {
+        let ids: Vec<Uuid> = ids.iter().map(|i| *i.as_uuid()).collect();
+        let fut = async move {
+            sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(ids)
+                .execute(&self.inner.pool)
+                .await
+                .map(drop)
+                .map_err(db_err(what.1))
+        };
+        bounded(self.inner.timeout, what.0, fut).await
+    }
+}
+
 impl OutboxSource for PostgresOutbox {
     fn backend(&self) -> &'static str {
         "postgres"
@@ -445,29 +467,19 @@ impl OutboxSource for PostgresOutbox {
     }
 
     fn mark_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
-        let fut = async move {
-            let ids: Vec<Uuid> = ids.iter().map(|i| *i.as_uuid()).collect();
-            sqlx::query(AssertSqlSafe(self.inner.sql.sent.clone()))
-                .bind(ids)
-                .execute(&self.inner.pool)
-                .await
-                .map(drop)
-                .map_err(db_err("could not mark outbox rows sent"))
-        };
-        Box::pin(bounded(self.inner.timeout, "marking rows sent", fut))
+        Box::pin(self.by_ids(
+            &self.inner.sql.sent,
+            ids,
+            ("marking rows sent", "could not mark outbox rows sent"),
+        ))
     }
 
     fn delete_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
-        let fut = async move {
-            let ids: Vec<Uuid> = ids.iter().map(|i| *i.as_uuid()).collect();
-            sqlx::query(AssertSqlSafe(self.inner.sql.delete_sent.clone()))
-                .bind(ids)
-                .execute(&self.inner.pool)
-                .await
-                .map(drop)
-                .map_err(db_err("could not delete sent outbox rows"))
-        };
-        Box::pin(bounded(self.inner.timeout, "deleting sent rows", fut))
+        Box::pin(self.by_ids(
+            &self.inner.sql.delete_sent,
+            ids,
+            ("deleting sent rows", "could not delete sent outbox rows"),
+        ))
     }
 
     fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>> {

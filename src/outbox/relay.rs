@@ -372,9 +372,9 @@ impl Relay {
     /// Under load the database and the broker work at once: up to
     /// [`in_flight`](RelayBuilder::in_flight) batches await their confirms while the next
     /// batch is claimed (and waits, ready, until one of them is confirmed) and the
-    /// confirmed ones are marked sent, all of them in one statement. Batches are disjoint (a claimed row is hidden from claims for the claim
-    /// lease), so the overlap changes no outcome; it only lets batches' messages
-    /// interleave on the broker.
+    /// confirmed ones are marked sent, all of them in one statement. Batches are disjoint
+    /// (a claimed row is hidden from claims for the claim lease), so the overlap changes
+    /// no outcome; it only lets batches' messages interleave on the broker.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let cfg = self.cfg.clone();

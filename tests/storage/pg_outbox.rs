@@ -30,6 +30,16 @@ fn spawn(relay: Relay) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     (stop, tokio::spawn(relay.run_until(s.cancelled_owned())))
 }
 
+/// `rows` distinct messages reached `broker`, none of them twice.
+fn assert_each_published_once(broker: &MemoryTransport, rows: usize) {
+    let mut seen: HashMap<_, usize> = HashMap::new();
+    for e in broker.published() {
+        *seen.entry(e.id).or_default() += 1;
+    }
+    assert_eq!(seen.len(), rows, "every row published");
+    assert!(seen.values().all(|n| *n == 1), "a row was published twice");
+}
+
 async fn enqueue_orders(pg: &Pg, ids: impl IntoIterator<Item = i64>) -> Vec<Envelope> {
     let mut out = Vec::new();
     let mut tx = pg.pool.begin().await.unwrap();
@@ -265,12 +275,7 @@ async fn two_relays_publish_each_row_once() {
         pg.outbox.pending().await.unwrap() == 0
     })
     .await;
-    let mut seen: HashMap<_, usize> = HashMap::new();
-    for e in broker.published() {
-        *seen.entry(e.id).or_default() += 1;
-    }
-    assert_eq!(seen.len(), 400);
-    assert!(seen.values().all(|n| *n == 1), "a row was published twice");
+    assert_each_published_once(&broker, 400);
     s1.cancel();
     s2.cancel();
     t1.await.unwrap();
@@ -311,12 +316,7 @@ async fn batches_await_their_confirms_together_up_to_in_flight() {
             "batches awaiting confirms at once"
         );
     }
-    let mut seen: HashMap<_, usize> = HashMap::new();
-    for e in broker.published() {
-        *seen.entry(e.id).or_default() += 1;
-    }
-    assert_eq!(seen.len(), 600, "every row published");
-    assert!(seen.values().all(|n| *n == 1), "a row was published twice");
+    assert_each_published_once(&broker, 600);
     pg.drop_schema().await;
 }
 
@@ -468,12 +468,7 @@ async fn a_batch_claimed_ahead_is_not_published_too_close_to_its_lease_end() {
         pg.outbox.pending().await.unwrap() == 0
     })
     .await;
-    let mut seen: HashMap<_, usize> = HashMap::new();
-    for e in broker.published() {
-        *seen.entry(e.id).or_default() += 1;
-    }
-    assert_eq!(seen.len(), 20, "every row published");
-    assert!(seen.values().all(|n| *n == 1), "a row was published twice");
+    assert_each_published_once(&broker, 20);
     stop.cancel();
     task.await.unwrap();
     pg.drop_schema().await;
