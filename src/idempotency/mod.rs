@@ -11,6 +11,8 @@
 //! Keys are scoped by consumer group and message name: two groups handle the same message
 //! independently, and `OrderPlaced{order_id: 1}` never shadows `OrderCancelled{order_id: 1}`.
 
+#[cfg(feature = "postgres")]
+mod looks;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;

@@ -95,6 +95,86 @@ async fn retention_and_cleanup() {
     pg.drop_schema().await;
 }
 
+/// The inbox's looks made at once share queries: each still gets its own key's answer,
+/// scoped by group and name, and a key done longer ago than the retention is new.
+#[tokio::test]
+async fn looks_made_at_once_answer_each_key_by_group_name_and_retention() {
+    let pg = Pg::new().await;
+    let s = pg.inbox.clone().with_retention(Duration::from_millis(400));
+    let mark = |key: Key<'static>| {
+        let (pool, s) = (pg.pool.clone(), s.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            assert!(s.mark_key(&mut tx, key).await.unwrap());
+            tx.commit().await.unwrap();
+        }
+    };
+    // An old key, outliving the retention before the looks.
+    mark(Key { key: "old", ..K }).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let done: Vec<String> = (0..60)
+        .filter(|i| i % 3 == 0)
+        .map(|i| i.to_string())
+        .collect();
+    for k in &done {
+        mark(Key {
+            key: Box::leak(k.clone().into_boxed_str()),
+            ..K
+        })
+        .await;
+    }
+    // The same keys under another group or name are not done.
+    let mut asks: Vec<(Key<'static>, bool)> = Vec::new();
+    for i in 0..60 {
+        let key: &'static str = Box::leak(i.to_string().into_boxed_str());
+        asks.push((Key { key, ..K }, i % 3 == 0));
+        asks.push((
+            Key {
+                key,
+                group: "other",
+                ..K
+            },
+            false,
+        ));
+        asks.push((
+            Key {
+                key,
+                name: "orders.cancelled",
+                ..K
+            },
+            false,
+        ));
+    }
+    asks.push((Key { key: "old", ..K }, false));
+    let answers = futures::future::join_all(asks.iter().map(|(k, _)| s.is_done(*k))).await;
+    for ((k, want), got) in asks.iter().zip(answers) {
+        assert_eq!(got.unwrap(), *want, "{k:?}");
+    }
+    pg.drop_schema().await;
+}
+
+/// The looks' own connection, dropped by the server between two looks (an idle timeout,
+/// a restart): the next look opens a new one and is answered, not failed.
+#[tokio::test]
+async fn a_look_after_its_connection_was_closed_is_answered_on_a_new_one() {
+    let pg = Pg::new().await;
+    assert!(!pg.inbox.is_done(K).await.unwrap());
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE pid <> pg_backend_pid() AND query LIKE '%unnest%' AND query LIKE '%' || $1 || '%'",
+    )
+    .bind(&pg.schema)
+    .fetch_all(&pg.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, [true], "the looks' connection, and only it");
+    let mut tx = pg.pool.begin().await.unwrap();
+    assert!(pg.inbox.mark_key(&mut tx, K).await.unwrap());
+    tx.commit().await.unwrap();
+    assert!(pg.inbox.is_done(K).await.unwrap());
+    pg.drop_schema().await;
+}
+
 #[tokio::test]
 async fn concurrent_marks_in_transactions_make_one_effect() {
     let pg = Pg::new().await;
