@@ -26,6 +26,10 @@ pub(crate) const MIGRATE_LOCK: i64 = 0x5354_4541_4446_4153; // "STEADFAS"
 /// transaction, so the business write, the inbox key and any outbox rows commit
 /// together, exactly once.
 ///
+/// The worker's looks before each handler (`.inbox`) are shared: the looks waiting at
+/// one moment go out as one query, on a connection the store opens for them with the
+/// pool's options and keeps (one more than the pool's).
+///
 /// ```no_run
 /// use steadfast::{Context, HandlerError, Message, idempotency::PostgresStore, outbox::PostgresOutbox};
 ///
