@@ -105,15 +105,20 @@ impl Sql {
                     ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)) AND {ASYNC_COMMIT} \
                  RETURNING id, seq, name, source, time, headers::text, payload, attempts",
             )),
+            // `id = ANY(ARRAY(SELECT unnest($1)))`, not `id = ANY($1)`: planned for the
+            // array's real length, a batch of 250 ids against 20,000 rows was a
+            // sequential scan of the table (1.7 ms in SQL) where the primary key takes
+            // 0.5 ms; planned for an array of unknown length it is the primary key.
             sent: r(&format!(
                 "UPDATE {{table}} SET state = 'sent', sent_at = now() \
-                 WHERE id = ANY($1) AND {ASYNC_COMMIT}"
+                 WHERE id = ANY(ARRAY(SELECT unnest($1::uuid[]))) AND {ASYNC_COMMIT}"
             )),
             // Zero retention: the confirmed rows go at once. A DELETE only stamps the
             // row versions dead; the UPDATE above writes new ones and their index
             // entries (18–29 % less database time for claim + this, measured in SQL).
             delete_sent: r(&format!(
-                "DELETE FROM {{table}} WHERE id = ANY($1) AND {ASYNC_COMMIT}"
+                "DELETE FROM {{table}} WHERE id = ANY(ARRAY(SELECT unnest($1::uuid[]))) \
+                 AND {ASYNC_COMMIT}"
             )),
             failed: r(&format!(
                 "UPDATE {{table}} SET attempts = attempts + 1, last_error = $2, \
