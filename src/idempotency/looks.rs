@@ -11,8 +11,9 @@
 //!
 //! A look is a read: answering it a moment later changes nothing the inbox promises (the
 //! `mark` in the handler's transaction decides; the look only spares a duplicate the
-//! handler). A look whose batch cannot be answered (the task gone with its runtime, or
-//! no runtime to start one on) is made on its own.
+//! handler). With no runtime to start the task on, a look is made on its own; a look
+//! whose task ended with its runtime before answering fails like a database error (the
+//! worker retries the delivery).
 
 use super::{Key, StoreError};
 use futures::future::BoxFuture;
