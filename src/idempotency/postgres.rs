@@ -470,11 +470,10 @@ fn look_batch(pool: PgPool, sql: Arc<str>, retention: Duration, timeout: Duratio
                 names.push(k.name);
                 ids.push(k.key);
             }
-            // Taken out while in use: a look cancelled mid-query drops its connection.
-            let reused = kept.lock().unwrap_or_else(|p| p.into_inner()).take();
-            // A kept connection may have died with the server since: then once more on a
+            // Taken out while in use: a look cancelled mid-query drops its connection. A
+            // kept connection may have died with the server since: then once more on a
             // new one.
-            let mut conn = reused;
+            let mut conn = kept.lock().unwrap_or_else(|p| p.into_inner()).take();
             let found: Vec<i64> = loop {
                 let fresh = conn.is_none();
                 let mut c = match conn.take() {
