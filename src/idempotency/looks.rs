@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 const MAX_BATCH: usize = 256;
 
 /// A key, owned, to travel to the looking task.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct OwnedKey {
     pub(crate) group: String,
     pub(crate) name: String,
@@ -108,24 +108,16 @@ async fn answer_looks(mut rx: mpsc::UnboundedReceiver<Request>, run: LookBatch) 
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let (keys, replies): (Vec<OwnedKey>, Vec<_>) = batch.drain(..).unzip();
         let n = keys.len();
-        match run(keys).await {
-            Ok(done) if done.len() == n => {
-                for (reply, done) in replies.into_iter().zip(done) {
-                    let _ = reply.send(Ok(done));
-                }
-            }
-            Ok(done) => {
-                let e = format!("inbox lookup: {} answers for {n} keys", done.len());
-                for reply in replies {
-                    let _ = reply.send(Err(StoreError::new(e.clone())));
-                }
-            }
-            Err(e) => {
-                let e = e.to_string();
-                for reply in replies {
-                    let _ = reply.send(Err(StoreError::new(e.clone())));
-                }
-            }
+        let answers = match run(keys).await {
+            Ok(done) if done.len() == n => Ok(done),
+            Ok(done) => Err(format!("inbox lookup: {} answers for {n} keys", done.len())),
+            Err(e) => Err(e.to_string()),
+        };
+        for (i, reply) in replies.into_iter().enumerate() {
+            let _ = reply.send(match &answers {
+                Ok(done) => Ok(done[i]),
+                Err(e) => Err(StoreError::new(e.clone())),
+            });
         }
     }
 }
