@@ -409,7 +409,7 @@ async fn main() {
         // The relay with its defaults (4 batches of 250: 1,000 awaiting confirms, as in
         // the baseline), the same deleting sent rows at once (zero retention), and one
         // batch of 1,000 at a time, rows kept and deleted. (Batches of 100, the default
-        // until 2026-11-24, relayed at 0.50–0.57× where 250 gave 0.64–0.77×.)
+        // until 2026-11-24, relayed at 0.49–0.56× where 250 gave 0.62–0.67×.)
         let shape = |batch, in_flight, keep| Shape {
             batch,
             in_flight,

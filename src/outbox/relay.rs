@@ -107,8 +107,9 @@ pub struct RelayConfigError(String);
 impl RelayBuilder {
     /// Rows per claim and per `publish_batch` (default 250). A claim takes what is
     /// there up to this, so a trickle of rows is not held back; under load, batches of
-    /// 100 relayed at 0.50–0.57× of bare publishing to RabbitMQ on the storage bench,
-    /// batches of 250 at 0.64–0.77× (`docs/benchmarks.md`).
+    /// 100 relayed at 0.49–0.56× of bare publishing to RabbitMQ on the storage bench,
+    /// batches of 250 at 0.62–0.67× (medians of the same five runs, rows kept;
+    /// `docs/benchmarks.md`).
     pub fn batch_size(mut self, n: usize) -> Self {
         self.cfg.batch_size = n;
         self
