@@ -473,3 +473,49 @@ async fn a_batch_claimed_ahead_is_not_published_too_close_to_its_lease_end() {
     task.await.unwrap();
     pg.drop_schema().await;
 }
+
+/// A log sink for one test: what `tracing` wrote while it was the default subscriber.
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The claim's plan needs the table's statistics (never analysed, each claim sorts every
+/// pending row): `migrate` names the table in a warning when the server runs without
+/// autovacuum, as this project's servers do, and says nothing of it when autovacuum runs.
+#[tokio::test]
+async fn migrate_warns_that_the_table_needs_analyze_when_autovacuum_is_off() {
+    let pg = Pg::new().await;
+    let logs = Logs::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .finish();
+    {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        pg.outbox.migrate().await.unwrap();
+    }
+    let setting: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(&pg.pool)
+        .await
+        .unwrap();
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let warned = text
+        .lines()
+        .any(|l| l.contains("autovacuum is off") && l.contains(pg.outbox.table()));
+    assert_eq!(
+        warned,
+        setting == "off",
+        "autovacuum = {setting}, logs:\n{text}"
+    );
+    pg.drop_schema().await;
+}
