@@ -377,8 +377,8 @@ async fn main() {
     memory.bind("bench", ["bench.item"]);
     let raw = raw_publish_rate(&memory).await;
     let memory_shape = Shape {
-        batch: 250,
-        in_flight: 4,
+        batch: 500,
+        in_flight: 2,
         keep: true,
     };
     println!("{} rows per relay figure", relay_rows());
@@ -424,21 +424,34 @@ async fn main() {
                 .await
                 .unwrap();
         };
-        // The relay with its defaults (4 batches of 250: 1,000 awaiting confirms, as in
-        // the baseline), the same deleting sent rows at once (zero retention), and one
-        // batch of 1,000 at a time, rows kept and deleted. (Batches of 100, the default
-        // until 2026-11-24, relayed at 0.49–0.56× where 250 gave 0.62–0.67×.)
+        // The relay with its defaults (2 batches of 500: 1,000 awaiting confirms, as in
+        // the baseline), the same deleting sent rows at once (zero retention), and the
+        // earlier default of 4 batches of 250, rows kept and deleted. (Batches of 100,
+        // the default until 2026-11-24, relayed at 0.49–0.56× where 4 × 250 gave
+        // 0.62–0.67× that day.)
         let shape = |batch, in_flight, keep| Shape {
             batch,
             in_flight,
             keep,
         };
-        let shapes = [
+        let mut shapes = vec![
+            shape(500, 2, true),
+            shape(500, 2, false),
             shape(250, 4, true),
             shape(250, 4, false),
-            shape(1000, 1, true),
-            shape(1000, 1, false),
         ];
+        // `BENCH_SHAPES=500x2k,1000x1d` measures other shapes: rows per batch `x`
+        // batches in flight, sent rows `k`ept or `d`eleted.
+        if let Ok(list) = std::env::var("BENCH_SHAPES") {
+            shapes = list
+                .split(',')
+                .map(|s| {
+                    let (batch, rest) = s.split_once('x').expect("BENCH_SHAPES: 250x4k,...");
+                    let (n, keep) = rest.split_at(rest.len() - 1);
+                    shape(batch.parse().unwrap(), n.parse().unwrap(), keep == "k")
+                })
+                .collect();
+        }
         let mut raws = Vec::new();
         let mut relays: Vec<Vec<f64>> = vec![Vec::new(); shapes.len()];
         let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); shapes.len()];
