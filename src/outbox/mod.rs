@@ -178,6 +178,73 @@ pub trait OutboxSource: Send + Sync + 'static {
     fn wait(&self, max: Duration) -> BoxFuture<'_, ()> {
         Box::pin(tokio::time::sleep(max))
     }
+
+    /// Claims like [`claim`](Self::claim), but in a transaction that stays open while the
+    /// batch is published (a [`HeldBatch`]): the rows are written as sent (or locked, to be
+    /// deleted with `delete`) by the claim itself, the outcome is recorded by committing,
+    /// and a batch dropped unpublished, or its relay's connection lost, rolls back and
+    /// frees its rows at once. No transaction may stay idle longer than `lease` (a hung
+    /// relay's rows free themselves). `None`, the default: the store claims with leases
+    /// only, and the relay records outcomes with [`mark_sent`](Self::mark_sent) and
+    /// [`mark_failed`](Self::mark_failed). The PostgreSQL outbox holds its claims.
+    fn claim_held(
+        &self,
+        limit: usize,
+        lease: Duration,
+        delete: bool,
+    ) -> Option<BoxFuture<'_, Result<HeldBatch, StoreError>>> {
+        let _ = (limit, lease, delete);
+        None
+    }
+}
+
+/// A batch claimed inside a transaction that stays open while it is published (see
+/// [`OutboxSource::claim_held`]). Recording its outcome is one commit; dropping it rolls
+/// the transaction back, and its rows are pending again at once.
+pub struct HeldBatch {
+    /// The claimed rows, in sequence order.
+    pub rows: Vec<Claimed>,
+    finish: Box<dyn FinishHeld>,
+}
+
+impl HeldBatch {
+    /// A held batch of `rows`, ended by `finish`.
+    pub fn new(rows: Vec<Claimed>, finish: impl FinishHeld) -> Self {
+        Self {
+            rows,
+            finish: Box::new(finish),
+        }
+    }
+
+    /// Records the outcome and commits: `sent` are the rows the broker confirmed,
+    /// `failures` the others. An error means nothing of the batch was recorded (its
+    /// transaction is gone): every row is pending again.
+    pub async fn finish(
+        self,
+        sent: &[MessageId],
+        failures: &[FailedRow],
+    ) -> Result<(), StoreError> {
+        self.finish.finish(sent, failures).await
+    }
+}
+
+impl std::fmt::Debug for HeldBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldBatch")
+            .field("rows", &self.rows.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Ends a [`HeldBatch`]'s transaction; implemented by the store that claimed it.
+pub trait FinishHeld: Send + 'static {
+    /// Records `failures` (attempts + 1, the error, parked or retried later), makes
+    /// `sent` final and commits.
+    fn finish<'a>(
+        self: Box<Self>,
+        sent: &'a [MessageId],
+        failures: &'a [FailedRow],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 /// A validated table name (`name` or `schema.name`) and the SQL rendered for it.

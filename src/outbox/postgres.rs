@@ -4,8 +4,8 @@
 //! [`Relay`]: super::Relay
 
 use super::{
-    Backlog, Claimed, FailedRow, OutboxSource, OutboxStatus, ParkedRow, Table, bounded, db_err,
-    encode, envelope_from_row, headers_json,
+    Backlog, Claimed, FailedRow, FinishHeld, HeldBatch, OutboxSource, OutboxStatus, ParkedRow,
+    Table, bounded, db_err, encode, envelope_from_row, headers_json,
 };
 use crate::{
     Context, Message,
@@ -16,7 +16,10 @@ use crate::{
     },
 };
 use futures::future::BoxFuture;
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, postgres::PgListener};
+use sqlx::{
+    AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction,
+    postgres::{PgListener, PgRow},
+};
 use std::{fmt, sync::Arc, time::Duration};
 use uuid::Uuid;
 
@@ -58,6 +61,8 @@ struct Sql {
     insert: Arc<str>,
     insert_notify: Arc<str>,
     claim: Arc<str>,
+    claim_sent: Arc<str>,
+    claim_locked: Arc<str>,
     sent: Arc<str>,
     delete_sent: Arc<str>,
     failed: Arc<str>,
@@ -81,6 +86,15 @@ struct Sql {
 /// flushes against 168 (`pg_stat_wal.wal_sync`).
 const ASYNC_COMMIT: &str = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL";
 
+/// A condition that limits how long the statement's transaction may stay idle to `$2`
+/// (milliseconds, as text): a held claim's lease. A relay that hangs with a batch
+/// claimed has its session ended by the server, and the batch's rows are free again.
+const IDLE_LIMIT: &str =
+    "(SELECT set_config('idle_in_transaction_session_timeout', $2, true)) IS NOT NULL";
+
+/// What a claim returns, in the order `read_claimed` reads it.
+const CLAIMED_COLUMNS: &str = "id, seq, name, source, time, headers::text, payload, attempts";
+
 impl Sql {
     fn new(t: &Table) -> Self {
         let r = |s: &str| Arc::<str>::from(t.render(s));
@@ -103,7 +117,28 @@ impl Sql {
                     SELECT id FROM {{table}} \
                     WHERE state = 'pending' AND available_at <= now() \
                     ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)) AND {ASYNC_COMMIT} \
-                 RETURNING id, seq, name, source, time, headers::text, payload, attempts",
+                 RETURNING {CLAIMED_COLUMNS}",
+            )),
+            // A held claim with sent rows kept (`claim_held`): the claim is the row's
+            // last write. Its transaction commits after the broker's confirms, rolls
+            // back if the relay drops the batch or dies; a failed row is put back in it.
+            // In SQL, 20,000 rows in batches of 500: 226–373 ms against 486–532 ms for
+            // the leased claim and the `sent` mark after it.
+            claim_sent: r(&format!(
+                "UPDATE {{table}} SET state = 'sent', sent_at = now() \
+                 WHERE id = ANY(ARRAY( \
+                    SELECT id FROM {{table}} \
+                    WHERE state = 'pending' AND available_at <= now() \
+                    ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+                 AND {ASYNC_COMMIT} AND {IDLE_LIMIT} RETURNING {CLAIMED_COLUMNS}",
+            )),
+            // A held claim whose confirmed rows are deleted (zero retention): the rows
+            // are only locked, and deleted in the transaction before it commits.
+            claim_locked: r(&format!(
+                "SELECT {CLAIMED_COLUMNS} FROM {{table}} \
+                 WHERE state = 'pending' AND available_at <= now() \
+                 AND {ASYNC_COMMIT} AND {IDLE_LIMIT} \
+                 ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
             )),
             // `id = ANY(ARRAY(SELECT unnest($1)))`, not `id = ANY($1)`: planned for the
             // array's real length, a batch of 250 ids against 20,000 rows was a
@@ -121,7 +156,7 @@ impl Sql {
                  AND {ASYNC_COMMIT}"
             )),
             failed: r(&format!(
-                "UPDATE {{table}} SET attempts = attempts + 1, last_error = $2, \
+                "UPDATE {{table}} SET attempts = attempts + 1, last_error = $2, sent_at = NULL, \
                  state = CASE WHEN $3 THEN 'parked' ELSE 'pending' END, \
                  available_at = now() + make_interval(secs => $4) WHERE id = $1 AND {ASYNC_COMMIT}",
             )),
@@ -372,28 +407,42 @@ impl PostgresOutbox {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(db_err("could not claim outbox rows"))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let read = || -> Result<(i64, Claimed), sqlx::Error> {
-                let id: Uuid = r.try_get(0)?;
-                let seq: i64 = r.try_get(1)?;
-                let headers: String = r.try_get(5)?;
-                let env = envelope_from_row(
-                    id.into(),
-                    r.try_get(2)?,
-                    r.try_get(3)?,
-                    r.try_get(4)?,
-                    &headers,
-                    r.try_get(6)?,
-                );
-                let attempts = u32::try_from(r.try_get::<i32, _>(7)?).unwrap_or(0);
-                Ok((seq, Claimed::new(env, attempts)))
-            };
-            out.push(read().map_err(db_err("could not read a claimed outbox row"))?);
-        }
-        // UPDATE ... RETURNING does not keep the claim's order.
-        out.sort_by_key(|(seq, _)| *seq);
-        Ok(out.into_iter().map(|(_, c)| c).collect())
+        read_claimed(rows)
+    }
+
+    async fn claim_held_inner(
+        &self,
+        limit: usize,
+        lease: Duration,
+        delete: bool,
+    ) -> Result<HeldBatch, StoreError> {
+        let mut tx = self
+            .inner
+            .pool
+            .begin()
+            .await
+            .map_err(db_err("could not begin an outbox claim"))?;
+        let sql = if delete {
+            &self.inner.sql.claim_locked
+        } else {
+            &self.inner.sql.claim_sent
+        };
+        let idle_ms = lease.as_millis().clamp(1, i32::MAX as u128).to_string();
+        let rows = sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(idle_ms)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err("could not claim outbox rows"))?;
+        let rows = read_claimed(rows)?;
+        Ok(HeldBatch::new(
+            rows,
+            PgHeld {
+                tx,
+                outbox: self.clone(),
+                delete,
+            },
+        ))
     }
 
     async fn wait_inner(&self, max: Duration) {
@@ -509,11 +558,7 @@ impl OutboxSource for PostgresOutbox {
     fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>> {
         let fut = async move {
             for row in rows {
-                sqlx::query(AssertSqlSafe(self.inner.sql.failed.clone()))
-                    .bind(*row.id.as_uuid())
-                    .bind(crate::envelope::truncate(&row.error, 2000))
-                    .bind(row.park)
-                    .bind(row.retry_after.as_secs_f64())
+                failed_query(&self.inner.sql.failed, row)
                     .execute(&self.inner.pool)
                     .await
                     .map_err(db_err("could not record an outbox failure"))?;
@@ -538,4 +583,99 @@ impl OutboxSource for PostgresOutbox {
     fn wait(&self, max: Duration) -> BoxFuture<'_, ()> {
         Box::pin(self.wait_inner(max))
     }
+
+    fn claim_held(
+        &self,
+        limit: usize,
+        lease: Duration,
+        delete: bool,
+    ) -> Option<BoxFuture<'_, Result<HeldBatch, StoreError>>> {
+        Some(Box::pin(bounded(
+            self.inner.timeout,
+            "claiming outbox rows",
+            self.claim_held_inner(limit, lease, delete),
+        )))
+    }
+}
+
+/// The rows a claim returned (`CLAIMED_COLUMNS`), in sequence order.
+fn read_claimed(rows: Vec<PgRow>) -> Result<Vec<Claimed>, StoreError> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let read = || -> Result<(i64, Claimed), sqlx::Error> {
+            let id: Uuid = r.try_get(0)?;
+            let seq: i64 = r.try_get(1)?;
+            let headers: String = r.try_get(5)?;
+            let env = envelope_from_row(
+                id.into(),
+                r.try_get(2)?,
+                r.try_get(3)?,
+                r.try_get(4)?,
+                &headers,
+                r.try_get(6)?,
+            );
+            let attempts = u32::try_from(r.try_get::<i32, _>(7)?).unwrap_or(0);
+            Ok((seq, Claimed::new(env, attempts)))
+        };
+        out.push(read().map_err(db_err("could not read a claimed outbox row"))?);
+    }
+    // UPDATE ... RETURNING does not keep the claim's order.
+    out.sort_by_key(|(seq, _)| *seq);
+    Ok(out.into_iter().map(|(_, c)| c).collect())
+}
+
+/// A held claim's open transaction (see `OutboxSource::claim_held`).
+struct PgHeld {
+    tx: Transaction<'static, Postgres>,
+    outbox: PostgresOutbox,
+    /// The claim only locked the rows: the confirmed ones are deleted here.
+    delete: bool,
+}
+
+impl FinishHeld for PgHeld {
+    fn finish<'a>(
+        self: Box<Self>,
+        sent: &'a [MessageId],
+        failures: &'a [FailedRow],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let PgHeld {
+            mut tx,
+            outbox,
+            delete,
+        } = *self;
+        let timeout = outbox.inner.timeout;
+        let fut = async move {
+            let sql = &outbox.inner.sql;
+            if delete && !sent.is_empty() {
+                let ids: Vec<Uuid> = sent.iter().map(|i| *i.as_uuid()).collect();
+                sqlx::query(AssertSqlSafe(sql.delete_sent.clone()))
+                    .bind(ids)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("could not delete sent outbox rows"))?;
+            }
+            for row in failures {
+                failed_query(&sql.failed, row)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("could not record an outbox failure"))?;
+            }
+            tx.commit()
+                .await
+                .map_err(db_err("could not commit the outbox batch"))
+        };
+        Box::pin(bounded(timeout, "recording a held batch", fut))
+    }
+}
+
+/// The `failed` statement for `row`.
+fn failed_query<'q>(
+    sql: &Arc<str>,
+    row: &'q FailedRow,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(AssertSqlSafe(sql.clone()))
+        .bind(*row.id.as_uuid())
+        .bind(crate::envelope::truncate(&row.error, 2000))
+        .bind(row.park)
+        .bind(row.retry_after.as_secs_f64())
 }

@@ -1,7 +1,7 @@
 //! The relay: claims committed outbox rows, publishes them with the broker's
 //! confirmation, marks them sent; parks rows that keep failing.
 
-use super::{Claimed, FailedRow, OutboxSource};
+use super::{Claimed, FailedRow, HeldBatch, OutboxSource};
 use crate::{
     envelope::{Envelope, MessageId},
     idempotency::StoreError,
@@ -250,14 +250,57 @@ impl Relay {
         if claimed.is_empty() {
             return Ok(RelayStats::default());
         }
-        let published = self.publish(claimed).await;
+        let published = self.publish_and_finish(claimed).await;
+        if published.is_empty() {
+            return Ok(published.stats);
+        }
         self.record(published).await.map_err(|(_, e)| e)
     }
 
-    async fn claim(&self) -> Result<Vec<Claimed>, StoreError> {
-        self.source
-            .claim(self.cfg.batch_size, self.cfg.claim_lease)
-            .await
+    /// A held claim where the store offers one (its transaction records the outcome),
+    /// a leased one otherwise.
+    async fn claim(&self) -> Result<Batch, StoreError> {
+        let cfg = &self.cfg;
+        let delete = cfg.retention.is_zero();
+        match self
+            .source
+            .claim_held(cfg.batch_size, cfg.claim_lease, delete)
+        {
+            Some(held) => held.await.map(Batch::Held),
+            None => self
+                .source
+                .claim(cfg.batch_size, cfg.claim_lease)
+                .await
+                .map(Batch::Leased),
+        }
+    }
+
+    /// Publishes a claimed batch; a held one is then recorded by committing its
+    /// transaction. What is left to record (a leased batch's outcome, or a held one's
+    /// whose commit failed) comes back for [`record`](Self::record).
+    async fn publish_and_finish(&self, batch: Batch) -> Published {
+        match batch {
+            Batch::Leased(rows) => self.publish(rows).await,
+            Batch::Held(mut held) => {
+                let mut p = self.publish(std::mem::take(&mut held.rows)).await;
+                // Crash window: the broker confirmed the batch, its transaction is open.
+                failpoint!("steadfast::relay::confirmed_before_mark_sent");
+                match held.finish(&p.sent, &p.failures).await {
+                    Ok(()) => {
+                        p.sent.clear();
+                        p.failures.clear();
+                    }
+                    // Rolled back: every row is pending again. Recorded by id instead,
+                    // so they are not all published a second time.
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        rows = p.sent.len() + p.failures.len(),
+                        "could not commit a published outbox batch; recording its rows by id"
+                    ),
+                }
+                p
+            }
+        }
     }
 
     /// Publishes a claimed batch and sorts the rows into sent and failed. No database
@@ -408,14 +451,14 @@ impl Relay {
         // Batches awaiting their confirms; the claim under way (and when it started); the
         // record under way.
         let mut publishing = FuturesUnordered::new();
-        let mut claiming: Option<BoxFuture<'_, Result<Vec<Claimed>, StoreError>>> = None;
+        let mut claiming: Option<BoxFuture<'_, Result<Batch, StoreError>>> = None;
         let mut claim_started = Instant::now();
         // The batch claimed last, and when its claim started: published as soon as fewer
         // than `in_flight` batches await their confirms. While they all do, it waits
         // claimed ahead, so no claim stands between a confirm and the next publish
         // (measured: a claim of 250 rows took 4–5 ms, a batch's confirms from RabbitMQ
         // 58 ms and more).
-        let mut ready: Option<(Vec<Claimed>, Instant)> = None;
+        let mut ready: Option<(Batch, Instant)> = None;
         let mut recording: Option<BoxFuture<'_, Result<RelayStats, (Published, StoreError)>>> =
             None;
         // Published and not yet recorded (kept and recorded again after a database
@@ -458,12 +501,14 @@ impl Relay {
                 // Published only with a whole publish timeout of its lease left, so a slow
                 // publish cannot outlive the lease and be sent twice; otherwise its rows
                 // come back when the lease ends.
+                // (A held batch's transaction may stay idle no longer than the lease.)
                 if claimed.elapsed() + cfg.publish_timeout < cfg.claim_lease {
-                    publishing.push(self.publish(batch));
+                    publishing.push(self.publish_and_finish(batch));
                 } else {
                     tracing::debug!(
                         rows = batch.len(),
-                        "a batch claimed ahead waited too long; it is claimed again after its lease"
+                        held = matches!(batch, Batch::Held(_)),
+                        "a batch claimed ahead waited too long; its rows are claimed again (a held claim is released now, a leased one when its lease ends)"
                     );
                 }
             }
@@ -566,6 +611,25 @@ impl Published {
         a.failed += b.failed;
         a.parked += b.parked;
         self
+    }
+}
+
+/// A claimed batch: held in its store's open transaction, or leased.
+enum Batch {
+    Held(HeldBatch),
+    Leased(Vec<Claimed>),
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        match self {
+            Batch::Held(h) => h.rows.len(),
+            Batch::Leased(rows) => rows.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -1,14 +1,16 @@
 //! PostgreSQL outbox and relay.
 
 use crate::common::*;
+use futures::future::BoxFuture;
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 use steadfast::{
-    Envelope,
-    outbox::{PostgresOutbox, Relay},
+    Envelope, MessageId,
+    idempotency::StoreError,
+    outbox::{Claimed, FailedRow, HeldBatch, OutboxSource, PostgresOutbox, Relay},
     transport::{Transport, memory::MemoryTransport},
     worker::Outcome,
 };
@@ -434,22 +436,53 @@ async fn zero_retention_deletes_confirmed_rows_and_keeps_failed_ones() {
     pg.drop_schema().await;
 }
 
-#[tokio::test]
-async fn a_batch_claimed_ahead_is_not_published_too_close_to_its_lease_end() {
+/// The PostgreSQL outbox without its held claims: what a store that only leases its
+/// claims gives the relay (SQLite, or your own).
+struct LeasesOnly(PostgresOutbox);
+
+impl OutboxSource for LeasesOnly {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+    fn claim(
+        &self,
+        limit: usize,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Claimed>, StoreError>> {
+        self.0.claim(limit, lease)
+    }
+    fn mark_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.0.mark_sent(ids)
+    }
+    fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.0.mark_failed(rows)
+    }
+    fn purge_sent(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.0.purge_sent(older_than)
+    }
+}
+
+/// One batch in flight, whose confirm takes 1.5 s; the next batch is claimed ahead at once
+/// and would be published at 1.5 s with at most 1.5 s of its 3 s lease left — less than
+/// the 2 s a publish may take — so it is not published on that claim. A leased claim
+/// waits for its lease to end; a held one is released and claimed again at once.
+async fn claimed_ahead_too_long(held: bool) {
     let pg = Pg::new().await;
     let broker = MemoryTransport::new();
     broker.bind("billing", ["orders.placed"]);
     enqueue_orders(&pg, 1..=20).await;
-    // One batch in flight, whose confirm takes 1.5 s; the next batch is claimed ahead at
-    // once and would be published at 1.5 s with at most 1.5 s of its 3 s lease left —
-    // less than the 2 s a publish may take, so it must wait for its lease to end instead.
     let slow = Arc::new(SlowConfirms::new(
         broker.clone(),
         Duration::from_millis(1500),
     ));
+    let builder = if held {
+        relay(&pg.outbox, slow)
+    } else {
+        Relay::builder(LeasesOnly(pg.outbox.clone()), slow)
+    };
     let start = tokio::time::Instant::now();
     let (stop, task) = spawn(
-        relay(&pg.outbox, slow)
+        builder
             .batch_size(10)
             .in_flight(1)
             .claim_lease(Duration::from_secs(3))
@@ -459,18 +492,84 @@ async fn a_batch_claimed_ahead_is_not_published_too_close_to_its_lease_end() {
             .unwrap(),
     );
     tokio::time::sleep_until(start + Duration::from_millis(2250)).await;
-    assert_eq!(
-        broker.published().len(),
-        10,
-        "the batch claimed ahead went out with less than a publish timeout of lease left"
-    );
-    eventually(15, "every row published after its lease", || async {
+    if held {
+        assert_eq!(
+            broker.published().len(),
+            20,
+            "the held batch claimed ahead was not released and claimed again at once"
+        );
+    } else {
+        assert_eq!(
+            broker.published().len(),
+            10,
+            "the batch claimed ahead went out with less than a publish timeout of lease left"
+        );
+    }
+    eventually(15, "every row published", || async {
         pg.outbox.pending().await.unwrap() == 0
     })
     .await;
     assert_each_published_once(&broker, 20);
     stop.cancel();
     task.await.unwrap();
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_leased_batch_claimed_ahead_waits_for_its_lease_when_too_little_is_left() {
+    claimed_ahead_too_long(false).await;
+}
+
+#[tokio::test]
+async fn a_held_batch_claimed_ahead_is_released_at_once_when_too_little_is_left() {
+    claimed_ahead_too_long(true).await;
+}
+
+/// A held claim's rows are free again as soon as its batch is dropped, and when its
+/// transaction stays idle past the lease (a hung relay): the server ends the session,
+/// the next claim takes the rows, and the stale batch can no longer commit.
+#[tokio::test]
+async fn a_held_claim_frees_its_rows_when_dropped_or_idle_past_its_lease() {
+    let pg = Pg::new().await;
+    let rows: Vec<_> = enqueue_orders(&pg, 1..=5)
+        .await
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let ids = |b: &HeldBatch| b.rows.iter().map(|c| c.envelope.id).collect::<Vec<_>>();
+    let claim = |lease| pg.outbox.claim_held(10, lease, false).unwrap();
+
+    let first = claim(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(ids(&first), rows);
+    assert!(
+        claim(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .rows
+            .is_empty(),
+        "rows held"
+    );
+    drop(first);
+    eventually(5, "the dropped batch's rows claimable again", || async {
+        ids(&claim(Duration::from_secs(30)).await.unwrap()) == rows
+    })
+    .await;
+
+    let hung = claim(Duration::from_millis(300)).await.unwrap();
+    assert_eq!(ids(&hung), rows);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let next = claim(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        ids(&next),
+        rows,
+        "the hung batch's session was ended, its rows freed"
+    );
+    assert!(
+        hung.finish(&rows, &[]).await.is_err(),
+        "a batch whose session ended cannot commit"
+    );
+    next.finish(&rows, &[]).await.unwrap();
+    assert_eq!(pg.outbox.pending().await.unwrap(), 0);
     pg.drop_schema().await;
 }
 
