@@ -57,6 +57,7 @@ struct Config {
     max_retry_delay: Duration,
     retention: Duration,
     max_payload_bytes: usize,
+    hold_claims: bool,
 }
 
 impl fmt::Debug for Relay {
@@ -162,6 +163,20 @@ impl RelayBuilder {
         self
     }
 
+    /// Whether to hold claims in a transaction open while their batch is published,
+    /// where the store can (default true; the PostgreSQL outbox can, see
+    /// [`OutboxSource::claim_held`]). Held, a row is written once by its claim and the
+    /// outcome is a commit: half the database work per row of a leased claim and its
+    /// `sent` mark, and a dropped batch's rows are free at once. The price: each batch in
+    /// flight, and the one claimed ahead, keeps a pool connection and an open
+    /// transaction until its confirms are in (`in_flight + 1` connections). `false`
+    /// claims with leases only: no transaction stays open across the network (for a
+    /// statement-pooling proxy, or a pool too small to lend them).
+    pub fn hold_claims(mut self, hold: bool) -> Self {
+        self.cfg.hold_claims = hold;
+        self
+    }
+
     /// How long sent rows are kept before they are deleted (default 1 day).
     ///
     /// `Duration::ZERO` deletes each batch's rows as soon as the broker confirmed them,
@@ -237,6 +252,7 @@ impl Relay {
                 max_retry_delay: Duration::from_secs(300),
                 retention: Duration::from_secs(24 * 3600),
                 max_payload_bytes: 1 << 20,
+                hold_claims: true,
             },
         }
     }
@@ -262,10 +278,14 @@ impl Relay {
     async fn claim(&self) -> Result<Batch, StoreError> {
         let cfg = &self.cfg;
         let delete = cfg.retention.is_zero();
-        match self
-            .source
-            .claim_held(cfg.batch_size, cfg.claim_lease, delete)
-        {
+        let held = cfg
+            .hold_claims
+            .then(|| {
+                self.source
+                    .claim_held(cfg.batch_size, cfg.claim_lease, delete)
+            })
+            .flatten();
+        match held {
             Some(held) => held.await.map(Batch::Held),
             None => self
                 .source

@@ -1,16 +1,14 @@
 //! PostgreSQL outbox and relay.
 
 use crate::common::*;
-use futures::future::BoxFuture;
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 use steadfast::{
-    Envelope, MessageId,
-    idempotency::StoreError,
-    outbox::{Claimed, FailedRow, HeldBatch, OutboxSource, PostgresOutbox, Relay},
+    Envelope,
+    outbox::{HeldBatch, OutboxSource, PostgresOutbox, Relay},
     transport::{Transport, memory::MemoryTransport},
     worker::Outcome,
 };
@@ -436,32 +434,6 @@ async fn zero_retention_deletes_confirmed_rows_and_keeps_failed_ones() {
     pg.drop_schema().await;
 }
 
-/// The PostgreSQL outbox without its held claims: what a store that only leases its
-/// claims gives the relay (SQLite, or your own).
-struct LeasesOnly(PostgresOutbox);
-
-impl OutboxSource for LeasesOnly {
-    fn backend(&self) -> &'static str {
-        "postgres"
-    }
-    fn claim(
-        &self,
-        limit: usize,
-        lease: Duration,
-    ) -> BoxFuture<'_, Result<Vec<Claimed>, StoreError>> {
-        self.0.claim(limit, lease)
-    }
-    fn mark_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.0.mark_sent(ids)
-    }
-    fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.0.mark_failed(rows)
-    }
-    fn purge_sent(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.0.purge_sent(older_than)
-    }
-}
-
 /// One batch in flight, whose confirm takes 1.5 s; the next batch is claimed ahead at once
 /// and would be published at 1.5 s with at most 1.5 s of its 3 s lease left — less than
 /// the 2 s a publish may take — so it is not published on that claim. A leased claim
@@ -475,14 +447,10 @@ async fn claimed_ahead_too_long(held: bool) {
         broker.clone(),
         Duration::from_millis(1500),
     ));
-    let builder = if held {
-        relay(&pg.outbox, slow)
-    } else {
-        Relay::builder(LeasesOnly(pg.outbox.clone()), slow)
-    };
     let start = tokio::time::Instant::now();
     let (stop, task) = spawn(
-        builder
+        relay(&pg.outbox, slow)
+            .hold_claims(held)
             .batch_size(10)
             .in_flight(1)
             .claim_lease(Duration::from_secs(3))
