@@ -24,8 +24,10 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(10);
 ///
 /// One loop for every backend: [`run_until`](Self::run_until) claims a batch, publishes it
 /// with [`Transport::publish_batch`] (confirms pipelined) and claims the next while up to
-/// [`in_flight`](RelayBuilder::in_flight) batches await their confirms; the confirmed rows
-/// are marked sent in one statement and the failures recorded. A full batch means claim
+/// [`in_flight`](RelayBuilder::in_flight) batches await their confirms. A batch held in its
+/// store's transaction (PostgreSQL, see [`hold_claims`](RelayBuilder::hold_claims)) is
+/// recorded by one commit; a leased one by marking the confirmed rows sent in one
+/// statement and recording the failures. A full batch means claim
 /// again at once; a short one, once the batches in flight are confirmed; an empty one,
 /// wait for a notification or the poll interval.
 ///
@@ -121,9 +123,9 @@ impl RelayBuilder {
     /// [`run_until`](Relay::run_until) (default 2, up to 64). With the default batch
     /// size, 1,000 messages are on their way while the next batch is claimed; more hides
     /// more broker latency, and every batch in flight is published again if the relay
-    /// dies before marking it sent. One more batch is claimed ahead and published as soon
-    /// as one in flight is confirmed (if the relay dies first, its rows come back when
-    /// their claim lease ends).
+    /// dies before recording it. One more batch is claimed ahead and published as soon
+    /// as one in flight is confirmed (if the relay dies first, its rows come back: at
+    /// once when held, when their claim lease ends when leased).
     pub fn in_flight(mut self, n: usize) -> Self {
         self.cfg.in_flight = n;
         self
@@ -136,8 +138,10 @@ impl RelayBuilder {
         self
     }
 
-    /// How long a claimed row stays hidden from other claims (default 60 s): a relay
-    /// killed mid-batch has its rows published again after this.
+    /// How long a leased claim hides its rows from other claims, and how long a held
+    /// claim's transaction may stay idle before the server ends its session (default
+    /// 60 s): a relay killed or hung mid-batch has its rows published again after this at
+    /// the latest.
     pub fn claim_lease(mut self, d: Duration) -> Self {
         self.cfg.claim_lease = d;
         self
@@ -260,7 +264,8 @@ impl Relay {
     /// One pass: claim a batch, publish it, record the outcome.
     ///
     /// An error means the database could not be reached: claimed rows whose outcome was
-    /// not recorded come back when their claim lease ends (and are published again).
+    /// not recorded come back (and are published again): a held claim's when its
+    /// transaction rolls back, a leased one's when its lease ends.
     pub async fn run_once(&self) -> Result<RelayStats, StoreError> {
         let claimed = self.claim().await?;
         if claimed.is_empty() {
@@ -440,9 +445,9 @@ impl Relay {
     /// Under load the database and the broker work at once: up to
     /// [`in_flight`](RelayBuilder::in_flight) batches await their confirms while the next
     /// batch is claimed (and waits, ready, until one of them is confirmed) and the
-    /// confirmed ones are marked sent, all of them in one statement. Batches are disjoint
-    /// (a claimed row is hidden from claims for the claim lease), so the overlap changes
-    /// no outcome; it only lets batches' messages interleave on the broker.
+    /// confirmed ones are recorded. Batches are disjoint (a claimed row is locked by its
+    /// held claim, or hidden by its lease), so the overlap changes no outcome; it only
+    /// lets batches' messages interleave on the broker.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let cfg = self.cfg.clone();
@@ -609,7 +614,7 @@ impl Relay {
         if !unrecorded.is_empty() {
             tracing::warn!(
                 rows = unrecorded.sent.len() + unrecorded.failures.len(),
-                "outbox relay stopped with published rows not marked sent; they are published again after their claim lease"
+                "outbox relay stopped with published rows not recorded; they are published again"
             );
         }
         tracing::info!("outbox relay stopped");
