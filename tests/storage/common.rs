@@ -551,3 +551,35 @@ impl Transport for SlowConfirms {
         })
     }
 }
+
+/// A broker that, before confirming a batch, ends the PostgreSQL sessions left idle in a
+/// transaction on `table` (a relay's held claim): the batch is confirmed, and its commit
+/// fails.
+pub(crate) struct EndsHeldSessions {
+    pub(crate) inner: MemoryTransport,
+    pub(crate) pool: PgPool,
+    pub(crate) table: String,
+    pub(crate) ended: AtomicU32,
+}
+
+impl Transport for EndsHeldSessions {
+    delegate_to_inner!();
+    fn publish_batch<'a>(
+        &'a self,
+        envelopes: &'a [Envelope],
+    ) -> BoxFuture<'a, Vec<Result<(), TransportError>>> {
+        Box::pin(async move {
+            let ended: Vec<bool> = sqlx::query_scalar(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE state = 'idle in transaction' AND position($1 in query) > 0",
+            )
+            .bind(&self.table)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+            let n = ended.into_iter().filter(|e| *e).count() as u32;
+            self.ended.fetch_add(n, Ordering::SeqCst);
+            self.inner.publish_batch(envelopes).await
+        })
+    }
+}

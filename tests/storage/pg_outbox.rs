@@ -3,7 +3,10 @@
 use crate::common::*;
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, atomic::AtomicBool},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
     time::Duration,
 };
 use steadfast::{
@@ -538,6 +541,44 @@ async fn a_held_claim_frees_its_rows_when_dropped_or_idle_past_its_lease() {
     );
     next.finish(&rows, &[]).await.unwrap();
     assert_eq!(pg.outbox.pending().await.unwrap(), 0);
+    pg.drop_schema().await;
+}
+
+/// The held claim's session ends between the claim and the commit (the server restarted,
+/// an operator ended it): the commit fails, and the relay records the confirmed batch by
+/// id instead, so its rows are sent, each published once, not published again.
+#[tokio::test]
+async fn a_held_batch_whose_commit_fails_is_recorded_by_id() {
+    let pg = Pg::new().await;
+    let broker = MemoryTransport::new();
+    broker.bind("billing", ["orders.placed"]);
+    let rows = enqueue_orders(&pg, 1..=5).await;
+    let ending = Arc::new(EndsHeldSessions {
+        inner: broker.clone(),
+        pool: pg.pool.clone(),
+        table: pg.outbox.table().to_owned(),
+        ended: AtomicU32::new(0),
+    });
+    let r = relay(&pg.outbox, ending.clone()).build().unwrap();
+    let stats = r.run_once().await.unwrap();
+    assert_eq!(
+        ending.ended.load(Ordering::SeqCst),
+        1,
+        "the held session was ended"
+    );
+    assert_eq!((stats.claimed, stats.sent), (5, 5));
+    assert_eq!(
+        pg.outbox.pending().await.unwrap(),
+        0,
+        "the rows were recorded by id"
+    );
+    assert_eq!(
+        outbox_rows(&pg).await,
+        rows.iter()
+            .map(|e| (*e.id.as_uuid(), "sent".to_owned()))
+            .collect::<Vec<_>>()
+    );
+    assert_each_published_once(&broker, 5);
     pg.drop_schema().await;
 }
 
