@@ -2,8 +2,9 @@
 //!
 //! - The orders service writes an order and its `OrderPlaced` message in **one**
 //!   transaction (`PostgresOutbox::enqueue`): both commit, or neither.
-//! - The relay publishes committed rows to RabbitMQ, awaiting the publisher confirm, and
-//!   deletes them once confirmed (`FOR UPDATE SKIP LOCKED`, woken by LISTEN/NOTIFY).
+//! - The relay claims committed rows (`FOR UPDATE SKIP LOCKED`, woken by LISTEN/NOTIFY)
+//!   in a transaction, publishes them to RabbitMQ awaiting the publisher confirms, and
+//!   deletes them in that transaction before it commits.
 //! - The billing worker marks the inbox key, records the charge and commits in one
 //!   transaction, so a redelivered message is acked without charging twice.
 //!
