@@ -582,6 +582,80 @@ async fn a_held_batch_whose_commit_fails_is_recorded_by_id() {
     pg.drop_schema().await;
 }
 
+/// The outbox relayed to NATS JetStream: a row is published with `Nats-Msg-Id` = its id,
+/// so a row published twice — its first relay killed after the PubAcks, before the
+/// commit (here: a held batch published, then dropped) — is stored once in the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_to_jetstream_a_row_published_twice_is_stored_once() {
+    use steadfast::transport::{Subscription, nats::NatsTransport};
+    let pg = Pg::new().await;
+    let u = uuid::Uuid::now_v7().simple().to_string();
+    let nats = NatsTransport::builder("nats://127.0.0.1:4222")
+        .subject_prefix(format!("sfo{u}"))
+        .stream(format!("SFTEST_OUTBOX_{}", u.to_uppercase()))
+        .max_age(Duration::from_secs(3600))
+        .dead_letter_max_age(Duration::from_secs(3600))
+        .connect()
+        .await
+        .expect("a nats-server with JetStream on 127.0.0.1:4222");
+    nats.declare(&Subscription::new("billing", ["orders.placed"]))
+        .await
+        .unwrap();
+    let nats = Arc::new(nats);
+    let rows: Vec<_> = enqueue_orders(&pg, 1..=3)
+        .await
+        .iter()
+        .map(|e| e.id)
+        .collect();
+
+    let first = pg
+        .outbox
+        .claim_held(10, Duration::from_secs(30), false)
+        .unwrap()
+        .await
+        .unwrap();
+    let envelopes: Vec<Envelope> = first.rows.iter().map(|c| c.envelope.clone()).collect();
+    assert!(
+        nats.publish_batch(&envelopes)
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    drop(first); // the relay died before its commit: the rows are pending again
+
+    let r = relay(&pg.outbox, nats.clone()).build().unwrap();
+    let mut sent = 0;
+    for _ in 0..50 {
+        sent += r.run_once().await.unwrap().sent;
+        if sent == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sent, 3, "the rows published again and recorded");
+    assert_eq!(pg.outbox.pending().await.unwrap(), 0);
+
+    let js =
+        async_nats::jetstream::new(async_nats::connect("nats://127.0.0.1:4222").await.unwrap());
+    let mut stream = js.get_stream(nats.stream_name()).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        3,
+        "each row stored once in the stream"
+    );
+    for (seq, id) in (1..=3).zip(&rows) {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        assert_eq!(
+            m.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+            Some(id.to_string().as_str())
+        );
+    }
+    let _ = js.delete_stream(nats.stream_name()).await;
+    let _ = js.delete_stream(nats.dead_letter_stream_name()).await;
+    nats.close().await;
+    pg.drop_schema().await;
+}
+
 /// A log sink for one test: what `tracing` wrote while it was the default subscriber.
 #[derive(Clone, Default)]
 struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
