@@ -440,14 +440,22 @@ pub(crate) async fn apply_schema(pool: &PgPool, sql: String) -> Result<(), Store
 
 /// Warns when the server would acknowledge commits it could still lose.
 pub(crate) async fn warn_unsafe_settings(pool: &PgPool) {
-    let fut = sqlx::query_scalar::<_, String>("SHOW synchronous_commit").fetch_one(pool);
-    if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_secs(5), fut).await
-        && v == "off"
-    {
+    if server_setting(pool, "synchronous_commit").await.as_deref() == Some("off") {
         tracing::warn!(
             "PostgreSQL synchronous_commit is off: a committed inbox key or outbox row can be lost in a server crash; set it to on"
         );
     }
+}
+
+/// A server setting's value (`SHOW name`, within 5 s); `None` when it cannot be read.
+/// `name` is one of this crate's constants, never user input.
+pub(crate) async fn server_setting(pool: &PgPool, name: &'static str) -> Option<String> {
+    let fut =
+        sqlx::query_scalar::<_, String>(AssertSqlSafe(format!("SHOW {name}"))).fetch_one(pool);
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .ok()?
+        .ok()
 }
 
 /// The inbox's looks at `retention`, answered `sql` (`done_many`) at a time on a
