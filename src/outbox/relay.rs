@@ -111,9 +111,10 @@ impl RelayBuilder {
     /// Rows per claim and per `publish_batch` (default 500). A claim takes what is
     /// there up to this, so a trickle of rows is not held back; under load, bigger
     /// batches mean fewer statements per row. On the storage bench against bare
-    /// publishing to RabbitMQ with 1,000 messages awaiting confirms, rows kept: 4 × 100
-    /// relayed at 0.49–0.56×, 4 × 250 at 0.70–0.78×, 2 × 500 (the defaults) at
-    /// 0.73–0.92× (medians of runs; `docs/benchmarks.md`).
+    /// publishing to RabbitMQ with 1,000 messages awaiting confirms, rows kept, leased
+    /// claims: 4 × 100 relayed at 0.49–0.56×, 4 × 250 at 0.70–0.78×, 2 × 500 at
+    /// 0.73–0.92×; 2 × 500 with held claims (the defaults on PostgreSQL) at 0.79–0.95×
+    /// (medians of runs; `docs/benchmarks.md`).
     pub fn batch_size(mut self, n: usize) -> Self {
         self.cfg.batch_size = n;
         self
