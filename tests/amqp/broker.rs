@@ -471,6 +471,110 @@ async fn settling_after_the_stream_is_dropped_still_acks() {
     t.close().await;
 }
 
+/// A subscription consumes on two channels, its prefetch split between them; acks held
+/// for a batch go out for bursts smaller than a batch, exactly one batch, and larger
+/// than the prefetch (a flusher that waited for a batch that never comes would leave
+/// them unsettled); a subscription with a prefetch of 1 keeps one channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumer_channels_ack_every_burst_and_a_prefetch_of_one_keeps_one() {
+    use futures::{StreamExt, stream::FuturesUnordered};
+    use steadfast::{Disposition, transport::Subscription};
+    let t = support::transport("channels").await;
+    let mut sub = Subscription::new("g", [Task::NAME]);
+    sub.prefetch = 100;
+    let mut stream = t.subscribe(&sub).await.unwrap();
+    let (_conn, ch) = support::raw_channel().await;
+    let q = t.queue_name("g");
+    assert_eq!(support::consumers(&ch, &q).await, 2);
+    let mut next = 0u64;
+    let mut seen = Vec::new();
+    for burst in [1usize, 7, 24, 25, 26, 49, 120] {
+        let batch: Vec<_> = (next..next + burst as u64)
+            .map(|n| Envelope::encode(&Task { n }).unwrap())
+            .collect();
+        next += burst as u64;
+        for r in t.publish_batch(&batch).await {
+            r.unwrap();
+        }
+        // Settled concurrently, as a worker does.
+        let mut settles = FuturesUnordered::new();
+        let mut got = 0;
+        let taken = tokio::time::timeout(Duration::from_secs(10), async {
+            while got < burst {
+                tokio::select! {
+                    d = stream.next() => {
+                        let d = d.expect("stream open").expect("delivery");
+                        seen.push(serde_json::from_slice::<Task>(&d.envelope.payload).unwrap().n);
+                        got += 1;
+                        settles.push(d.settle(Disposition::Ack));
+                    }
+                    Some(r) = settles.next() => r.expect("acked"),
+                }
+            }
+            while let Some(r) = settles.next().await {
+                r.expect("acked");
+            }
+        })
+        .await;
+        assert!(
+            taken.is_ok(),
+            "a burst of {burst} was not all settled in 10 s"
+        );
+    }
+    // A trickle: settles one at a time, 2 ms apart, so that acks arrive while the
+    // flusher is sending the one before (timer-driven, below a batch). Each must still
+    // go out without waiting for a batch that never completes.
+    let trickle = 150u64;
+    let batch: Vec<_> = (next..next + trickle)
+        .map(|n| Envelope::encode(&Task { n }).unwrap())
+        .collect();
+    next += trickle;
+    for r in t.publish_batch(&batch).await {
+        r.unwrap();
+    }
+    let mut settles = FuturesUnordered::new();
+    for _ in 0..trickle {
+        let d = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("trickle delivered")
+            .unwrap()
+            .unwrap();
+        seen.push(
+            serde_json::from_slice::<Task>(&d.envelope.payload)
+                .unwrap()
+                .n,
+        );
+        settles.push(tokio::spawn(d.settle(Disposition::Ack)));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let done = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(r) = settles.next().await {
+            r.unwrap().expect("acked");
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "trickled acks were left unsent");
+    drop(stream);
+    seen.sort_unstable();
+    assert_eq!(seen, (0..next).collect::<Vec<_>>(), "each message once");
+    // Every ack reached the broker: nothing comes back to a new consumer.
+    assert_eq!(support::ready(&ch, &q).await, 0);
+    let mut again = t.subscribe(&sub).await.unwrap();
+    let redelivered = tokio::time::timeout(Duration::from_secs(2), again.next()).await;
+    assert!(
+        redelivered.is_err(),
+        "a message came back: its ack was never sent"
+    );
+    drop(again);
+
+    let mut one = Subscription::new("h", [Task::NAME]);
+    one.prefetch = 1;
+    let stream = t.subscribe(&one).await.unwrap();
+    assert_eq!(support::consumers(&ch, &t.queue_name("h")).await, 1);
+    drop(stream);
+    t.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn classic_work_queues_retry_through_quorum_delay_queues() {
     let name = support::unique("classic");

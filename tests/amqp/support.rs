@@ -100,6 +100,21 @@ pub(crate) async fn ready(ch: &Channel, queue: &str) -> u32 {
     .message_count()
 }
 
+/// How many consumers `queue` has.
+pub(crate) async fn consumers(ch: &Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue exists")
+    .consumer_count()
+}
+
 /// A worker running in the background, with its outcomes recorded.
 pub(crate) struct Running {
     pub(crate) outcomes: Arc<Mutex<Vec<Processed>>>,

@@ -29,6 +29,7 @@ pub(super) struct Config {
     pub(super) queue_expiry: Option<Duration>,
     pub(super) op_timeout: Duration,
     pub(super) max_reconnect_delay: Duration,
+    pub(super) consumer_channels: u16,
 }
 
 /// One live connection, numbered: deliveries remember the generation they came from.
@@ -91,6 +92,7 @@ impl Inner {
             queue_expiry: b.queue_expiry,
             op_timeout: b.operation_timeout,
             max_reconnect_delay: b.max_reconnect_delay,
+            consumer_channels: b.consumer_channels,
         };
         let (slot, _) = watch::channel(Slot::Down);
         Ok(Self {

@@ -1,7 +1,9 @@
-//! Consuming: one channel per subscription with `basic.qos(prefetch)` and manual acks,
-//! fed into a [`DeliveryStream`] that survives reconnects. Dropping the stream cancels
-//! the consumer and requeues what was prefetched but not handed out; the channel stays
-//! open until every delivery handed out is settled or dropped.
+//! Consuming: each subscription consumes on one or more channels
+//! ([`consumer_channels`](super::AmqpBuilder::consumer_channels)), each with
+//! `basic.qos` set to its share of the prefetch and manual acks, all fed into one
+//! [`DeliveryStream`] that survives reconnects. Dropping the stream cancels the consumers
+//! and requeues what was prefetched but not handed out; a channel stays open until every
+//! delivery it handed out is settled or dropped.
 
 use super::QueueType;
 use super::{
@@ -32,31 +34,68 @@ struct Session {
     acks: Arc<ChannelAcks>,
 }
 
+/// The prefetch of each of a subscription's channels: `total` split as evenly as it
+/// goes over at most `channels` channels, none with less than one.
+fn shares(total: u16, channels: u16) -> Vec<u16> {
+    let n = channels.clamp(1, total.max(1));
+    let (each, extra) = (total / n, total % n);
+    (0..n).map(|i| each + u16::from(i < extra)).collect()
+}
+
 pub(super) async fn subscribe(
     inner: Arc<Inner>,
     sub: Subscription,
 ) -> Result<DeliveryStream, TransportError> {
     let topo = Arc::new(GroupTopology::new(&inner.cfg, &sub)?);
-    // The first session is set up here, so configuration errors reach the caller.
-    let first = start_session(&inner, &topo).await?;
+    // The first sessions are set up here, so configuration errors reach the caller; the
+    // topology is declared once, on the first.
+    let mut first = Vec::new();
+    for (i, prefetch) in shares(topo.prefetch, inner.cfg.consumer_channels)
+        .into_iter()
+        .enumerate()
+    {
+        match start_session(&inner, &topo, prefetch, i == 0).await {
+            Ok(s) => first.push((s, prefetch)),
+            Err(e) => {
+                for (s, _) in first {
+                    stop(&inner, s).await;
+                }
+                return Err(e);
+            }
+        }
+    }
     let (tx, mut rx) = mpsc::channel::<Delivery>(usize::from(topo.prefetch));
-    tokio::spawn(run(inner, topo, first, tx));
+    for (session, prefetch) in first {
+        tokio::spawn(run(
+            inner.clone(),
+            topo.clone(),
+            session,
+            prefetch,
+            tx.clone(),
+        ));
+    }
     let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|d| d.map(Ok)));
     Ok(Box::pin(stream))
 }
 
+/// Opens a channel and starts a consumer on it with `prefetch`, declaring the group's
+/// topology first when `declare` is set.
 async fn start_session(
     inner: &Arc<Inner>,
     topo: &GroupTopology,
+    prefetch: u16,
+    declare: bool,
 ) -> Result<Session, TransportError> {
     let link = inner.link_bounded().await?;
     let channel = inner.open_channel(&link).await?;
     let r = async {
-        topology::declare(inner, &channel, topo).await?;
+        if declare {
+            topology::declare(inner, &channel, topo).await?;
+        }
         inner
             .bounded(
                 "basic.qos",
-                channel.basic_qos(topo.prefetch, BasicQosOptions { global: false }),
+                channel.basic_qos(prefetch, BasicQosOptions { global: false }),
             )
             .await?;
         inner
@@ -74,7 +113,7 @@ async fn start_session(
     .await;
     match r {
         Ok(consumer) => {
-            let acks = ChannelAcks::start(channel.clone(), inner.cfg.op_timeout);
+            let acks = ChannelAcks::start(channel.clone(), inner.cfg.op_timeout, prefetch);
             inner.track(&acks);
             Ok(Session {
                 channel,
@@ -92,19 +131,20 @@ async fn start_session(
     }
 }
 
-/// Feeds deliveries to the stream until it is dropped or the transport closed,
-/// starting a new session (reconnecting if needed) whenever one ends.
+/// Feeds one channel's deliveries to the stream until it is dropped or the transport
+/// closed, starting a new session (reconnecting if needed) whenever one ends.
 async fn run(
     inner: Arc<Inner>,
     topo: Arc<GroupTopology>,
     first: Session,
+    prefetch: u16,
     tx: mpsc::Sender<Delivery>,
 ) {
     let mut next = Some(first);
     loop {
         let session = match next.take() {
             Some(s) => s,
-            None => match resume(&inner, &topo, &tx).await {
+            None => match resume(&inner, &topo, prefetch, &tx).await {
                 Some(s) => s,
                 None => return,
             },
@@ -228,11 +268,13 @@ async fn stop(inner: &Arc<Inner>, mut s: Session) {
     s.acks.retire();
 }
 
-/// Starts a new session after one was lost, with capped jittered backoff. `None` when
+/// Starts a new session after one was lost, with capped jittered backoff, declaring the
+/// topology again (the broker may have lost what was not durable, or expired it). `None` when
 /// the stream was dropped or the transport closed meanwhile.
 async fn resume(
     inner: &Arc<Inner>,
     topo: &Arc<GroupTopology>,
+    prefetch: u16,
     tx: &mpsc::Sender<Delivery>,
 ) -> Option<Session> {
     let mut backoff = backon::ExponentialBuilder::default()
@@ -248,7 +290,7 @@ async fn resume(
             () = inner.closed.cancelled() => return None,
             r = async {
                 let _ = inner.link().await?;
-                start_session(inner, topo).await
+                start_session(inner, topo, prefetch, true).await
             } => r,
         };
         match attempt {
@@ -265,6 +307,29 @@ async fn resume(
                     () = tokio::time::sleep(wait) => {}
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shares;
+
+    #[test]
+    fn the_prefetch_is_split_without_loss_and_never_below_one() {
+        assert_eq!(shares(100, 2), [50, 50]);
+        assert_eq!(shares(5, 2), [3, 2]);
+        assert_eq!(shares(1, 2), [1]);
+        assert_eq!(shares(3, 8), [1, 1, 1]);
+        assert_eq!(shares(7, 1), [7]);
+        assert_eq!(shares(10, 3), [4, 3, 3]);
+        for (total, n) in [(100u16, 3u16), (65_535, 7), (2, 2), (9, 4)] {
+            let s = shares(total, n);
+            assert_eq!(
+                s.iter().map(|&p| u32::from(p)).sum::<u32>(),
+                u32::from(total)
+            );
+            assert!(s.iter().all(|&p| p >= 1));
         }
     }
 }

@@ -281,6 +281,7 @@ mod tests {
             queue_expiry: None,
             op_timeout: Duration::from_secs(1),
             max_reconnect_delay: Duration::from_secs(1),
+            consumer_channels: 2,
         }
     }
 
