@@ -5,6 +5,7 @@
 //! cargo bench --features amqp --bench amqp        # AMQP_URL, default the local broker
 //! BENCH_ONLY=steadfast cargo bench --features amqp --bench amqp   # the worker alone
 //! BENCH_ONLY=coalesced cargo bench --features amqp --bench amqp   # the raw ceiling alone
+//! BENCH_ONLY=coalesced-2ch cargo bench --features amqp --bench amqp  # on two channels
 //! ```
 //!
 //! Scenarios, each with prefetch 100 and payloads of 256 B and 1 KiB:
@@ -17,17 +18,25 @@
 //!   ceiling: nothing but receiving and acking);
 //! - `steadfast`: a `Worker` with concurrency 100 decoding JSON and running a no-op
 //!   handler, acking through the transport's coalescing acker;
+//! - `raw-coal-2ch`: the coalesced loop on two channels of the one connection, each a
+//!   task with prefetch 50 acking every 25 messages: the same total prefetch, split as
+//!   the worker splits it over its two consumer channels (lapin's ceiling for that
+//!   shape);
 //! - `raw-coal-plain`: the coalesced loop again, on messages with no properties but
 //!   persistent delivery (what lapin's ceiling is without the headers a real publisher
 //!   sets; printed for reference).
 //!
-//! The three raw loops before `steadfast` read the same deliveries the worker reads:
-//! messages with the properties and CloudEvents headers a steadfast publisher sets, so
-//! every consumer parses the same frames. Every raw loop runs as a spawned task.
-//! `BENCH_ROUNDS` (default 2) repeats the five, interleaved.
+//! The raw loops but the last read the same deliveries the worker reads: messages with
+//! the properties and CloudEvents headers a steadfast publisher sets, so every consumer
+//! parses the same frames. Every raw loop runs as a spawned task. `BENCH_ROUNDS` (default
+//! 2) repeats the six, interleaved. `BENCH_CHANNELS=n` sets the worker's consumer
+//! channels (default: the transport's default, 2).
 //!
-//! Prints msgs/s and client CPU µs/msg (user+system time of this process from
-//! `/proc/self/stat`, the figures `getrusage` gives; `unsafe` is forbidden here).
+//! Prints msgs/s, client CPU µs/msg (user+system time of this process from
+//! `/proc/self/stat`, the figures `getrusage` gives; `unsafe` is forbidden here) and,
+//! when the broker runs on this machine, its CPU µs/msg over the same interval (the
+//! `beam.smp` process found in `/proc`, or `BENCH_BROKER_PID`): on a machine the client
+//! and the broker share, their sum is what bounds the rate.
 
 use futures::StreamExt;
 use lapin::{
@@ -72,14 +81,67 @@ fn count() -> usize {
 
 /// CPU time (user + system) of this process so far.
 fn cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    proc_cpu("self").unwrap_or_default()
+}
+
+/// The local broker's process: `BENCH_BROKER_PID`, or the `beam.smp` found in `/proc`.
+fn broker_pid() -> Option<String> {
+    if let Ok(pid) = std::env::var("BENCH_BROKER_PID") {
+        return Some(pid);
+    }
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then(|| e.file_name().to_string_lossy().into_owned())
+    })
+}
+
+/// CPU time (user + system) of process `pid` (a number or `self`) so far.
+fn proc_cpu(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which is in parentheses and may hold spaces).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     // utime and stime are fields 14 and 15 of the line: 11 and 12 after the name.
     let hz = 100; // USER_HZ on Linux
-    Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / hz)
+    Some(Duration::from_micros(
+        (ticks(11) + ticks(12)) * 1_000_000 / hz,
+    ))
+}
+
+/// Wall time, this process's CPU time and the broker's over one consume phase.
+struct Meter {
+    t0: Instant,
+    cpu0: Duration,
+    broker: Option<(String, Duration)>,
+}
+
+/// What one consume phase took.
+struct Took {
+    wall: Duration,
+    cpu: Duration,
+    broker: Option<Duration>,
+}
+
+impl Meter {
+    fn start() -> Self {
+        let broker = broker_pid().and_then(|p| proc_cpu(&p).map(|c| (p, c)));
+        Self {
+            t0: Instant::now(),
+            cpu0: cpu(),
+            broker,
+        }
+    }
+
+    fn stop(self) -> Took {
+        Took {
+            wall: self.t0.elapsed(),
+            cpu: cpu() - self.cpu0,
+            broker: self
+                .broker
+                .and_then(|(p, c0)| proc_cpu(&p).map(|c| c.saturating_sub(c0))),
+        }
+    }
 }
 
 fn body(size: usize) -> Vec<u8> {
@@ -92,17 +154,20 @@ fn body(size: usize) -> Vec<u8> {
 
 struct Figures {
     rate: f64,
-    cpu_us: f64,
 }
 
-fn report(name: &str, size: usize, n: usize, wall: Duration, cpu: Duration) -> Figures {
+fn report(name: &str, size: usize, n: usize, took: Took) -> Figures {
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
     let f = Figures {
-        rate: n as f64 / wall.as_secs_f64(),
-        cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
+        rate: n as f64 / took.wall.as_secs_f64(),
     };
+    let broker = took
+        .broker
+        .map_or_else(|| "-".to_owned(), |b| format!("{:.1}", per(b)));
     println!(
-        "{name:<16} {size:>5} B  {n:>7} msgs  {:>9.0} msgs/s  {:>6.1} µs CPU/msg",
-        f.rate, f.cpu_us
+        "{name:<16} {size:>5} B  {n:>7} msgs  {:>9.0} msgs/s  {:>6.1} µs CPU/msg  broker {broker:>6} µs CPU/msg",
+        f.rate,
+        per(took.cpu)
     );
     f
 }
@@ -197,8 +262,11 @@ async fn raw_run(
     n: usize,
     ack: Ack,
     shape: Shape,
-) -> (Duration, Duration) {
+) -> Took {
     raw_queue(conn, queue, size, n, shape).await;
+    if let Ack::Split(channels) = ack {
+        return raw_consume_split(conn, queue, n, channels).await;
+    }
     let ch = conn.create_channel().await.unwrap();
     raw_consume(ch, queue.to_owned(), n, ack).await
 }
@@ -212,18 +280,21 @@ enum Ack {
     Spawn,
     /// `multiple = true` every 50 deliveries, inline: the ceiling.
     Coalesce,
+    /// The coalesced loop on this many channels, the prefetch split between them, each
+    /// acking (`multiple = true`) every half of its share.
+    Split(u16),
 }
 
 /// Consumes `n` messages of `queue` on `ch` as the loop of a spawned task (run inside
 /// `block_on`, lapin loses about a quarter of its throughput).
-async fn raw_consume(ch: Channel, queue: String, n: usize, ack: Ack) -> (Duration, Duration) {
+async fn raw_consume(ch: Channel, queue: String, n: usize, ack: Ack) -> Took {
     tokio::spawn(async move {
         ch.basic_qos(PREFETCH, BasicQosOptions::default())
             .await
             .unwrap();
         // On stderr, so a profiler can attach to the consume phase alone.
         eprintln!("consuming");
-        let (cpu0, t0) = (cpu(), Instant::now());
+        let meter = Meter::start();
         let mut consumer = ch
             .basic_consume(
                 queue.as_str().into(),
@@ -252,7 +323,7 @@ async fn raw_consume(ch: Channel, queue: String, n: usize, ack: Ack) -> (Duratio
                         }
                     }
                 }
-                Ack::Coalesce => {
+                Ack::Coalesce | Ack::Split(_) => {
                     if seen % 50 == 0 || seen == n {
                         ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
                             .await
@@ -264,23 +335,93 @@ async fn raw_consume(ch: Channel, queue: String, n: usize, ack: Ack) -> (Duratio
         for t in tasks {
             t.await.unwrap();
         }
-        let r = (t0.elapsed(), cpu() - cpu0);
+        let took = meter.stop();
         let _ = ch.close(200, "OK".into()).await;
-        r
+        took
     })
     .await
     .unwrap()
 }
 
-async fn steadfast_run(size: usize, n: usize) -> (Duration, Duration) {
+/// Consumes `n` messages of `queue` on `channels` channels, each the loop of a spawned
+/// task with its share of the prefetch, acking `multiple = true` every half share.
+async fn raw_consume_split(conn: &Connection, queue: &str, n: usize, channels: u16) -> Took {
+    let share = PREFETCH / channels;
+    let left = Arc::new(AtomicUsize::new(n));
+    let mut chans = Vec::new();
+    for _ in 0..channels {
+        let ch = conn.create_channel().await.unwrap();
+        ch.basic_qos(share, BasicQosOptions::default())
+            .await
+            .unwrap();
+        chans.push(ch);
+    }
+    eprintln!("consuming");
+    let meter = Meter::start();
+    let tasks: Vec<_> = chans
+        .into_iter()
+        .map(|ch| {
+            let (queue, left) = (queue.to_owned(), left.clone());
+            tokio::spawn(async move {
+                let mut consumer = ch
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .unwrap();
+                let every = usize::from(share / 2).max(1);
+                let mut unacked = 0;
+                // Ends when every message of the run is taken; the other channel's last
+                // messages may come after this one's.
+                loop {
+                    let d = tokio::select! {
+                        d = consumer.next() => d.unwrap().unwrap(),
+                        () = async {
+                            while left.load(Ordering::Relaxed) > 0 {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
+                        } => break,
+                    };
+                    unacked += 1;
+                    let last = left.fetch_sub(1, Ordering::Relaxed) == 1;
+                    if unacked == every || last {
+                        ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
+                            .await
+                            .unwrap();
+                        unacked = 0;
+                    }
+                }
+                ch
+            })
+        })
+        .collect();
+    let mut chans = Vec::new();
+    for t in tasks {
+        chans.push(t.await.unwrap());
+    }
+    let took = meter.stop();
+    for ch in chans {
+        let _ = ch.close(200, "OK".into()).await;
+    }
+    took
+}
+
+async fn steadfast_run(size: usize, n: usize) -> Took {
     let name = format!("sf-bench-{}", uuid::Uuid::now_v7().simple());
-    let t = AmqpTransport::builder(url())
+    let mut builder = AmqpTransport::builder(url())
         .exchange(name.clone())
         .queue_prefix(format!("{name}."))
-        .queue_expiry(Duration::from_secs(120))
-        .connect()
-        .await
-        .expect("RabbitMQ on AMQP_URL");
+        .queue_expiry(Duration::from_secs(120));
+    if let Some(n) = std::env::var("BENCH_CHANNELS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        builder = builder.consumer_channels(n);
+    }
+    let t = builder.connect().await.expect("RabbitMQ on AMQP_URL");
     let handled = Arc::new(AtomicUsize::new(0));
     let settled = Arc::new(AtomicUsize::new(0));
     let h = handled.clone();
@@ -309,16 +450,16 @@ async fn steadfast_run(size: usize, n: usize) -> (Duration, Duration) {
     let stop = CancellationToken::new();
     let token = stop.clone();
     eprintln!("consuming");
-    let (cpu0, t0) = (cpu(), Instant::now());
+    let meter = Meter::start();
     let task = tokio::spawn(worker.run_until(async move { token.cancelled().await }));
     while settled.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
-    let r = (t0.elapsed(), cpu() - cpu0);
+    let took = meter.stop();
     stop.cancel();
     task.await.unwrap().unwrap();
     t.close().await;
-    r
+    took
 }
 
 fn main() {
@@ -338,17 +479,20 @@ fn main() {
         match std::env::var("BENCH_ONLY").as_deref() {
             Ok("steadfast") => {
                 for size in [256usize, 1024] {
-                    let (w, c) = steadfast_run(size, n).await;
-                    report("steadfast", size, n, w, c);
+                    report("steadfast", size, n, steadfast_run(size, n).await);
                 }
                 return;
             }
-            Ok("coalesced") => {
+            Ok(only @ ("coalesced" | "coalesced-2ch")) => {
+                let (name, ack) = if only == "coalesced" {
+                    ("raw-coalesced", Ack::Coalesce)
+                } else {
+                    ("raw-coal-2ch", Ack::Split(2))
+                };
                 for size in [256usize, 1024] {
                     let q = format!("sf-bench-raw-{}", uuid::Uuid::now_v7().simple());
-                    let (w, c) =
-                        raw_run(&conn, &q, size, n, Ack::Coalesce, Shape::Steadfast).await;
-                    report("raw-coalesced", size, n, w, c);
+                    let took = raw_run(&conn, &q, size, n, ack, Shape::Steadfast).await;
+                    report(name, size, n, took);
                     let ch = conn.create_channel().await.unwrap();
                     let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
                 }
@@ -356,7 +500,7 @@ fn main() {
             }
             _ => {}
         }
-        // `BENCH_ROUNDS` rounds (default 2), the five consumers interleaved within each,
+        // `BENCH_ROUNDS` rounds (default 2), the six consumers interleaved within each,
         // so a change in the machine's load lands on all of them.
         let rounds: usize = std::env::var("BENCH_ROUNDS")
             .ok()
@@ -367,21 +511,18 @@ fn main() {
                 println!("round {round}, {size} B");
                 let q = format!("sf-bench-raw-{}", uuid::Uuid::now_v7().simple());
                 let raw = |ack: Ack, shape: Shape| raw_run(&conn, &q, size, n, ack, shape);
-                let (w, c) = raw(Ack::Await, Shape::Steadfast).await;
-                let awaited = report("raw-ack-await", size, n, w, c);
-                let (w, c) = raw(Ack::Spawn, Shape::Steadfast).await;
-                let spawned = report("raw-ack-spawn", size, n, w, c);
-                let (w, c) = raw(Ack::Coalesce, Shape::Steadfast).await;
-                let ceiling = report("raw-coalesced", size, n, w, c);
-                let (w, c) = steadfast_run(size, n).await;
-                let ours = report("steadfast", size, n, w, c);
-                let (w, c) = raw(Ack::Coalesce, Shape::Plain).await;
-                let plain = report("raw-coal-plain", size, n, w, c);
+                let awaited = report("raw-ack-await", size, n, raw(Ack::Await, Shape::Steadfast).await);
+                let spawned = report("raw-ack-spawn", size, n, raw(Ack::Spawn, Shape::Steadfast).await);
+                let ceiling = report("raw-coalesced", size, n, raw(Ack::Coalesce, Shape::Steadfast).await);
+                let ours = report("steadfast", size, n, steadfast_run(size, n).await);
+                let split = report("raw-coal-2ch", size, n, raw(Ack::Split(2), Shape::Steadfast).await);
+                let plain = report("raw-coal-plain", size, n, raw(Ack::Coalesce, Shape::Plain).await);
                 println!(
-                    "  steadfast = {:.0}% of the coalesced ceiling, {:.2}x raw ack-await, {:.2}x raw ack-spawn ({:.0}% of the ceiling on header-less messages)",
+                    "  steadfast = {:.0}% of the coalesced ceiling, {:.2}x raw ack-await, {:.2}x raw ack-spawn ({:.0}% of the two-channel ceiling, {:.0}% of the ceiling on header-less messages)",
                     ours.rate / ceiling.rate * 100.0,
                     ours.rate / awaited.rate,
                     ours.rate / spawned.rate,
+                    ours.rate / split.rate * 100.0,
                     ours.rate / plain.rate * 100.0
                 );
                 let ch = conn.create_channel().await.unwrap();
