@@ -228,6 +228,11 @@ async fn raw_queue(conn: &Connection, name: &str, size: usize, n: usize, shape: 
     )
     .await
     .unwrap();
+    // Whatever an earlier scenario left (a channel closed with deliveries unacked
+    // returns them) must not count for this one.
+    ch.queue_purge(name.into(), Default::default())
+        .await
+        .unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
@@ -373,7 +378,7 @@ async fn raw_consume_split(conn: &Connection, queue: &str, n: usize, channels: u
                     .await
                     .unwrap();
                 let every = usize::from(share / 2).max(1);
-                let mut unacked = 0;
+                let (mut unacked, mut last_tag) = (0, 0);
                 // Ends when every message of the run is taken; the other channel's last
                 // messages may come after this one's.
                 loop {
@@ -386,7 +391,10 @@ async fn raw_consume_split(conn: &Connection, queue: &str, n: usize, channels: u
                         } => break,
                     };
                     unacked += 1;
-                    let last = left.fetch_sub(1, Ordering::Relaxed) == 1;
+                    last_tag = d.delivery_tag;
+                    let last = left
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1))
+                        == Ok(1);
                     if unacked == every || last {
                         ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
                             .await
@@ -394,13 +402,27 @@ async fn raw_consume_split(conn: &Connection, queue: &str, n: usize, channels: u
                         unacked = 0;
                     }
                 }
+                // This channel's tail, when the run's last message went to the other.
+                if unacked > 0 {
+                    ch.basic_ack(last_tag, BasicAckOptions { multiple: true })
+                        .await
+                        .unwrap();
+                }
                 ch
             })
         })
         .collect();
     let mut chans = Vec::new();
     for t in tasks {
-        chans.push(t.await.unwrap());
+        let ch = tokio::time::timeout(Duration::from_secs(300), t)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "two-channel loop stuck with {} messages not received",
+                    left.load(Ordering::Relaxed)
+                )
+            });
+        chans.push(ch.unwrap());
     }
     let took = meter.stop();
     for ch in chans {
