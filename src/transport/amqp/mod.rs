@@ -182,9 +182,11 @@ impl AmqpBuilder {
     /// uses at most `p` channels, so a worker with concurrency 1 still consumes on one.
     ///
     /// RabbitMQ runs each channel in a process of its own, and one channel's process is
-    /// where a fast consumer's messages queue up: on two cores, two channels consumed
-    /// 1 KiB messages about 1.2× as fast as one with the same total prefetch
-    /// (`docs/benchmarks.md`). Use 1 to keep every delivery of a subscription on one
+    /// where a fast consumer waits: on two cores, lapin's own coalesced consumer took
+    /// 1 KiB messages about 1.2× as fast on two channels as on one with the same total
+    /// prefetch, and the worker with two channels and its acks sent by the half-prefetch
+    /// spent less broker CPU per message than with one (decision 0103,
+    /// `docs/benchmarks.md`). Use 1 to keep every delivery of a subscription on one
     /// channel.
     ///
     /// ```
