@@ -87,21 +87,16 @@ pub(crate) async fn raw_publish(
 
 /// How many ready messages `queue` holds (passive declare).
 pub(crate) async fn ready(ch: &Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("queue exists")
-    .message_count()
+    passive(ch, queue).await.message_count()
 }
 
 /// How many consumers `queue` has.
 pub(crate) async fn consumers(ch: &Channel, queue: &str) -> u32 {
+    passive(ch, queue).await.consumer_count()
+}
+
+/// `queue` as the broker reports it (a passive declare: it must exist).
+async fn passive(ch: &Channel, queue: &str) -> lapin::Queue {
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
@@ -112,7 +107,6 @@ pub(crate) async fn consumers(ch: &Channel, queue: &str) -> u32 {
     )
     .await
     .expect("queue exists")
-    .consumer_count()
 }
 
 /// A worker running in the background, with its outcomes recorded.
