@@ -2,14 +2,19 @@
 //!
 //! Settling a delivery queues its tag here; one task per channel flushes the queue: a
 //! single `basic.ack` with `multiple=true` covers every queued tag below the lowest tag
-//! still in flight. Under load such acks wait until they number half the channel's
-//! prefetch or the oldest has waited [`HOLD`] (1 ms), whichever comes first; when nothing
-//! else is in flight they go out at once. A tag above the lowest in flight waits up to
+//! still in flight, once they number half the channel's prefetch or the oldest has waited
+//! [`HOLD`] (1 ms), whichever comes first (a lone message on an idle channel is acked
+//! after about [`HOLD`]; decision 0103). A tag above the lowest in flight waits up to
 //! [`HOLD`] for the lower ones to be settled so that a `multiple` ack covers it too, then
 //! goes out on its own. Each settle learns whether its frame went out. Requeues
 //! (deliveries dropped unsettled) go out first, one by one, so a later `multiple` ack can
-//! never cover them. The flusher is woken by the first ack it has to send, by the one
-//! that completes a batch, and when nothing is left in flight, not by every ack.
+//! never cover them. The flusher is woken by the first ack it has to send and by the one
+//! that completes a batch, not by every ack; acks queued while it sends are taken at once.
+//!
+//! Settling removes the tag from the in-flight set at once, and the flusher reads the
+//! lowest in-flight tag under the same lock as it takes the queue: a tag settled after
+//! that take was in flight at it, so it is above every tag the take's `multiple` ack
+//! covers.
 //!
 //! The whole structure belongs to one channel *generation*: after a reconnect the new
 //! channel has new tags and a new `ChannelAcks`, and a delivery of the dead channel can
@@ -187,9 +192,8 @@ impl ChannelAcks {
     }
 
     /// Sends what `held` allows: one `multiple` ack for the tags below `low` once they
-    /// make a batch, nothing else is in flight or the oldest of them was held for
-    /// [`HOLD`], and single acks for the tags above it that were held for [`HOLD`]
-    /// already.
+    /// make a batch, the oldest of them was held for [`HOLD`] or the channel is retired,
+    /// and single acks for the tags above it that were held for [`HOLD`] already.
     async fn flush(&self, held: &mut Vec<(u64, Done, Instant)>, low: Option<u64>, retired: bool) {
         if held.is_empty() {
             return;
