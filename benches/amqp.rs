@@ -290,6 +290,18 @@ enum Ack {
     Split(u16),
 }
 
+/// Starts a consumer on `queue` (manual acks).
+async fn consume(ch: &Channel, queue: &str) -> lapin::Consumer {
+    ch.basic_consume(
+        queue.into(),
+        "".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+}
+
 /// Consumes `n` messages of `queue` on `ch` as the loop of a spawned task (run inside
 /// `block_on`, lapin loses about a quarter of its throughput).
 async fn raw_consume(ch: Channel, queue: String, n: usize, ack: Ack) -> Took {
@@ -300,15 +312,7 @@ async fn raw_consume(ch: Channel, queue: String, n: usize, ack: Ack) -> Took {
         // On stderr, so a profiler can attach to the consume phase alone.
         eprintln!("consuming");
         let meter = Meter::start();
-        let mut consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let mut consumer = consume(&ch, &queue).await;
         let mut tasks = Vec::new();
         let mut seen = 0;
         while seen < n {
@@ -328,6 +332,7 @@ async fn raw_consume(ch: Channel, queue: String, n: usize, ack: Ack) -> Took {
                         }
                     }
                 }
+                // `Split` runs in `raw_consume_split`; it never reaches this loop.
                 Ack::Coalesce | Ack::Split(_) => {
                     if seen % 50 == 0 || seen == n {
                         ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
@@ -368,15 +373,7 @@ async fn raw_consume_split(conn: &Connection, queue: &str, n: usize, channels: u
         .map(|ch| {
             let (queue, left) = (queue.to_owned(), left.clone());
             tokio::spawn(async move {
-                let mut consumer = ch
-                    .basic_consume(
-                        queue.as_str().into(),
-                        "".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .unwrap();
+                let mut consumer = consume(&ch, &queue).await;
                 let every = usize::from(share / 2).max(1);
                 let (mut unacked, mut last_tag) = (0, 0);
                 // Ends when every message of the run is taken; the other channel's last

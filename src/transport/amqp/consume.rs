@@ -269,8 +269,8 @@ async fn stop(inner: &Arc<Inner>, mut s: Session) {
 }
 
 /// Starts a new session after one was lost, with capped jittered backoff, declaring the
-/// topology again (the broker may have lost what was not durable, or expired it). `None` when
-/// the stream was dropped or the transport closed meanwhile.
+/// topology again (the broker may have lost what was not durable, or expired it). `None`
+/// when the stream was dropped or the transport closed meanwhile.
 async fn resume(
     inner: &Arc<Inner>,
     topo: &Arc<GroupTopology>,

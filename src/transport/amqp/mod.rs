@@ -1,7 +1,8 @@
 //! The RabbitMQ transport (feature `amqp`, built on lapin).
 //!
 //! One connection per [`AmqpTransport`] (clones share it), with heartbeats, a
-//! publisher-confirm channel for everything it publishes, and one channel per
+//! publisher-confirm channel for everything it publishes, and
+//! [`consumer_channels`](AmqpBuilder::consumer_channels) channels (default 2) per
 //! subscription. The topology it declares, how each [`Disposition`](crate::Disposition)
 //! is carried out and how it recovers are described in `docs/rabbitmq.md`.
 //!
@@ -408,5 +409,20 @@ mod tests {
         assert_eq!(redact_url("::s3cret::"), "(unparseable url)");
         let b = AmqpTransport::builder("amqp://u:s3cret@h/");
         assert!(!format!("{b:?}").contains("s3cret"));
+    }
+    #[test]
+    fn zero_consumer_channels_is_refused_with_the_other_problems() {
+        let b = AmqpTransport::builder("amqp://u:s3cret@h/")
+            .consumer_channels(0)
+            .delivery_limit(0);
+        let p = b.problems();
+        assert!(p.contains(&"a subscription needs at least 1 consumer channel".to_owned()));
+        assert!(p.contains(&"the delivery limit must be at least 1".to_owned()));
+        assert!(
+            AmqpTransport::builder("amqp://h/")
+                .consumer_channels(1)
+                .problems()
+                .is_empty()
+        );
     }
 }
