@@ -20,8 +20,7 @@
 //!   handler, acking through the transport's coalescing acker;
 //! - `raw-coal-2ch`: the coalesced loop on two channels of the one connection, each a
 //!   task with prefetch 50 acking every 25 messages: the same total prefetch, split as
-//!   the worker splits it over its two consumer channels (lapin's ceiling for that
-//!   shape);
+//!   the worker splits it with `consumer_channels(2)` (lapin's ceiling for that shape);
 //! - `raw-coal-plain`: the coalesced loop again, on messages with no properties but
 //!   persistent delivery (what lapin's ceiling is without the headers a real publisher
 //!   sets; printed for reference).
@@ -30,7 +29,7 @@
 //! the properties and CloudEvents headers a steadfast publisher sets, so every consumer
 //! parses the same frames. Every raw loop runs as a spawned task. `BENCH_ROUNDS` (default
 //! 2) repeats the six, interleaved. `BENCH_CHANNELS=n` sets the worker's consumer
-//! channels (default: the transport's default, 2).
+//! channels (default: the transport's default, 1).
 //!
 //! Prints msgs/s, client CPU µs/msg (user+system time of this process from
 //! `/proc/self/stat`, the figures `getrusage` gives; `unsafe` is forbidden here) and,

@@ -471,15 +471,23 @@ async fn settling_after_the_stream_is_dropped_still_acks() {
     t.close().await;
 }
 
-/// A subscription consumes on two channels, its prefetch split between them; acks held
-/// for a batch go out for bursts smaller than a batch, exactly one batch, and larger
-/// than the prefetch (a flusher that waited for a batch that never comes would leave
-/// them unsettled); a subscription with a prefetch of 1 keeps one channel.
+/// A subscription set to two consumer channels consumes on both, its prefetch split
+/// between them; every ack goes out for bursts of 1 to 120 messages and for settles
+/// trickling in 2 ms apart (nothing comes back to the next consumer); a subscription
+/// with a prefetch of 1 keeps one channel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_consumer_channels_ack_every_burst_and_a_prefetch_of_one_keeps_one() {
     use futures::{StreamExt, stream::FuturesUnordered};
     use steadfast::{Disposition, transport::Subscription};
-    let t = support::transport("channels").await;
+    let name = support::unique("channels");
+    let t = AmqpTransport::builder(support::url())
+        .exchange(name.as_str())
+        .queue_prefix(format!("{name}."))
+        .queue_expiry(Duration::from_secs(300))
+        .consumer_channels(2)
+        .connect()
+        .await
+        .expect("RabbitMQ on AMQP_URL");
     let mut sub = Subscription::new("g", [Task::NAME]);
     sub.prefetch = 100;
     let mut stream = t.subscribe(&sub).await.unwrap();

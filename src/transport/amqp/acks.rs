@@ -2,19 +2,11 @@
 //!
 //! Settling a delivery queues its tag here; one task per channel flushes the queue: a
 //! single `basic.ack` with `multiple=true` covers every queued tag below the lowest tag
-//! still in flight, once they number half the channel's prefetch or the oldest has waited
-//! [`HOLD`] (1 ms), whichever comes first (a lone message on an idle channel is acked
-//! after about [`HOLD`]; decision 0103). A tag above the lowest in flight waits up to
-//! [`HOLD`] for the lower ones to be settled so that a `multiple` ack covers it too, then
-//! goes out on its own. Each settle learns whether its frame went out. Requeues
-//! (deliveries dropped unsettled) go out first, one by one, so a later `multiple` ack can
-//! never cover them. The flusher is woken by the first ack it has to send and by the one
-//! that completes a batch, not by every ack; acks queued while it sends are taken at once.
-//!
-//! Settling removes the tag from the in-flight set at once, and the flusher reads the
-//! lowest in-flight tag under the same lock as it takes the queue: a tag settled after
-//! that take was in flight at it, so it is above every tag the take's `multiple` ack
-//! covers.
+//! still in flight; a tag above it waits up to [`HOLD`] (1 ms) for the lower ones to be
+//! settled so that a later `multiple` ack covers it too, then goes out on its own. Each
+//! settle learns whether its frame went out. Requeues (deliveries dropped unsettled) go
+//! out first, one by one, so a later `multiple` ack can never cover them. When idle an
+//! in-order ack goes out at once; under load one frame covers many messages.
 //!
 //! The whole structure belongs to one channel *generation*: after a reconnect the new
 //! channel has new tags and a new `ChannelAcks`, and a delivery of the dead channel can
@@ -48,8 +40,6 @@ struct State {
     /// Tags handed out and not yet queued for settling.
     in_flight: BTreeSet<u64>,
     queue: Vec<Op>,
-    /// Acks queued or held by the flusher, not yet sent.
-    unsent: usize,
     /// No new deliveries will arrive on this channel.
     retired: bool,
 }
@@ -59,19 +49,16 @@ pub(super) struct ChannelAcks {
     state: Mutex<State>,
     wake: Notify,
     timeout: Duration,
-    /// How many in-order acks make a frame worth sending before [`HOLD`] is up.
-    batch: usize,
 }
 
 impl ChannelAcks {
-    /// Starts the flusher of `channel`, whose consumer has `prefetch`.
-    pub(super) fn start(channel: Channel, timeout: Duration, prefetch: u16) -> Arc<Self> {
+    /// Starts the flusher of `channel`.
+    pub(super) fn start(channel: Channel, timeout: Duration) -> Arc<Self> {
         let acks = Arc::new(Self {
             channel,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             timeout,
-            batch: usize::from(prefetch / 2).max(1),
         });
         tokio::spawn(acks.clone().flusher());
         acks
@@ -84,7 +71,7 @@ impl ChannelAcks {
     /// Nothing handed out is waiting to be settled.
     pub(super) fn is_idle(&self) -> bool {
         let st = self.lock();
-        st.in_flight.is_empty() && st.queue.is_empty() && st.unsent == 0
+        st.in_flight.is_empty() && st.queue.is_empty()
     }
 
     /// Records a tag handed out to the worker.
@@ -102,16 +89,8 @@ impl ChannelAcks {
     /// Acks `tag`; `Ok` once the ack frame went out on this channel.
     pub(super) async fn ack(&self, tag: u64) -> Result<(), TransportError> {
         let (tx, rx) = oneshot::channel();
-        let wake = {
-            let mut st = self.lock();
-            st.in_flight.remove(&tag);
-            st.queue.push(Op::Ack(tag, tx));
-            st.unsent += 1;
-            st.unsent == 1 || st.unsent >= self.batch
-        };
-        if wake {
-            self.wake.notify_one();
-        }
+        self.lock().queue.push(Op::Ack(tag, tx));
+        self.wake.notify_one();
         match rx.await {
             Ok(r) => r,
             Err(_) => Err(not_settled("the acknowledger stopped")),
@@ -121,11 +100,7 @@ impl ChannelAcks {
     /// Puts `tag` back in the queue (a delivery dropped unsettled). Fire and forget: if
     /// the channel is gone, the broker has requeued it already.
     pub(super) fn requeue(&self, tag: u64) {
-        {
-            let mut st = self.lock();
-            st.in_flight.remove(&tag);
-            st.queue.push(Op::Requeue(tag));
-        }
+        self.lock().queue.push(Op::Requeue(tag));
         self.wake.notify_one();
     }
 
@@ -135,19 +110,25 @@ impl ChannelAcks {
         let mut held: Vec<(u64, Done, Instant)> = Vec::new();
         loop {
             let notified = self.wake.notified();
-            let (requeues, low, done, retired) = {
+            let (requeues, low, done) = {
                 let mut st = self.lock();
                 let ops = std::mem::take(&mut st.queue);
                 let now = Instant::now();
                 let mut requeues = Vec::new();
                 for op in ops {
                     match op {
-                        Op::Ack(t, done) => held.push((t, done, now)),
-                        Op::Requeue(t) => requeues.push(t),
+                        Op::Ack(t, done) => {
+                            st.in_flight.remove(&t);
+                            held.push((t, done, now));
+                        }
+                        Op::Requeue(t) => {
+                            st.in_flight.remove(&t);
+                            requeues.push(t);
+                        }
                     }
                 }
                 let done = st.retired && st.in_flight.is_empty() && held.is_empty();
-                (requeues, st.in_flight.first().copied(), done, st.retired)
+                (requeues, st.in_flight.first().copied(), done)
             };
             if done && requeues.is_empty() {
                 return;
@@ -166,19 +147,7 @@ impl ChannelAcks {
                     tracing::debug!(tag = t, error = %e, "requeue not sent; the broker requeues it when the channel closes");
                 }
             }
-            let before = held.len();
-            self.flush(&mut held, low, retired).await;
-            let sent = before - held.len();
-            let queued = {
-                let mut st = self.lock();
-                st.unsent -= sent;
-                !st.queue.is_empty()
-            };
-            if queued {
-                // Settled while the frames went out: those acks did not wake the flusher
-                // (only the first and the batch-completing one do), so take them now.
-                continue;
-            }
+            self.flush(&mut held, low).await;
             match held.iter().map(|h| h.2).min() {
                 Some(oldest) => {
                     tokio::select! {
@@ -191,26 +160,15 @@ impl ChannelAcks {
         }
     }
 
-    /// Sends what `held` allows: one `multiple` ack for the tags below `low` once they
-    /// make a batch, the oldest of them was held for [`HOLD`] or the channel is retired,
-    /// and single acks for the tags above it that were held for [`HOLD`] already.
-    async fn flush(&self, held: &mut Vec<(u64, Done, Instant)>, low: Option<u64>, retired: bool) {
+    /// Sends what `held` allows: one `multiple` ack for every tag below `low`, and single
+    /// acks for the tags above it that were held for [`HOLD`] already.
+    async fn flush(&self, held: &mut Vec<(u64, Done, Instant)>, low: Option<u64>) {
         if held.is_empty() {
             return;
         }
         held.sort_unstable_by_key(|h| h.0);
-        let now = Instant::now();
         let split = low.map_or(held.len(), |low| held.partition_point(|h| h.0 < low));
-        let due = retired
-            || split >= self.batch
-            || held[..split]
-                .iter()
-                .any(|h| now.duration_since(h.2) >= HOLD);
-        let below: Vec<_> = if due {
-            held.drain(..split).collect()
-        } else {
-            Vec::new()
-        };
+        let below: Vec<_> = held.drain(..split).collect();
         if let Some((max, _, _)) = below.last() {
             let multiple = below.len() > 1;
             let r = self
@@ -220,9 +178,10 @@ impl ChannelAcks {
                 let _ = done.send(r.clone().map_err(Into::into));
             }
         }
-        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(held).into_iter().partition(|h| {
-            low.is_some_and(|low| h.0 > low) && (now.duration_since(h.2) >= HOLD || retired)
-        });
+        let now = Instant::now();
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(held)
+            .into_iter()
+            .partition(|h| now.duration_since(h.2) >= HOLD || self.lock().retired);
         *held = keep;
         if due.is_empty() {
             return;

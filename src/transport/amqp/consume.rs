@@ -113,7 +113,7 @@ async fn start_session(
     .await;
     match r {
         Ok(consumer) => {
-            let acks = ChannelAcks::start(channel.clone(), inner.cfg.op_timeout, prefetch);
+            let acks = ChannelAcks::start(channel.clone(), inner.cfg.op_timeout);
             inner.track(&acks);
             Ok(Session {
                 channel,

@@ -2,7 +2,7 @@
 //!
 //! One connection per [`AmqpTransport`] (clones share it), with heartbeats, a
 //! publisher-confirm channel for everything it publishes, and
-//! [`consumer_channels`](AmqpBuilder::consumer_channels) channels (default 2) per
+//! [`consumer_channels`](AmqpBuilder::consumer_channels) channels (default 1) per
 //! subscription. The topology it declares, how each [`Disposition`](crate::Disposition)
 //! is carried out and how it recovers are described in `docs/rabbitmq.md`.
 //!
@@ -87,7 +87,7 @@ pub const DEFAULT_EXCHANGE: &str = "steadfast";
 
 /// The default number of channels a subscription consumes on; see
 /// [`AmqpBuilder::consumer_channels`].
-pub const DEFAULT_CONSUMER_CHANNELS: u16 = 2;
+pub const DEFAULT_CONSUMER_CHANNELS: u16 = 1;
 
 /// The default delivery limit of work queues (the same as RabbitMQ 4's default).
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
@@ -177,24 +177,21 @@ impl AmqpBuilder {
     }
 
     /// How many channels, each with a consumer of its own, one subscription consumes on
-    /// (default [`DEFAULT_CONSUMER_CHANNELS`], 2). The subscription's prefetch (its
+    /// (default [`DEFAULT_CONSUMER_CHANNELS`], 1). The subscription's prefetch (its
     /// worker's concurrency) is split between them, so the broker never hands out more
     /// unsettled messages than with one channel; a subscription with a prefetch of `p`
-    /// uses at most `p` channels, so a worker with concurrency 1 still consumes on one.
+    /// uses at most `p` channels, so a worker with concurrency 1 always consumes on one.
     ///
-    /// RabbitMQ runs each channel in a process of its own, and one channel's process is
-    /// where a fast consumer waits: on two cores, lapin's own coalesced consumer took
-    /// 1 KiB messages about 1.2× as fast on two channels as on one with the same total
-    /// prefetch, and the worker with two channels and its acks sent by the half-prefetch
-    /// spent less broker CPU per message than with one (decision 0103,
-    /// `docs/benchmarks.md`). Use 1 to keep every delivery of a subscription on one
-    /// channel.
+    /// RabbitMQ runs each channel in a process of its own: on two cores, lapin's own
+    /// coalesced consumer took 1 KiB messages about 1.2× as fast on two channels as on
+    /// one with the same total prefetch, while the worker on two channels was slower
+    /// than on one (decision 0103, `docs/benchmarks.md`). Measure before raising it.
     ///
     /// ```
     /// use steadfast::transport::amqp::AmqpTransport;
     ///
     /// let builder = AmqpTransport::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
-    ///     .consumer_channels(1);
+    ///     .consumer_channels(2);
     /// # let _ = builder;
     /// ```
     #[must_use]
