@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Starts, stops and reports the extra brokers the cluster and version tests run against,
+# all on loopback with ports and data directories of their own, so they never touch the
+# machine's own RabbitMQ (5672) and NATS (4222):
+#
+#   scripts/brokers.sh <setup> <start|stop|status>
+#
+# Each setup is one file in scripts/brokers/ (scripts/brokers/<setup>.sh) that defines
+# the functions `start`, `stop` and `status`; `scripts/brokers.sh list` names them.
+# `start` installs what it needs on a fresh machine (Debian or PyPI packages, a debootstrap
+# root for a newer RabbitMQ) under target/brokers/, and is idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+export BROKERS_DIR="${BROKERS_DIR:-$root/target/brokers}"
+mkdir -p "$BROKERS_DIR"
+
+usage() {
+  echo "usage: scripts/brokers.sh <setup> <start|stop|status>   (setups: $(list | tr '\n' ' '))" >&2
+  exit 2
+}
+list() { find scripts/brokers -maxdepth 1 -name '*.sh' -printf '%f\n' | sed 's/\.sh$//' | sort; }
+
+[ "${1:-}" = list ] && { list; exit 0; }
+[ $# -eq 2 ] || usage
+setup=$1 action=$2
+[ -f "scripts/brokers/$setup.sh" ] || usage
+case "$action" in start | stop | status) ;; *) usage ;; esac
+# shellcheck source=/dev/null
+source "scripts/brokers/$setup.sh"
+"$action"
