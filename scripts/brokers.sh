@@ -4,9 +4,11 @@
 # machine's own RabbitMQ (5672) and NATS (4222):
 #
 #   scripts/brokers.sh <setup> <start|stop|status>
+#   scripts/brokers.sh <setup> <action> [arguments]   (an action the setup adds, e.g. ctl)
 #
 # Each setup is one file in scripts/brokers/ (scripts/brokers/<setup>.sh) that defines
-# the functions `start`, `stop` and `status`; `scripts/brokers.sh list` names them.
+# the functions `start`, `stop` and `status` (and may define more actions, which the
+# tests use to act on one node); `scripts/brokers.sh list` names them.
 # `start` installs what it needs on a fresh machine (Debian or PyPI packages, a debootstrap
 # root for a newer RabbitMQ) under target/brokers/, and is idempotent.
 set -euo pipefail
@@ -22,10 +24,12 @@ usage() {
 list() { find scripts/brokers -maxdepth 1 -name '*.sh' -printf '%f\n' | sed 's/\.sh$//' | sort; }
 
 [ "${1:-}" = list ] && { list; exit 0; }
-[ $# -eq 2 ] || usage
+[ $# -ge 2 ] || usage
 setup=$1 action=$2
+shift 2
 [ -f "scripts/brokers/$setup.sh" ] || usage
-case "$action" in start | stop | status) ;; *) usage ;; esac
+case "$action" in start | stop | status) [ $# -eq 0 ] || usage ;; esac
 # shellcheck source=/dev/null
 source "scripts/brokers/$setup.sh"
-"$action"
+[ "$(type -t "$action")" = function ] || usage
+"$action" "$@"
