@@ -27,6 +27,7 @@ pub mod otel;
 pub mod outbox;
 mod redact;
 pub mod retry;
+pub mod sql;
 pub mod testing;
 pub mod transport;
 pub mod worker;

@@ -18,6 +18,8 @@ pub mod memory;
 pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+mod steps;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
@@ -25,8 +27,9 @@ pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
+pub use crate::sql::{StoreError, StoreErrorKind};
 use futures::future::BoxFuture;
-use std::{error::Error as StdError, fmt, time::Duration};
+use std::time::Duration;
 use uuid::Uuid;
 
 /// The outcome of [`IdempotencyStore::begin`].
@@ -72,6 +75,17 @@ pub struct Key<'a> {
     pub name: &'a str,
     /// The message's idempotency key (a `#[message(key)]` field, or the message id).
     pub key: &'a str,
+}
+
+impl<'a> Key<'a> {
+    /// The three parts, in the order the SQL stores bind them.
+    #[cfg_attr(
+        not(any(feature = "postgres", feature = "sqlite", feature = "mysql")),
+        allow(dead_code)
+    )]
+    pub(crate) fn parts(self) -> [&'a str; 3] {
+        [self.group, self.name, self.key]
+    }
 }
 
 /// A store of idempotency keys. Implemented for memory, PostgreSQL and SQLite.
@@ -122,47 +136,98 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     }
 }
 
-/// A store failed; the worker treats it as a transient failure (the message is retried).
-#[derive(Debug)]
-pub struct StoreError {
-    message: String,
-    source: Option<Box<dyn StdError + Send + Sync + 'static>>,
+/// The two statements of a SQL store that `begin` is made of (see [`begin_with`]).
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+pub(crate) trait TakeKey: Sync {
+    /// Takes `key` with `token` for `lease` if it is free (new, its lease ended, or done
+    /// longer ago than the retention); whether it was taken.
+    fn take<'a>(
+        &'a self,
+        key: Key<'a>,
+        token: Uuid,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// The key's state (`held` or `done`), if it has a row.
+    fn state<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, Result<Option<String>, StoreError>>;
 }
 
-impl StoreError {
-    /// A store error with a message (never containing credentials).
-    pub fn new(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            source: None,
+/// `begin` for every SQL store: take the key, or tell why not. Two tries: a key released
+/// between the two statements is free again.
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+pub(crate) async fn begin_with(
+    store: &impl TakeKey,
+    key: Key<'_>,
+    lease: Duration,
+) -> Result<Begin, StoreError> {
+    for _ in 0..2 {
+        let token = Uuid::now_v7();
+        if store.take(key, token, lease).await? {
+            return Ok(Begin::Acquired(Lease { token }));
+        }
+        match store.state(key).await?.as_deref() {
+            Some("done") => return Ok(Begin::AlreadyDone),
+            Some(_) => return Ok(Begin::InFlight),
+            None => {}
         }
     }
-
-    /// Attaches the underlying error.
-    #[must_use]
-    pub fn with_source(
-        mut self,
-        source: impl Into<Box<dyn StdError + Send + Sync + 'static>>,
-    ) -> Self {
-        self.source = Some(source.into());
-        self
-    }
+    Ok(Begin::InFlight)
 }
 
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)?;
-        if let Some(s) = &self.source {
-            write!(f, ": {s}")?;
+/// The inbox methods every SQL store shares, written once: `with_retention`, `mark`
+/// for the connection type `$conn`, `spawn_cleanup`. The store provides `setup`,
+/// `rebuild`, `mark_key` and `cleanup`.
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+macro_rules! inbox_methods {
+    ($conn:ty) => {
+        /// Keeps completed keys for `retention` (default 7 days): a duplicate arriving
+        /// later than that runs the handler again. Make it longer than the broker can
+        /// hold a message.
+        #[must_use]
+        pub fn with_retention(self, retention: std::time::Duration) -> Self {
+            let mut setup = self.setup().clone();
+            setup.retention = retention;
+            self.rebuild(setup)
         }
-        Ok(())
-    }
-}
 
-impl StdError for StoreError {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
-            .as_deref()
-            .map(|s| s as &(dyn StdError + 'static))
-    }
+        /// Marks the delivery of `cx` handled, inside your transaction `conn`. Returns
+        /// `false` if it was handled before: then do nothing and return `Ok(())`.
+        ///
+        /// Race-safe: two deliveries of the same message marking at once end with one
+        /// `true` (the second waits on the first's row lock and sees it done once it
+        /// commits; if the first rolls back, the second goes ahead).
+        pub async fn mark(
+            &self,
+            conn: &mut $conn,
+            cx: &$crate::Context,
+        ) -> Result<bool, $crate::sql::StoreError> {
+            let key = $crate::idempotency::Key {
+                group: cx.group(),
+                name: cx.name(),
+                key: cx.idempotency_key(),
+            };
+            let marked = self.mark_key(conn, key).await?;
+            cx.note_marked();
+            Ok(marked)
+        }
+
+        /// Runs [`cleanup`](Self::cleanup) every `every` until the returned handle is
+        /// aborted or dropped with the runtime. Errors are logged and retried next time.
+        pub fn spawn_cleanup(&self, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+            let store = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every.max(std::time::Duration::from_secs(1)));
+                loop {
+                    tick.tick().await;
+                    match store.cleanup().await {
+                        Ok(n) if n > 0 => tracing::debug!(removed = n, "inbox cleanup"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "inbox cleanup failed"),
+                    }
+                }
+            })
+        }
+    };
 }
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+pub(crate) use inbox_methods;

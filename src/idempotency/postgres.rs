@@ -1,22 +1,18 @@
 //! The PostgreSQL idempotency store and transactional inbox.
 
 use super::{
-    Begin, IdempotencyStore, Key, Lease, StoreError,
+    Begin, IdempotencyStore, Key, Lease, StoreError, TakeKey, begin_with,
     looks::{LookBatch, Looks, OwnedKey},
+    steps::{CLEANUP, COMPLETE, MARK, RELEASE, REMAINING, STATE, TAKE},
 };
-use crate::{
-    context::Context,
-    outbox::{Table, bounded, db_err},
-};
+pub use crate::sql::postgres::connect;
+use crate::sql::{Setup, Table, bounded, db_err, keyed, keyed_scalar, run};
 use futures::future::BoxFuture;
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use std::{fmt, sync::Arc, time::Duration};
 use uuid::Uuid;
 
 const SCHEMA: &str = include_str!("../../sql/postgres/inbox.sql");
-/// The advisory lock taken while creating steadfast's tables, so concurrent starts do not
-/// race on `CREATE TABLE IF NOT EXISTS`.
-pub(crate) const MIGRATE_LOCK: i64 = 0x5354_4541_4446_4153; // "STEADFAS"
 
 /// Idempotency keys and the transactional inbox in a PostgreSQL table (default
 /// `steadfast_inbox`).
@@ -62,9 +58,7 @@ pub struct PostgresStore {
 
 struct Inner {
     pool: PgPool,
-    table: Table,
-    retention: Duration,
-    timeout: Duration,
+    setup: Setup,
     sql: Sql,
     looks: Looks,
 }
@@ -147,8 +141,8 @@ impl Sql {
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
-            .field("table", &self.inner.table.name)
-            .field("retention", &self.inner.retention)
+            .field("table", &self.inner.setup.table.name)
+            .field("retention", &self.inner.setup.retention)
             .finish_non_exhaustive()
     }
 }
@@ -157,99 +151,43 @@ impl PostgresStore {
     /// A store in table `steadfast_inbox` of `pool`'s database, keeping completed keys
     /// for 7 days.
     pub fn new(pool: PgPool) -> Self {
-        Self::build(
-            pool,
-            Table::parse("steadfast_inbox").expect("a valid constant name"),
-            Duration::from_secs(7 * 24 * 3600),
-            Duration::from_secs(10),
-        )
+        Self::build(pool, Setup::new("steadfast_inbox"))
     }
 
-    fn build(pool: PgPool, table: Table, retention: Duration, timeout: Duration) -> Self {
-        let sql = Sql::new(&table);
+    fn build(pool: PgPool, setup: Setup) -> Self {
+        let sql = Sql::new(&setup.table);
         let looks = Looks::new(look_batch(
             pool.clone(),
             sql.done_many.clone(),
-            retention,
-            timeout,
+            setup.retention,
+            setup.timeout,
         ));
         Self {
             inner: Arc::new(Inner {
                 pool,
-                table,
-                retention,
-                timeout,
+                setup,
                 sql,
                 looks,
             }),
         }
     }
 
-    /// Uses table `name` (`table` or `schema.table`) instead of `steadfast_inbox`.
-    pub fn with_table(self, name: &str) -> Result<Self, StoreError> {
-        let table = Table::parse(name)?;
-        let i = &self.inner;
-        Ok(Self::build(i.pool.clone(), table, i.retention, i.timeout))
+    fn setup(&self) -> &Setup {
+        &self.inner.setup
     }
 
-    /// Keeps completed keys for `retention` (default 7 days): a duplicate arriving later
-    /// than that runs the handler again. Make it longer than the broker can hold a message.
-    #[must_use]
-    pub fn with_retention(self, retention: Duration) -> Self {
-        let i = &self.inner;
-        Self::build(i.pool.clone(), i.table.clone(), retention, i.timeout)
+    fn rebuild(&self, setup: Setup) -> Self {
+        Self::build(self.inner.pool.clone(), setup)
     }
 
-    /// Bounds every store call (default 10 s).
-    #[must_use]
-    pub fn with_timeout(self, timeout: Duration) -> Self {
-        let i = &self.inner;
-        Self::build(i.pool.clone(), i.table.clone(), i.retention, timeout)
-    }
-
-    /// The table's name.
-    pub fn table(&self) -> &str {
-        &self.inner.table.name
-    }
-
-    /// The SQL that creates the table, for your own migrations. Idempotent.
-    pub fn schema_sql(&self) -> String {
-        self.inner.table.render(SCHEMA)
-    }
+    crate::sql::store_methods!();
+    super::inbox_methods!(PgConnection);
 
     /// Creates the table if it does not exist (plain `CREATE ... IF NOT EXISTS`, no
     /// migrations table of its own) and warns if `synchronous_commit` is off.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let sql = self.schema_sql();
-        bounded(
-            self.inner.timeout,
-            "creating the inbox table",
-            apply_schema(&self.inner.pool, sql),
-        )
-        .await?;
-        warn_unsafe_settings(&self.inner.pool).await;
-        Ok(())
-    }
-
-    /// Marks the delivery of `cx` handled, inside your transaction `conn`. Returns
-    /// `false` if it was handled before: then do nothing and return `Ok(())`.
-    ///
-    /// Race-safe: two deliveries of the same message marking at once end with one `true`
-    /// (the second waits on the first's row lock and sees it done once it commits; if
-    /// the first rolls back, the second goes ahead).
-    pub async fn mark(&self, conn: &mut PgConnection, cx: &Context) -> Result<bool, StoreError> {
-        let marked = self
-            .mark_key(
-                conn,
-                Key {
-                    group: cx.group(),
-                    name: cx.name(),
-                    key: cx.idempotency_key(),
-                },
-            )
-            .await?;
-        cx.note_marked();
-        Ok(marked)
+        crate::sql::postgres::migrate(&self.inner.pool, self.schema_sql(), self.setup().timeout)
+            .await
     }
 
     /// [`mark`](Self::mark) for an explicit key.
@@ -258,84 +196,51 @@ impl PostgresStore {
         conn: &mut PgConnection,
         key: Key<'_>,
     ) -> Result<bool, StoreError> {
-        let fut = async {
-            sqlx::query(AssertSqlSafe(self.inner.sql.mark.clone()))
-                .bind(key.group)
-                .bind(key.name)
-                .bind(key.key)
-                .bind(self.inner.retention.as_secs_f64())
-                .fetch_optional(conn)
-                .await
-                .map_err(db_err("could not mark the inbox key"))
-        };
-        let row = bounded(self.inner.timeout, "inbox mark", fut).await?;
+        let q = keyed(&self.inner.sql.mark, key.parts()).bind(self.retention_secs());
+        let row = run(self.setup().timeout, MARK, q.fetch_optional(conn)).await?;
         Ok(row.is_some())
     }
 
     /// Deletes completed keys older than the retention and leases abandoned for over an
     /// hour; returns how many rows went.
     pub async fn cleanup(&self) -> Result<u64, StoreError> {
-        let fut = async {
-            sqlx::query(AssertSqlSafe(self.inner.sql.cleanup.clone()))
-                .bind(self.inner.retention.as_secs_f64())
-                .execute(&self.inner.pool)
-                .await
-                .map(|r| r.rows_affected())
-                .map_err(db_err("could not clean up the inbox"))
-        };
-        bounded(self.inner.timeout, "inbox cleanup", fut).await
+        let q =
+            sqlx::query(AssertSqlSafe(self.inner.sql.cleanup.clone())).bind(self.retention_secs());
+        let done = run(self.setup().timeout, CLEANUP, q.execute(&self.inner.pool)).await?;
+        Ok(done.rows_affected())
     }
 
-    /// Runs [`cleanup`](Self::cleanup) every `every` until the returned handle is
-    /// aborted or dropped with the runtime. Errors are logged and retried next time.
-    pub fn spawn_cleanup(&self, every: Duration) -> tokio::task::JoinHandle<()> {
-        let store = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
-            loop {
-                tick.tick().await;
-                match store.cleanup().await {
-                    Ok(n) if n > 0 => tracing::debug!(removed = n, "inbox cleanup"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "inbox cleanup failed"),
-                }
-            }
-        })
+    fn retention_secs(&self) -> f64 {
+        self.setup().retention.as_secs_f64()
+    }
+}
+
+impl TakeKey for PostgresStore {
+    fn take<'a>(
+        &'a self,
+        key: Key<'a>,
+        token: Uuid,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let q = keyed(&self.inner.sql.begin, key.parts())
+            .bind(token)
+            .bind(lease.as_secs_f64())
+            .bind(self.retention_secs());
+        let fut = run(
+            self.setup().timeout,
+            TAKE,
+            q.fetch_optional(&self.inner.pool),
+        );
+        Box::pin(async move { Ok(fut.await?.is_some()) })
     }
 
-    async fn begin_inner(&self, key: Key<'_>, lease: Duration) -> Result<Begin, StoreError> {
-        let sql = &self.inner.sql;
-        // Two tries: a key released between the upsert and the read is free again.
-        for _ in 0..2 {
-            let token = Uuid::now_v7();
-            let got = sqlx::query(AssertSqlSafe(sql.begin.clone()))
-                .bind(key.group)
-                .bind(key.name)
-                .bind(key.key)
-                .bind(token)
-                .bind(lease.as_secs_f64())
-                .bind(self.inner.retention.as_secs_f64())
-                .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(db_err("could not take the idempotency key"))?;
-            if got.is_some() {
-                return Ok(Begin::Acquired(Lease { token }));
-            }
-            let state = sqlx::query(AssertSqlSafe(sql.state.clone()))
-                .bind(key.group)
-                .bind(key.name)
-                .bind(key.key)
-                .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(db_err("could not read the idempotency key"))?;
-            match state.map(|r| r.try_get::<String, _>(0)).transpose() {
-                Ok(Some(s)) if s == "done" => return Ok(Begin::AlreadyDone),
-                Ok(Some(_)) => return Ok(Begin::InFlight),
-                Ok(None) => continue,
-                Err(e) => return Err(db_err("could not read the idempotency key")(e)),
-            }
-        }
-        Ok(Begin::InFlight)
+    fn state<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        let q = keyed_scalar(&self.inner.sql.state, key.parts());
+        Box::pin(run(
+            self.setup().timeout,
+            STATE,
+            q.fetch_optional(&self.inner.pool),
+        ))
     }
 }
 
@@ -344,20 +249,18 @@ impl IdempotencyStore for PostgresStore {
         &'a self,
         key: Key<'a>,
     ) -> BoxFuture<'a, Result<Option<Duration>, StoreError>> {
-        let fut = async move {
-            let secs: Option<f64> =
-                sqlx::query_scalar(AssertSqlSafe(self.inner.sql.remaining.clone()))
-                    .bind(key.group)
-                    .bind(key.name)
-                    .bind(key.key)
-                    .fetch_optional(&self.inner.pool)
-                    .await
-                    .map_err(db_err("could not read the idempotency lease"))?;
+        let q = keyed_scalar(&self.inner.sql.remaining, key.parts());
+        let fut = run(
+            self.setup().timeout,
+            REMAINING,
+            q.fetch_optional(&self.inner.pool),
+        );
+        Box::pin(async move {
+            let secs: Option<f64> = fut.await?;
             Ok(secs
                 .filter(|s| s.is_finite() && *s > 0.0)
                 .map(|s| Duration::from_secs_f64(s.min(86_400.0))))
-        };
-        Box::pin(bounded(self.inner.timeout, "idempotency lease", fut))
+        })
     }
 
     fn begin<'a>(
@@ -366,9 +269,9 @@ impl IdempotencyStore for PostgresStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<Begin, StoreError>> {
         Box::pin(bounded(
-            self.inner.timeout,
+            self.setup().timeout,
             "idempotency begin",
-            self.begin_inner(key, lease),
+            begin_with(self, key, lease),
         ))
     }
 
@@ -385,17 +288,9 @@ impl IdempotencyStore for PostgresStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         // Completing is right even if the lease lapsed: the handler did succeed. A key the
         // handler already marked through the inbox stays as it is.
-        let fut = async move {
-            sqlx::query(AssertSqlSafe(self.inner.sql.complete.clone()))
-                .bind(key.group)
-                .bind(key.name)
-                .bind(key.key)
-                .execute(&self.inner.pool)
-                .await
-                .map(drop)
-                .map_err(db_err("could not complete the idempotency key"))
-        };
-        Box::pin(bounded(self.inner.timeout, "idempotency complete", fut))
+        let q = keyed(&self.inner.sql.complete, key.parts());
+        let fut = run(self.setup().timeout, COMPLETE, q.execute(&self.inner.pool));
+        Box::pin(async move { fut.await.map(drop) })
     }
 
     fn release<'a>(
@@ -403,59 +298,10 @@ impl IdempotencyStore for PostgresStore {
         key: Key<'a>,
         lease: &'a Lease,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let fut = async move {
-            sqlx::query(AssertSqlSafe(self.inner.sql.release.clone()))
-                .bind(key.group)
-                .bind(key.name)
-                .bind(key.key)
-                .bind(lease.token)
-                .execute(&self.inner.pool)
-                .await
-                .map(drop)
-                .map_err(db_err("could not release the idempotency key"))
-        };
-        Box::pin(bounded(self.inner.timeout, "idempotency release", fut))
+        let q = keyed(&self.inner.sql.release, key.parts()).bind(lease.token);
+        let fut = run(self.setup().timeout, RELEASE, q.execute(&self.inner.pool));
+        Box::pin(async move { fut.await.map(drop) })
     }
-}
-
-/// Runs a schema script in one transaction under steadfast's advisory lock.
-pub(crate) async fn apply_schema(pool: &PgPool, sql: String) -> Result<(), StoreError> {
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(db_err("could not start the schema transaction"))?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(MIGRATE_LOCK)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("could not take the schema lock"))?;
-    sqlx::raw_sql(AssertSqlSafe(sql))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("could not create steadfast's table"))?;
-    tx.commit()
-        .await
-        .map_err(db_err("could not commit steadfast's schema"))
-}
-
-/// Warns when the server would acknowledge commits it could still lose.
-pub(crate) async fn warn_unsafe_settings(pool: &PgPool) {
-    if server_setting(pool, "synchronous_commit").await.as_deref() == Some("off") {
-        tracing::warn!(
-            "PostgreSQL synchronous_commit is off: a committed inbox key or outbox row can be lost in a server crash; set it to on"
-        );
-    }
-}
-
-/// A server setting's value (`SHOW name`, within 5 s); `None` when it cannot be read.
-/// `name` is one of this crate's constants, never user input.
-pub(crate) async fn server_setting(pool: &PgPool, name: &'static str) -> Option<String> {
-    let fut =
-        sqlx::query_scalar::<_, String>(AssertSqlSafe(format!("SHOW {name}"))).fetch_one(pool);
-    tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .ok()?
-        .ok()
 }
 
 /// The inbox's looks at `retention`, answered `sql` (`done_many`) at a time on a
@@ -517,52 +363,5 @@ fn look_batch(pool: PgPool, sql: Arc<str>, retention: Duration, timeout: Duratio
             Ok(done)
         };
         Box::pin(bounded(timeout, "inbox lookup", fut))
-    })
-}
-
-/// Connects a pool to `url` (for example `DATABASE_URL`). The password never appears in
-/// errors or logs.
-pub async fn connect(url: &str) -> Result<PgPool, StoreError> {
-    use sqlx::postgres::PgPoolOptions;
-    let shown = crate::redact::redact_url(url);
-    let secret = crate::redact::password(url);
-    let fail = |what: &str, e: sqlx::Error| {
-        StoreError::new(format!(
-            "{what} {shown}: {}",
-            crate::redact::scrub(&e.to_string(), secret.as_deref())
-        ))
-    };
-    let opts: sqlx::postgres::PgConnectOptions =
-        url.parse().map_err(|e| fail("invalid PostgreSQL url", e))?;
-    if !is_loopback(url) && matches!(sslmode(url).as_deref(), None | Some("disable" | "allow")) {
-        tracing::warn!(url = %shown, "connecting to a non-loopback PostgreSQL host without requiring TLS; add sslmode=require");
-    }
-    let connect = PgPoolOptions::new()
-        .max_connections(16)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(opts);
-    match tokio::time::timeout(Duration::from_secs(15), connect).await {
-        Ok(Ok(pool)) => Ok(pool),
-        Ok(Err(e)) => Err(fail("could not connect to", e)),
-        Err(_) => Err(StoreError::new(format!(
-            "could not connect to {shown}: no answer within 15s"
-        ))),
-    }
-}
-
-fn is_loopback(url: &str) -> bool {
-    url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
-        .is_none_or(|h| {
-            h == "localhost" || h.starts_with("127.") || h == "[::1]" || h.starts_with('/')
-        })
-}
-
-fn sslmode(url: &str) -> Option<String> {
-    url::Url::parse(url).ok().and_then(|u| {
-        u.query_pairs()
-            .find(|(k, _)| k == "sslmode")
-            .map(|(_, v)| v.into_owned())
     })
 }

@@ -29,6 +29,8 @@ pub mod postgres;
 pub mod relay;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+mod steps;
 
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresOutbox;
@@ -38,7 +40,8 @@ pub use relay::{
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteOutbox;
 
-use crate::{envelope::Envelope, envelope::MessageId, idempotency::StoreError};
+pub use crate::sql::{StoreError, StoreErrorKind};
+use crate::{envelope::Envelope, envelope::MessageId};
 use futures::future::BoxFuture;
 use std::time::Duration;
 
@@ -120,7 +123,7 @@ pub struct OutboxStatus {
 }
 
 impl OutboxStatus {
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
     pub(crate) fn new(pending: i64, parked: i64, oldest_secs: Option<f64>) -> Self {
         Self {
             pending,
@@ -247,71 +250,8 @@ pub trait FinishHeld: Send + 'static {
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
-/// A validated table name (`name` or `schema.name`) and the SQL rendered for it.
-#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
-#[derive(Debug, Clone)]
-pub(crate) struct Table {
-    pub(crate) name: String,
-    /// The unqualified name, for index names and the NOTIFY channel.
-    pub(crate) base: String,
-}
-
-#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
-impl Table {
-    /// Accepts `[A-Za-z_][A-Za-z0-9_]*`, optionally schema-qualified, each part at most 50
-    /// characters (index names add a suffix within PostgreSQL's 63).
-    pub(crate) fn parse(name: &str) -> Result<Self, StoreError> {
-        let ok_part = |p: &str| {
-            !p.is_empty()
-                && p.len() <= 50
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                && !p.starts_with(|c: char| c.is_ascii_digit())
-        };
-        let parts: Vec<&str> = name.split('.').collect();
-        if parts.is_empty() || parts.len() > 2 || !parts.iter().all(|p| ok_part(p)) {
-            return Err(StoreError::new(format!(
-                "invalid table name `{}`: use letters, digits and `_`, optionally `schema.table`",
-                crate::envelope::truncate(name, 120)
-            )));
-        }
-        Ok(Self {
-            name: name.to_owned(),
-            base: parts[parts.len() - 1].to_owned(),
-        })
-    }
-
-    /// `template` with `{table}` and `{index}` filled in.
-    pub(crate) fn render(&self, template: &str) -> String {
-        template
-            .replace("{table}", &self.name)
-            .replace("{index}", &self.base)
-    }
-}
-
-/// Wraps a database error; sqlx's error text carries no connection URL.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-pub(crate) fn db_err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |e| StoreError::new(what).with_source(e)
-}
-
-/// Runs `fut` with a time limit, turning a timeout into a [`StoreError`].
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-pub(crate) async fn bounded<T>(
-    limit: Duration,
-    what: &'static str,
-    fut: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(StoreError::new(format!(
-            "{what}: the database did not answer within {}",
-            humantime::format_duration(limit)
-        ))),
-    }
-}
-
 /// Headers as stored in a row: a JSON array of `[name, value]` pairs.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 pub(crate) fn headers_json(h: &crate::envelope::Headers) -> String {
     let pairs: Vec<(&str, &str)> = h.iter().collect();
     serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned())
@@ -319,7 +259,7 @@ pub(crate) fn headers_json(h: &crate::envelope::Headers) -> String {
 
 /// Builds an envelope from a stored row. Unreadable headers are dropped with a warning
 /// rather than blocking the row.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 pub(crate) fn envelope_from_row(
     id: MessageId,
     name: String,
@@ -347,14 +287,14 @@ pub(crate) fn envelope_from_row(
 }
 
 /// The envelope for `msg`, carrying the trace context of `cx` when given.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 pub(crate) fn encode<M: crate::Message>(
     msg: &M,
     cx: Option<&crate::Context>,
 ) -> Result<Envelope, StoreError> {
     use crate::envelope::header;
-    let mut env =
-        Envelope::encode(msg).map_err(|e| StoreError::new("cannot enqueue").with_source(e))?;
+    let mut env = Envelope::encode(msg)
+        .map_err(|e| StoreError::of(StoreErrorKind::Encode, "cannot enqueue").with_source(e))?;
     // The enqueuing code's span is the producer's context, captured now: the relay
     // publishes later, outside it.
     #[cfg(feature = "otel")]
@@ -371,21 +311,34 @@ pub(crate) fn encode<M: crate::Message>(
     Ok(env)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Table;
-
-    #[test]
-    fn table_names_are_validated() {
-        assert!(Table::parse("steadfast_outbox").is_ok());
-        let t = Table::parse("tenant_1.steadfast_outbox").unwrap();
-        assert_eq!(t.base, "steadfast_outbox");
-        assert_eq!(
-            t.render("{table}/{index}_x"),
-            "tenant_1.steadfast_outbox/steadfast_outbox_x"
-        );
-        for bad in ["", "a.b.c", "x; drop table y", "1abc", "a-b", "a."] {
-            assert!(Table::parse(bad).is_err(), "{bad}");
+/// The enqueue methods every SQL outbox shares, written once, for the connection type
+/// `$conn`: `enqueue` and `enqueue_from`. The outbox provides `enqueue_envelope`.
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+macro_rules! enqueue_methods {
+    ($conn:ty) => {
+        /// Writes `msg` to the outbox in your transaction `conn` (`&mut tx` works). It is
+        /// published after the transaction commits, and never if it rolls back. Returns
+        /// the message id (the row id).
+        pub async fn enqueue<M: $crate::Message>(
+            &self,
+            conn: &mut $conn,
+            msg: &M,
+        ) -> Result<$crate::MessageId, $crate::sql::StoreError> {
+            self.enqueue_envelope(conn, super::encode(msg, None)?).await
         }
-    }
+
+        /// [`enqueue`](Self::enqueue) from a handler: the outgoing message carries the
+        /// trace context (`traceparent`, `tracestate`) of the delivery being handled.
+        pub async fn enqueue_from<M: $crate::Message>(
+            &self,
+            conn: &mut $conn,
+            msg: &M,
+            cx: &$crate::Context,
+        ) -> Result<$crate::MessageId, $crate::sql::StoreError> {
+            self.enqueue_envelope(conn, super::encode(msg, Some(cx))?)
+                .await
+        }
+    };
 }
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+pub(crate) use enqueue_methods;

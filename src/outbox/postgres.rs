@@ -5,15 +5,14 @@
 
 use super::{
     Backlog, Claimed, FailedRow, FinishHeld, HeldBatch, OutboxSource, OutboxStatus, ParkedRow,
-    Table, bounded, db_err, encode, envelope_from_row, headers_json,
+    envelope_from_row, headers_json,
+    steps::{
+        BACKLOG, CLAIM, DELETE_SENT, ENQUEUE, FAILED, PARKED, PENDING, PURGE, REQUEUE, SENT, STATUS,
+    },
 };
 use crate::{
-    Context, Message,
     envelope::{Envelope, MessageId},
-    idempotency::{
-        StoreError,
-        postgres::{apply_schema, server_setting, warn_unsafe_settings},
-    },
+    sql::{Setup, Step, StoreError, Table, bounded, db_err, postgres::server_setting, run},
 };
 use futures::future::BoxFuture;
 use sqlx::{
@@ -49,10 +48,9 @@ pub struct PostgresOutbox {
 
 struct Inner {
     pool: PgPool,
-    table: Table,
+    setup: Setup,
     channel: String,
     notify: bool,
-    timeout: Duration,
     sql: Sql,
     listener: tokio::sync::Mutex<Option<PgListener>>,
 }
@@ -184,7 +182,7 @@ impl Sql {
 impl fmt::Debug for PostgresOutbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresOutbox")
-            .field("table", &self.inner.table.name)
+            .field("table", &self.inner.setup.table.name)
             .field("channel", &self.inner.channel)
             .field("notify", &self.inner.notify)
             .finish_non_exhaustive()
@@ -192,114 +190,62 @@ impl fmt::Debug for PostgresOutbox {
 }
 
 impl PostgresOutbox {
-    /// An outbox in table `steadfast_outbox` of `pool`'s database.
+    /// An outbox in table `steadfast_outbox` of `pool`'s database. The NOTIFY channel is
+    /// the table's name with `.` replaced by `_`.
     pub fn new(pool: PgPool) -> Self {
-        Self::build(
-            pool,
-            Table::parse("steadfast_outbox").expect("a valid constant name"),
-            true,
-            Duration::from_secs(10),
-        )
+        Self::build(pool, Setup::new("steadfast_outbox"), true)
     }
 
-    fn build(pool: PgPool, table: Table, notify: bool, timeout: Duration) -> Self {
-        let sql = Sql::new(&table);
-        let channel = table.name.replace('.', "_");
+    fn build(pool: PgPool, setup: Setup, notify: bool) -> Self {
+        let sql = Sql::new(&setup.table);
+        let channel = setup.table.name.replace('.', "_");
         Self {
             inner: Arc::new(Inner {
                 pool,
-                table,
+                setup,
                 channel,
                 notify,
-                timeout,
                 sql,
                 listener: tokio::sync::Mutex::new(None),
             }),
         }
     }
 
-    /// Uses table `name` (`table` or `schema.table`) instead of `steadfast_outbox`. The
-    /// NOTIFY channel is the name with `.` replaced by `_`.
-    pub fn with_table(self, name: &str) -> Result<Self, StoreError> {
-        let table = Table::parse(name)?;
-        let i = &self.inner;
-        Ok(Self::build(i.pool.clone(), table, i.notify, i.timeout))
+    fn setup(&self) -> &Setup {
+        &self.inner.setup
     }
+
+    fn rebuild(&self, setup: Setup) -> Self {
+        Self::build(self.inner.pool.clone(), setup, self.inner.notify)
+    }
+
+    crate::sql::store_methods!();
+    super::enqueue_methods!(PgConnection);
 
     /// Whether `enqueue` sends a NOTIFY to wake relays at once (default true). NOTIFY
     /// serialises committing transactions on a server-wide lock; at very high commit
     /// rates turn it off and let relays poll.
     #[must_use]
     pub fn with_notify(self, notify: bool) -> Self {
-        let i = &self.inner;
-        Self::build(i.pool.clone(), i.table.clone(), notify, i.timeout)
-    }
-
-    /// Bounds every relay-side database call (default 10 s).
-    #[must_use]
-    pub fn with_timeout(self, timeout: Duration) -> Self {
-        let i = &self.inner;
-        Self::build(i.pool.clone(), i.table.clone(), i.notify, timeout)
-    }
-
-    /// The table's name.
-    pub fn table(&self) -> &str {
-        &self.inner.table.name
-    }
-
-    /// The SQL that creates the table, for your own migrations. Idempotent.
-    pub fn schema_sql(&self) -> String {
-        self.inner.table.render(SCHEMA)
+        Self::build(self.inner.pool.clone(), self.setup().clone(), notify)
     }
 
     /// Creates the table if it does not exist (no migrations table of its own) and warns
     /// if `synchronous_commit` or `autovacuum` is off.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let sql = self.schema_sql();
-        bounded(
-            self.inner.timeout,
-            "creating the outbox table",
-            apply_schema(&self.inner.pool, sql),
-        )
-        .await?;
-        warn_unsafe_settings(&self.inner.pool).await;
+        let pool = &self.inner.pool;
+        crate::sql::postgres::migrate(pool, self.schema_sql(), self.setup().timeout).await?;
         // Autovacuum keeps the table's statistics, and the claim's plan depends on them:
         // a table never analysed is estimated to hold a few pending rows, and each claim
         // then reads and sorts every pending row instead of walking the claim index in
         // order (6.0 ms against 3.2 ms per claim of 250 at 20,000 pending rows).
-        if server_setting(&self.inner.pool, "autovacuum")
-            .await
-            .as_deref()
-            == Some("off")
-        {
+        if server_setting(pool, "autovacuum").await.as_deref() == Some("off") {
             tracing::warn!(
-                table = %self.inner.table.name,
+                table = %self.setup().table.name,
                 "PostgreSQL autovacuum is off: run ANALYZE on the outbox table after large backlogs and VACUUM it regularly; without statistics every claim sorts all pending rows"
             );
         }
         Ok(())
-    }
-
-    /// Writes `msg` to the outbox in your transaction `conn` (`&mut tx` works). It is
-    /// published after the transaction commits, and never if it rolls back. Returns the
-    /// message id (the row id).
-    pub async fn enqueue<M: Message>(
-        &self,
-        conn: &mut PgConnection,
-        msg: &M,
-    ) -> Result<MessageId, StoreError> {
-        self.enqueue_envelope(conn, encode(msg, None)?).await
-    }
-
-    /// [`enqueue`](Self::enqueue) from a handler: the outgoing message carries the trace
-    /// context (`traceparent`, `tracestate`) of the delivery being handled.
-    pub async fn enqueue_from<M: Message>(
-        &self,
-        conn: &mut PgConnection,
-        msg: &M,
-        cx: &Context,
-    ) -> Result<MessageId, StoreError> {
-        self.enqueue_envelope(conn, encode(msg, Some(cx))?).await
     }
 
     /// Writes a ready-made envelope (its id, name, headers and payload) in your
@@ -324,85 +270,62 @@ impl PostgresOutbox {
         if self.inner.notify {
             q = q.bind(&self.inner.channel);
         }
-        bounded(self.inner.timeout, "outbox enqueue", async {
-            q.execute(conn)
-                .await
-                .map_err(db_err("could not write the outbox row"))
-        })
-        .await?;
+        run(self.setup().timeout, ENQUEUE, q.execute(conn)).await?;
         Ok(envelope.id)
     }
 
     /// Up to `limit` parked rows, oldest first, with their errors.
     pub async fn parked(&self, limit: i64) -> Result<Vec<ParkedRow>, StoreError> {
-        let fut = async {
-            let rows = sqlx::query(AssertSqlSafe(self.inner.sql.parked.clone()))
-                .bind(limit)
-                .fetch_all(&self.inner.pool)
-                .await
-                .map_err(db_err("could not list parked outbox rows"))?;
-            rows.into_iter()
-                .map(|r| {
-                    Ok(ParkedRow {
-                        id: r.try_get::<Uuid, _>(0)?.into(),
-                        name: r.try_get(1)?,
-                        attempts: u32::try_from(r.try_get::<i32, _>(2)?).unwrap_or(0),
-                        error: r.try_get(3)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-                .map_err(db_err("could not read parked outbox rows"))
-        };
-        bounded(self.inner.timeout, "listing parked rows", fut).await
+        let q = sqlx::query_as::<_, (Uuid, String, i32, String)>(AssertSqlSafe(
+            self.inner.sql.parked.clone(),
+        ))
+        .bind(limit);
+        let rows = run(self.setup().timeout, PARKED, q.fetch_all(&self.inner.pool)).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name, attempts, error)| ParkedRow {
+                id: id.into(),
+                name,
+                attempts: u32::try_from(attempts).unwrap_or(0),
+                error,
+            })
+            .collect())
     }
 
     /// Puts a parked row back in line (after the cause was fixed). Returns whether it was
     /// parked.
     pub async fn requeue(&self, id: MessageId) -> Result<bool, StoreError> {
-        let fut = async {
-            sqlx::query(AssertSqlSafe(self.inner.sql.requeue.clone()))
-                .bind(*id.as_uuid())
-                .execute(&self.inner.pool)
-                .await
-                .map(|r| r.rows_affected() == 1)
-                .map_err(db_err("could not requeue the outbox row"))
-        };
-        bounded(self.inner.timeout, "requeueing a row", fut).await
+        let q = sqlx::query(AssertSqlSafe(self.inner.sql.requeue.clone())).bind(*id.as_uuid());
+        let done = run(self.setup().timeout, REQUEUE, q.execute(&self.inner.pool)).await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Pending and parked rows and the age of the oldest pending one, in one query.
     pub async fn status(&self) -> Result<OutboxStatus, StoreError> {
         const SQL: &str = "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'parked'), extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 'pending'))::float8 FROM {table}";
-        let fut = async {
-            let (pending, parked, oldest): (i64, i64, Option<f64>) =
-                sqlx::query_as(AssertSqlSafe(self.inner.table.render(SQL)))
-                    .fetch_one(&self.inner.pool)
-                    .await
-                    .map_err(db_err("could not read the outbox status"))?;
-            Ok(OutboxStatus::new(pending, parked, oldest))
-        };
-        bounded(self.inner.timeout, "reading the outbox status", fut).await
+        let q = sqlx::query_as::<_, (i64, i64, Option<f64>)>(AssertSqlSafe(
+            self.setup().table.render(SQL),
+        ));
+        let (pending, parked, oldest) =
+            run(self.setup().timeout, STATUS, q.fetch_one(&self.inner.pool)).await?;
+        Ok(OutboxStatus::new(pending, parked, oldest))
     }
 
     /// How many rows wait to be published.
     pub async fn pending(&self) -> Result<i64, StoreError> {
-        let fut = async {
-            sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.inner.sql.pending.clone()))
-                .fetch_one(&self.inner.pool)
-                .await
-                .map_err(db_err("could not count pending outbox rows"))
-        };
-        bounded(self.inner.timeout, "counting pending rows", fut).await
+        let q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.inner.sql.pending.clone()));
+        run(self.setup().timeout, PENDING, q.fetch_one(&self.inner.pool)).await
     }
 
     async fn claim_inner(&self, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.claim.clone()))
+        let q = sqlx::query(AssertSqlSafe(self.inner.sql.claim.clone()))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .bind(lease.as_secs_f64())
-            .fetch_all(&self.inner.pool)
-            .await
-            .map_err(db_err("could not claim outbox rows"))?;
-        read_claimed(rows)
+            .bind(lease.as_secs_f64());
+        read_claimed(
+            q.fetch_all(&self.inner.pool)
+                .await
+                .map_err(db_err(CLAIM.failed))?,
+        )
     }
 
     async fn claim_held_inner(
@@ -428,7 +351,7 @@ impl PostgresOutbox {
             .bind(idle_ms)
             .fetch_all(&mut *tx)
             .await
-            .map_err(db_err("could not claim outbox rows"))?;
+            .map_err(db_err(CLAIM.failed))?;
         let rows = read_claimed(rows)?;
         Ok(HeldBatch::new(
             rows,
@@ -481,24 +404,18 @@ impl PostgresOutbox {
 }
 
 impl PostgresOutbox {
-    /// Runs `sql` with `ids` as its uuid array parameter, bounded; `what` names the step
-    /// for a timeout and for a database error.
+    /// Runs `sql` with `ids` as its uuid array parameter, as `step`.
     async fn by_ids(
         &self,
         sql: &Arc<str>,
         ids: &[MessageId],
-        what: (&'static str, &'static str),
+        step: Step,
     ) -> Result<(), StoreError> {
         let ids: Vec<Uuid> = ids.iter().map(|i| *i.as_uuid()).collect();
-        let fut = async move {
-            sqlx::query(AssertSqlSafe(sql.clone()))
-                .bind(ids)
-                .execute(&self.inner.pool)
-                .await
-                .map(drop)
-                .map_err(db_err(what.1))
-        };
-        bounded(self.inner.timeout, what.0, fut).await
+        let q = sqlx::query(AssertSqlSafe(sql.clone())).bind(ids);
+        run(self.setup().timeout, step, q.execute(&self.inner.pool))
+            .await
+            .map(drop)
     }
 }
 
@@ -508,18 +425,15 @@ impl OutboxSource for PostgresOutbox {
     }
 
     fn backlog(&self) -> BoxFuture<'_, Result<Option<Backlog>, StoreError>> {
-        let fut = async {
-            let (n, age): (i64, f64) =
-                sqlx::query_as(AssertSqlSafe(self.inner.sql.backlog.clone()))
-                    .fetch_one(&self.inner.pool)
-                    .await
-                    .map_err(db_err("could not measure the outbox backlog"))?;
+        let q = sqlx::query_as::<_, (i64, f64)>(AssertSqlSafe(self.inner.sql.backlog.clone()));
+        let fut = run(self.setup().timeout, BACKLOG, q.fetch_one(&self.inner.pool));
+        Box::pin(async move {
+            let (n, age) = fut.await?;
             Ok(Some(Backlog::new(
                 u64::try_from(n).unwrap_or(0),
                 Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default(),
             )))
-        };
-        Box::pin(bounded(self.inner.timeout, "measuring the backlog", fut))
+        })
     }
 
     fn claim(
@@ -528,26 +442,18 @@ impl OutboxSource for PostgresOutbox {
         lease: Duration,
     ) -> BoxFuture<'_, Result<Vec<Claimed>, StoreError>> {
         Box::pin(bounded(
-            self.inner.timeout,
-            "claiming outbox rows",
+            self.setup().timeout,
+            CLAIM.doing,
             self.claim_inner(limit, lease),
         ))
     }
 
     fn mark_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.by_ids(
-            &self.inner.sql.sent,
-            ids,
-            ("marking rows sent", "could not mark outbox rows sent"),
-        ))
+        Box::pin(self.by_ids(&self.inner.sql.sent, ids, SENT))
     }
 
     fn delete_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.by_ids(
-            &self.inner.sql.delete_sent,
-            ids,
-            ("deleting sent rows", "could not delete sent outbox rows"),
-        ))
+        Box::pin(self.by_ids(&self.inner.sql.delete_sent, ids, DELETE_SENT))
     }
 
     fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>> {
@@ -556,23 +462,18 @@ impl OutboxSource for PostgresOutbox {
                 failed_query(&self.inner.sql.failed, row)
                     .execute(&self.inner.pool)
                     .await
-                    .map_err(db_err("could not record an outbox failure"))?;
+                    .map_err(db_err(FAILED.failed))?;
             }
             Ok(())
         };
-        Box::pin(bounded(self.inner.timeout, "recording failures", fut))
+        Box::pin(bounded(self.setup().timeout, FAILED.doing, fut))
     }
 
     fn purge_sent(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, StoreError>> {
-        let fut = async move {
-            sqlx::query(AssertSqlSafe(self.inner.sql.purge.clone()))
-                .bind(older_than.as_secs_f64())
-                .execute(&self.inner.pool)
-                .await
-                .map(|r| r.rows_affected())
-                .map_err(db_err("could not purge sent outbox rows"))
-        };
-        Box::pin(bounded(self.inner.timeout, "purging sent rows", fut))
+        let q =
+            sqlx::query(AssertSqlSafe(self.inner.sql.purge.clone())).bind(older_than.as_secs_f64());
+        let fut = run(self.setup().timeout, PURGE, q.execute(&self.inner.pool));
+        Box::pin(async move { Ok(fut.await?.rows_affected()) })
     }
 
     fn wait(&self, max: Duration) -> BoxFuture<'_, ()> {
@@ -586,8 +487,8 @@ impl OutboxSource for PostgresOutbox {
         delete: bool,
     ) -> Option<BoxFuture<'_, Result<HeldBatch, StoreError>>> {
         Some(Box::pin(bounded(
-            self.inner.timeout,
-            "claiming outbox rows",
+            self.setup().timeout,
+            CLAIM.doing,
             self.claim_held_inner(limit, lease, delete),
         )))
     }
@@ -638,7 +539,7 @@ impl FinishHeld for PgHeld {
             outbox,
             delete,
         } = *self;
-        let timeout = outbox.inner.timeout;
+        let timeout = outbox.setup().timeout;
         let fut = async move {
             let sql = &outbox.inner.sql;
             if delete && !sent.is_empty() {
@@ -647,13 +548,13 @@ impl FinishHeld for PgHeld {
                     .bind(ids)
                     .execute(&mut *tx)
                     .await
-                    .map_err(db_err("could not delete sent outbox rows"))?;
+                    .map_err(db_err(DELETE_SENT.failed))?;
             }
             for row in failures {
                 failed_query(&sql.failed, row)
                     .execute(&mut *tx)
                     .await
-                    .map_err(db_err("could not record an outbox failure"))?;
+                    .map_err(db_err(FAILED.failed))?;
             }
             tx.commit()
                 .await

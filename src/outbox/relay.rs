@@ -4,7 +4,7 @@
 use super::{Claimed, FailedRow, HeldBatch, OutboxSource};
 use crate::{
     envelope::{Envelope, MessageId},
-    idempotency::StoreError,
+    sql::StoreError,
     transport::{Transport, TransportErrorKind},
 };
 use futures::{StreamExt, future::BoxFuture, stream::FuturesUnordered};

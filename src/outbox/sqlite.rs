@@ -9,15 +9,17 @@
 //! [`Relay`]: super::Relay
 
 use super::{
-    Backlog, Claimed, FailedRow, OutboxSource, OutboxStatus, ParkedRow, Table, bounded, db_err,
-    encode, envelope_from_row, headers_json,
+    Backlog, Claimed, FailedRow, OutboxSource, OutboxStatus, ParkedRow, envelope_from_row,
+    headers_json,
+    steps::{
+        BACKLOG, CLAIM, DELETE_SENT, ENQUEUE, FAILED, PARKED, PENDING, PURGE, REQUEUE, SENT, STATUS,
+    },
 };
 use crate::{
-    Context, Message,
     envelope::{Envelope, MessageId},
-    idempotency::{
-        StoreError,
-        sqlite::{NOW_MS, warn_unsafe_settings},
+    sql::{
+        Setup, Step, StoreError, Table, bounded, db_err, run,
+        sqlite::{NOW_MS, millis},
     },
 };
 use futures::future::BoxFuture;
@@ -51,8 +53,7 @@ pub struct SqliteOutbox {
 
 struct Inner {
     pool: SqlitePool,
-    table: Table,
-    timeout: Duration,
+    setup: Setup,
     sql: Sql,
     wake: Notify,
 }
@@ -111,96 +112,43 @@ impl Sql {
 impl fmt::Debug for SqliteOutbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteOutbox")
-            .field("table", &self.inner.table.name)
+            .field("table", &self.inner.setup.table.name)
             .finish_non_exhaustive()
     }
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl SqliteOutbox {
     /// An outbox in table `steadfast_outbox`.
     pub fn new(pool: SqlitePool) -> Self {
-        Self::build(
-            pool,
-            Table::parse("steadfast_outbox").expect("a valid constant name"),
-            Duration::from_secs(10),
-        )
+        Self::build(pool, Setup::new("steadfast_outbox"))
     }
 
-    fn build(pool: SqlitePool, table: Table, timeout: Duration) -> Self {
-        let sql = Sql::new(&table);
+    fn build(pool: SqlitePool, setup: Setup) -> Self {
+        let sql = Sql::new(&setup.table);
         Self {
             inner: Arc::new(Inner {
                 pool,
-                table,
-                timeout,
+                setup,
                 sql,
                 wake: Notify::new(),
             }),
         }
     }
 
-    /// Uses table `name` instead of `steadfast_outbox`.
-    pub fn with_table(self, name: &str) -> Result<Self, StoreError> {
-        let table = Table::parse(name)?;
-        let i = &self.inner;
-        Ok(Self::build(i.pool.clone(), table, i.timeout))
+    fn setup(&self) -> &Setup {
+        &self.inner.setup
     }
 
-    /// Bounds every relay-side database call (default 10 s).
-    #[must_use]
-    pub fn with_timeout(self, timeout: Duration) -> Self {
-        let i = &self.inner;
-        Self::build(i.pool.clone(), i.table.clone(), timeout)
+    fn rebuild(&self, setup: Setup) -> Self {
+        Self::build(self.inner.pool.clone(), setup)
     }
 
-    /// The table's name.
-    pub fn table(&self) -> &str {
-        &self.inner.table.name
-    }
-
-    /// The SQL that creates the table, for your own migrations. Idempotent.
-    pub fn schema_sql(&self) -> String {
-        self.inner.table.render(SCHEMA)
-    }
+    crate::sql::store_methods!();
+    super::enqueue_methods!(SqliteConnection);
 
     /// Creates the table if it does not exist and warns about unsafe settings.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let sql = self.schema_sql();
-        let pool = &self.inner.pool;
-        bounded(self.inner.timeout, "creating the outbox table", async {
-            sqlx::raw_sql(AssertSqlSafe(sql))
-                .execute(pool)
-                .await
-                .map(drop)
-                .map_err(db_err("could not create the outbox table"))
-        })
-        .await?;
-        warn_unsafe_settings(pool).await;
-        Ok(())
-    }
-
-    /// Writes `msg` to the outbox in your transaction `conn` (`&mut tx` works). Published
-    /// after the commit, never if the transaction rolls back. Returns the message id.
-    pub async fn enqueue<M: Message>(
-        &self,
-        conn: &mut SqliteConnection,
-        msg: &M,
-    ) -> Result<MessageId, StoreError> {
-        self.enqueue_envelope(conn, encode(msg, None)?).await
-    }
-
-    /// [`enqueue`](Self::enqueue) from a handler, carrying the delivery's trace context.
-    pub async fn enqueue_from<M: Message>(
-        &self,
-        conn: &mut SqliteConnection,
-        msg: &M,
-        cx: &Context,
-    ) -> Result<MessageId, StoreError> {
-        self.enqueue_envelope(conn, encode(msg, Some(cx))?).await
+        crate::sql::sqlite::migrate(&self.inner.pool, self.schema_sql(), self.setup().timeout).await
     }
 
     /// Writes a ready-made envelope in your transaction.
@@ -216,13 +164,7 @@ impl SqliteOutbox {
             .bind(&envelope.time)
             .bind(headers_json(&envelope.headers))
             .bind(&envelope.payload[..]);
-        bounded(self.inner.timeout, "outbox enqueue", async {
-            insert
-                .execute(conn)
-                .await
-                .map_err(db_err("could not write the outbox row"))
-        })
-        .await?;
+        run(self.setup().timeout, ENQUEUE, insert.execute(conn)).await?;
         // Before the commit: the relay may look too early and then waits one poll
         // interval; never a loss, since every claim reads all pending rows.
         self.inner.wake.notify_one();
@@ -231,67 +173,44 @@ impl SqliteOutbox {
 
     /// Up to `limit` parked rows, oldest first, with their errors.
     pub async fn parked(&self, limit: i64) -> Result<Vec<ParkedRow>, StoreError> {
-        let fut = async {
-            let rows = sqlx::query(AssertSqlSafe(self.inner.sql.parked.clone()))
-                .bind(limit)
-                .fetch_all(&self.inner.pool)
-                .await
-                .map_err(db_err("could not list parked outbox rows"))?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in rows {
-                let read = || -> Result<ParkedRow, sqlx::Error> {
-                    let id: String = r.try_get(0)?;
-                    Ok(ParkedRow {
-                        id: id.parse().unwrap_or_else(|_| MessageId::nil()),
-                        name: r.try_get(1)?,
-                        attempts: u32::try_from(r.try_get::<i64, _>(2)?).unwrap_or(0),
-                        error: r.try_get(3)?,
-                    })
-                };
-                out.push(read().map_err(db_err("could not read parked outbox rows"))?);
-            }
-            Ok(out)
-        };
-        bounded(self.inner.timeout, "listing parked rows", fut).await
+        let q = sqlx::query_as::<_, (String, String, i64, String)>(AssertSqlSafe(
+            self.inner.sql.parked.clone(),
+        ))
+        .bind(limit);
+        let rows = run(self.setup().timeout, PARKED, q.fetch_all(&self.inner.pool)).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name, attempts, error)| ParkedRow {
+                id: id.parse().unwrap_or_else(|_| MessageId::nil()),
+                name,
+                attempts: u32::try_from(attempts).unwrap_or(0),
+                error,
+            })
+            .collect())
     }
 
     /// Puts a parked row back in line. Returns whether it was parked.
     pub async fn requeue(&self, id: MessageId) -> Result<bool, StoreError> {
-        let fut = async {
-            sqlx::query(AssertSqlSafe(self.inner.sql.requeue.clone()))
-                .bind(id.to_string())
-                .execute(&self.inner.pool)
-                .await
-                .map(|r| r.rows_affected() == 1)
-                .map_err(db_err("could not requeue the outbox row"))
-        };
-        bounded(self.inner.timeout, "requeueing a row", fut).await
+        let q = sqlx::query(AssertSqlSafe(self.inner.sql.requeue.clone())).bind(id.to_string());
+        let done = run(self.setup().timeout, REQUEUE, q.execute(&self.inner.pool)).await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Pending and parked rows and the age of the oldest pending one, in one query.
     pub async fn status(&self) -> Result<OutboxStatus, StoreError> {
         const SQL: &str = "SELECT coalesce(sum(state = 'pending'), 0), coalesce(sum(state = 'parked'), 0), ({now} - min(CASE WHEN state = 'pending' THEN created_at END)) / 1000.0 FROM {table}";
-        let fut = async {
-            let (pending, parked, oldest): (i64, i64, Option<f64>) = sqlx::query_as(AssertSqlSafe(
-                self.inner.table.render(SQL).replace("{now}", NOW_MS),
-            ))
-            .fetch_one(&self.inner.pool)
-            .await
-            .map_err(db_err("could not read the outbox status"))?;
-            Ok(OutboxStatus::new(pending, parked, oldest))
-        };
-        bounded(self.inner.timeout, "reading the outbox status", fut).await
+        let q = sqlx::query_as::<_, (i64, i64, Option<f64>)>(AssertSqlSafe(
+            self.setup().table.render(SQL).replace("{now}", NOW_MS),
+        ));
+        let (pending, parked, oldest) =
+            run(self.setup().timeout, STATUS, q.fetch_one(&self.inner.pool)).await?;
+        Ok(OutboxStatus::new(pending, parked, oldest))
     }
 
     /// How many rows wait to be published.
     pub async fn pending(&self) -> Result<i64, StoreError> {
-        let fut = async {
-            sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.inner.sql.pending.clone()))
-                .fetch_one(&self.inner.pool)
-                .await
-                .map_err(db_err("could not count pending outbox rows"))
-        };
-        bounded(self.inner.timeout, "counting pending rows", fut).await
+        let q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.inner.sql.pending.clone()));
+        run(self.setup().timeout, PENDING, q.fetch_one(&self.inner.pool)).await
     }
 
     async fn claim_inner(&self, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
@@ -300,7 +219,7 @@ impl SqliteOutbox {
             .bind(millis(lease))
             .fetch_all(&self.inner.pool)
             .await
-            .map_err(db_err("could not claim outbox rows"))?;
+            .map_err(db_err(CLAIM.failed))?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let read = || -> Result<(i64, Claimed), sqlx::Error> {
@@ -327,25 +246,19 @@ impl SqliteOutbox {
 }
 
 impl SqliteOutbox {
-    /// Runs `sql` with `ids` as its JSON array parameter, bounded; `what` names the step
-    /// for a timeout and for a database error.
+    /// Runs `sql` with `ids` as its JSON array parameter, as `step`.
     async fn by_ids(
         &self,
         sql: &Arc<str>,
         ids: &[MessageId],
-        what: (&'static str, &'static str),
+        step: Step,
     ) -> Result<(), StoreError> {
         let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
         let json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned());
-        let fut = async move {
-            sqlx::query(AssertSqlSafe(sql.clone()))
-                .bind(json)
-                .execute(&self.inner.pool)
-                .await
-                .map(drop)
-                .map_err(db_err(what.1))
-        };
-        bounded(self.inner.timeout, what.0, fut).await
+        let q = sqlx::query(AssertSqlSafe(sql.clone())).bind(json);
+        run(self.setup().timeout, step, q.execute(&self.inner.pool))
+            .await
+            .map(drop)
     }
 }
 
@@ -355,18 +268,15 @@ impl OutboxSource for SqliteOutbox {
     }
 
     fn backlog(&self) -> BoxFuture<'_, Result<Option<Backlog>, StoreError>> {
-        let fut = async {
-            let (n, age_ms): (i64, i64) =
-                sqlx::query_as(AssertSqlSafe(self.inner.sql.backlog.clone()))
-                    .fetch_one(&self.inner.pool)
-                    .await
-                    .map_err(db_err("could not measure the outbox backlog"))?;
+        let q = sqlx::query_as::<_, (i64, i64)>(AssertSqlSafe(self.inner.sql.backlog.clone()));
+        let fut = run(self.setup().timeout, BACKLOG, q.fetch_one(&self.inner.pool));
+        Box::pin(async move {
+            let (n, age_ms) = fut.await?;
             Ok(Some(Backlog::new(
                 u64::try_from(n).unwrap_or(0),
                 Duration::from_millis(u64::try_from(age_ms).unwrap_or(0)),
             )))
-        };
-        Box::pin(bounded(self.inner.timeout, "measuring the backlog", fut))
+        })
     }
 
     fn claim(
@@ -375,26 +285,18 @@ impl OutboxSource for SqliteOutbox {
         lease: Duration,
     ) -> BoxFuture<'_, Result<Vec<Claimed>, StoreError>> {
         Box::pin(bounded(
-            self.inner.timeout,
-            "claiming outbox rows",
+            self.setup().timeout,
+            CLAIM.doing,
             self.claim_inner(limit, lease),
         ))
     }
 
     fn mark_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.by_ids(
-            &self.inner.sql.sent,
-            ids,
-            ("marking rows sent", "could not mark outbox rows sent"),
-        ))
+        Box::pin(self.by_ids(&self.inner.sql.sent, ids, SENT))
     }
 
     fn delete_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.by_ids(
-            &self.inner.sql.delete_sent,
-            ids,
-            ("deleting sent rows", "could not delete sent outbox rows"),
-        ))
+        Box::pin(self.by_ids(&self.inner.sql.delete_sent, ids, DELETE_SENT))
     }
 
     fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>> {
@@ -407,23 +309,17 @@ impl OutboxSource for SqliteOutbox {
                     .bind(millis(row.retry_after))
                     .execute(&self.inner.pool)
                     .await
-                    .map_err(db_err("could not record an outbox failure"))?;
+                    .map_err(db_err(FAILED.failed))?;
             }
             Ok(())
         };
-        Box::pin(bounded(self.inner.timeout, "recording failures", fut))
+        Box::pin(bounded(self.setup().timeout, FAILED.doing, fut))
     }
 
     fn purge_sent(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, StoreError>> {
-        let fut = async move {
-            sqlx::query(AssertSqlSafe(self.inner.sql.purge.clone()))
-                .bind(millis(older_than))
-                .execute(&self.inner.pool)
-                .await
-                .map(|r| r.rows_affected())
-                .map_err(db_err("could not purge sent outbox rows"))
-        };
-        Box::pin(bounded(self.inner.timeout, "purging sent rows", fut))
+        let q = sqlx::query(AssertSqlSafe(self.inner.sql.purge.clone())).bind(millis(older_than));
+        let fut = run(self.setup().timeout, PURGE, q.execute(&self.inner.pool));
+        Box::pin(async move { Ok(fut.await?.rows_affected()) })
     }
 
     fn wait(&self, max: Duration) -> BoxFuture<'_, ()> {

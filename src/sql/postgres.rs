@@ -1,0 +1,127 @@
+//! PostgreSQL beneath the inbox and the outbox: connecting, the settings warned about,
+//! applying a schema under an advisory lock.
+
+use super::{Step, StoreError, StoreErrorKind, bounded, db_err, run};
+use sqlx::{AssertSqlSafe, PgPool};
+use std::time::Duration;
+
+/// The advisory lock taken while creating steadfast's tables, so concurrent starts do not
+/// race on `CREATE TABLE IF NOT EXISTS`.
+pub(crate) const MIGRATE_LOCK: i64 = 0x5354_4541_4446_4153; // "STEADFAS"
+
+/// Creates a store's table (`sql`, idempotent) within `timeout`, then warns about
+/// settings that could lose a commit.
+pub(crate) async fn migrate(
+    pool: &PgPool,
+    sql: String,
+    timeout: Duration,
+) -> Result<(), StoreError> {
+    bounded(
+        timeout,
+        "creating steadfast's table",
+        apply_schema(pool, sql),
+    )
+    .await?;
+    warn_unsafe_settings(pool).await;
+    Ok(())
+}
+
+/// Runs a schema script in one transaction under steadfast's advisory lock.
+pub(crate) async fn apply_schema(pool: &PgPool, sql: String) -> Result<(), StoreError> {
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(db_err("could not start the schema transaction"))?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATE_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("could not take the schema lock"))?;
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("could not create steadfast's table"))?;
+    tx.commit()
+        .await
+        .map_err(db_err("could not commit steadfast's schema"))
+}
+
+/// Warns when the server would acknowledge commits it could still lose.
+pub(crate) async fn warn_unsafe_settings(pool: &PgPool) {
+    if server_setting(pool, "synchronous_commit").await.as_deref() == Some("off") {
+        tracing::warn!(
+            "PostgreSQL synchronous_commit is off: a committed inbox key or outbox row can be lost in a server crash; set it to on"
+        );
+    }
+}
+
+/// A server setting's value (`SHOW name`, within 5 s); `None` when it cannot be read.
+/// `name` is one of this crate's constants, never user input.
+pub(crate) async fn server_setting(pool: &PgPool, name: &'static str) -> Option<String> {
+    let step = Step {
+        doing: "reading a server setting",
+        failed: "could not read a server setting",
+    };
+    let fut =
+        sqlx::query_scalar::<_, String>(AssertSqlSafe(format!("SHOW {name}"))).fetch_one(pool);
+    run(Duration::from_secs(5), step, fut).await.ok()
+}
+
+/// Connects a pool to `url` (for example `DATABASE_URL`). The password never appears in
+/// errors or logs.
+pub async fn connect(url: &str) -> Result<PgPool, StoreError> {
+    use sqlx::postgres::PgPoolOptions;
+    let shown = crate::redact::redact_url(url);
+    let secret = crate::redact::password(url);
+    let fail = |kind, what: &str, e: sqlx::Error| {
+        StoreError::of(
+            kind,
+            format!(
+                "{what} {shown}: {}",
+                crate::redact::scrub(&e.to_string(), secret.as_deref())
+            ),
+        )
+    };
+    let opts: sqlx::postgres::PgConnectOptions = url
+        .parse()
+        .map_err(|e| fail(StoreErrorKind::Config, "invalid PostgreSQL url", e))?;
+    if !is_loopback(url)
+        && matches!(
+            url_param(url, "sslmode").as_deref(),
+            None | Some("disable" | "allow")
+        )
+    {
+        tracing::warn!(url = %shown, "connecting to a non-loopback PostgreSQL host without requiring TLS; add sslmode=require");
+    }
+    let connect = PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts);
+    match tokio::time::timeout(Duration::from_secs(15), connect).await {
+        Ok(Ok(pool)) => Ok(pool),
+        Ok(Err(e)) => Err(fail(StoreErrorKind::Unavailable, "could not connect to", e)),
+        Err(_) => Err(StoreError::of(
+            StoreErrorKind::Unavailable,
+            format!("could not connect to {shown}: no answer within 15s"),
+        )),
+    }
+}
+
+/// Whether `url` names this machine (or a Unix socket).
+pub(crate) fn is_loopback(url: &str) -> bool {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .is_none_or(|h| {
+            h == "localhost" || h.starts_with("127.") || h == "[::1]" || h.starts_with('/')
+        })
+}
+
+/// The value of query parameter `name` of `url`.
+pub(crate) fn url_param(url: &str, name: &str) -> Option<String> {
+    url::Url::parse(url).ok().and_then(|u| {
+        u.query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    })
+}

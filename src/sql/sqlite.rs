@@ -1,0 +1,88 @@
+//! SQLite beneath the inbox and the outbox: opening a database with safe settings, the
+//! settings warned about, applying a schema, and SQLite's clock.
+
+use super::{StoreError, StoreErrorKind, bounded, db_err};
+use sqlx::{AssertSqlSafe, SqlitePool};
+use std::{path::Path, time::Duration};
+
+/// SQLite's clock in Unix milliseconds.
+pub(crate) const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+
+/// `d` in whole milliseconds, as SQLite's times are kept.
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Creates a store's table (`sql`, idempotent) within `timeout`, then warns about
+/// settings that could lose a commit.
+pub(crate) async fn migrate(
+    pool: &SqlitePool,
+    sql: String,
+    timeout: Duration,
+) -> Result<(), StoreError> {
+    bounded(timeout, "creating steadfast's table", async {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .map(drop)
+            .map_err(db_err("could not create steadfast's table"))
+    })
+    .await?;
+    warn_unsafe_settings(pool).await;
+    Ok(())
+}
+
+/// Opens (creating if missing) the SQLite database at `path` with the settings the
+/// promise needs: WAL journal, `synchronous=FULL`, a 5 s busy timeout, foreign keys on.
+pub async fn open(path: impl AsRef<Path>) -> Result<SqlitePool, StoreError> {
+    use sqlx::sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    };
+    let opts = SqliteConnectOptions::new()
+        .filename(path.as_ref())
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(5))
+        .foreign_keys(true);
+    let connect = SqlitePoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts);
+    match tokio::time::timeout(Duration::from_secs(15), connect).await {
+        Ok(Ok(pool)) => Ok(pool),
+        Ok(Err(e)) => Err(StoreError::of(
+            StoreErrorKind::Unavailable,
+            format!("could not open SQLite database {}", path.as_ref().display()),
+        )
+        .with_source(e)),
+        Err(_) => Err(StoreError::of(
+            StoreErrorKind::Timeout,
+            "opening the SQLite database took over 15s",
+        )),
+    }
+}
+
+/// Warns when SQLite could lose a committed transaction or run without WAL.
+pub(crate) async fn warn_unsafe_settings(pool: &SqlitePool) {
+    let check = async {
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(pool)
+            .await?;
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(pool)
+            .await?;
+        Ok::<_, sqlx::Error>((mode, sync))
+    };
+    if let Ok(Ok((mode, sync))) = tokio::time::timeout(Duration::from_secs(5), check).await {
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(journal_mode = %mode, "SQLite is not in WAL mode; use steadfast::idempotency::sqlite::open or journal_mode=WAL");
+        }
+        if sync < 2 {
+            tracing::warn!(
+                synchronous = sync,
+                "SQLite synchronous is below FULL: a committed inbox key or outbox row can be lost in a power failure; set synchronous=FULL"
+            );
+        }
+    }
+}
