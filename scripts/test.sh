@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): makes sure RabbitMQ, NATS JetStream and
-# PostgreSQL answer on 127.0.0.1 — starting the local servers where it can, or
-# `docker compose up -d` on a laptop with Docker — then runs the whole suite with the one
+# PostgreSQL answer on 127.0.0.1 — starting the local servers where it can, or that
+# service of docker-compose.yml on a laptop with Docker — then runs the whole suite with the one
 # feature set CI uses. Test binaries named `*_faults` stop or restart shared servers, so
 # they run last, alone and one test at a time.
 set -euo pipefail
@@ -30,23 +30,24 @@ start_postgres() {
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
 }
 
-ensure() { # port name starter
+ensure() { # port name starter compose-service
   port_open "$1" && return 0
   echo "$2 is not running on 127.0.0.1:$1; starting it" >&2
   if ! "$3" 2>/dev/null; then
     if command -v docker >/dev/null && docker compose version >/dev/null 2>&1; then
-      docker compose up -d
+      # That one service only: never the worker image (its own profile in the file).
+      docker compose up -d "$4"
     else
-      echo "error: cannot start $2: install it locally or run 'docker compose up -d'" >&2
+      echo "error: cannot start $2: install it locally or run 'docker compose up -d $4'" >&2
       return 1
     fi
   fi
   wait_port "$1" "$2" 90
 }
 
-ensure 5672 RabbitMQ start_rabbitmq
-ensure 4222 "NATS JetStream" start_nats
-ensure 5432 PostgreSQL start_postgres
+ensure 5672 RabbitMQ start_rabbitmq rabbitmq
+ensure 4222 "NATS JetStream" start_nats nats
+ensure 5432 PostgreSQL start_postgres postgres
 # RabbitMQ opens its port a moment before it accepts work; wait until it says so.
 if command -v rabbitmqctl >/dev/null; then rabbitmqctl -q await_startup --timeout 90 >/dev/null; fi
 
@@ -77,4 +78,8 @@ fi
 cargo test --workspace --all-features --doc
 # Every example that needs no broker runs to completion.
 cargo run --all-features --quiet --example quickstart >/dev/null
+# The container and deployment files, offline: the Dockerfile's build stage replayed
+# from its build context, the manifests and the compose file against their schemas.
+scripts/check-docker-context.py
+scripts/validate-deploy.sh
 echo "scripts/test.sh: all tests passed"
