@@ -40,9 +40,11 @@ use crate::{
 };
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
-/// The broker URL (`amqp://`, `amqps://`, `nats://`, `tls://` or `memory://`). Required.
+/// The broker URL (`amqp://`, `amqps://`, `nats://`, `tls://` or `memory://`), or several
+/// of one scheme separated by commas (the nodes of a cluster, tried in turn). Required.
 pub const BROKER_URL: &str = "STEADFAST_BROKER_URL";
-/// A password that replaces the one in the broker URL (usually given as `_FILE`).
+/// A password that replaces the one in each broker URL that names a user (usually given
+/// as `_FILE`).
 pub const BROKER_PASSWORD: &str = "STEADFAST_BROKER_PASSWORD";
 /// The consumer group.
 pub const GROUP: &str = "STEADFAST_GROUP";
@@ -76,15 +78,39 @@ pub const NATS_STREAM: &str = "STEADFAST_NATS_STREAM";
 pub const NATS_CREDENTIALS_FILE: &str = "STEADFAST_NATS_CREDENTIALS_FILE";
 /// NATS: an NKey seed (usually given as `_FILE`).
 pub const NATS_NKEY: &str = "STEADFAST_NATS_NKEY";
+/// NATS: an authentication token (usually given as `_FILE`), instead of one in the URL.
+pub const NATS_TOKEN: &str = "STEADFAST_NATS_TOKEN";
+/// NATS: replicas of the work and dead-letter streams (1 to 5; 3 on a three-node cluster).
+pub const NATS_REPLICAS: &str = "STEADFAST_NATS_REPLICAS";
 
-/// A URL that may hold a password: `Debug` and `Display` show it redacted.
+/// A URL that may hold a password, or a comma-separated list of such URLs of one scheme
+/// (the seed nodes of a cluster): `Debug` and `Display` show each redacted.
+///
+/// ```
+/// use steadfast::config::WorkerConfig;
+/// let cfg = WorkerConfig::from_lookup(|n| match n {
+///     "STEADFAST_BROKER_URL" => Some("nats://app@n1:4222,nats://app@n2:4222".into()),
+///     "STEADFAST_BROKER_PASSWORD" => Some("s3cret".into()),
+///     _ => None,
+/// })?;
+/// assert_eq!(cfg.broker_url.urls().count(), 2);
+/// assert!(cfg.broker_url.urls().all(|u| u.contains("s3cret")));
+/// assert_eq!(cfg.broker_url.to_string(), "nats://app:***@n1:4222,nats://app:***@n2:4222");
+/// # Ok::<(), steadfast::config::ConfigError>(())
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretUrl(String);
 
 impl SecretUrl {
-    /// The URL with its secrets, to hand to a client library. Never log it.
+    /// The URL (or the comma-separated list) with its secrets, to hand to a client
+    /// library. Never log it.
     pub fn expose_secret(&self) -> &str {
         &self.0
+    }
+
+    /// Each URL of the list (one for a single URL), with its secrets. Never log them.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.0.split(',').map(str::trim).filter(|u| !u.is_empty())
     }
 
     /// The scheme (`amqp`, `nats`, ...), lower case.
@@ -98,7 +124,13 @@ impl SecretUrl {
 
 impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::redact::redact_userinfo(&self.0))
+        for (i, u) in self.urls().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(&crate::redact::redact_userinfo(u))?;
+        }
+        Ok(())
     }
 }
 
@@ -152,7 +184,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct WorkerConfig {
-    /// The broker (`STEADFAST_BROKER_URL`, with `STEADFAST_BROKER_PASSWORD` applied).
+    /// The broker (`STEADFAST_BROKER_URL`, with `STEADFAST_BROKER_PASSWORD` applied to
+    /// each URL of the list that names a user).
     pub broker_url: SecretUrl,
     /// The transport the URL selects.
     pub broker: BrokerKind,
@@ -187,6 +220,10 @@ pub struct WorkerConfig {
     pub nats_credentials_file: Option<PathBuf>,
     /// NATS NKey seed (`STEADFAST_NATS_NKEY`).
     pub nats_nkey: Option<Secret>,
+    /// NATS authentication token (`STEADFAST_NATS_TOKEN`).
+    pub nats_token: Option<Secret>,
+    /// NATS stream replicas (`STEADFAST_NATS_REPLICAS`); unset: the server's default.
+    pub nats_replicas: Option<usize>,
     /// The kill switch (`STEADFAST_KILL_SWITCH` and `STEADFAST_KILL_SWITCH_*`, see
     /// [`KillSwitch::from_env`](crate::worker::KillSwitch::from_env)); off unless set.
     pub kill_switch: Option<crate::worker::KillSwitch>,
@@ -286,28 +323,64 @@ impl<F: FnMut(&str) -> Option<String>> Reader<F> {
         d
     }
 
-    /// A URL variable: its scheme checked, its value never echoed; `password_var`
-    /// replaces the URL's password.
-    fn url(&mut self, var: &str, password_var: &str) -> Option<SecretUrl> {
+    /// A URL variable: its value never echoed; `password_var` replaces the URL's
+    /// password. With `list`, the value may be several URLs separated by commas, all of
+    /// one scheme; the password then goes into each one that names a user.
+    fn url(&mut self, var: &str, password_var: &str, list: bool) -> Option<SecretUrl> {
         let raw = self.raw(var);
         let password = self.raw(password_var);
         let raw = raw?;
-        let mut url = match url::Url::parse(raw.trim()) {
-            Ok(u) => u,
-            Err(e) => {
-                self.problem(var, format!("not a URL ({e})"));
+        let items: Vec<&str> = if list {
+            raw.split(',').map(str::trim).collect()
+        } else {
+            vec![raw.trim()]
+        };
+        let mut urls = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let which = if items.len() > 1 {
+                format!("URL {} of the list", i + 1)
+            } else {
+                "not a URL".to_owned()
+            };
+            if item.is_empty() {
+                self.problem(var, format!("{which} is empty"));
                 return None;
             }
-        };
-        if let Some(pw) = password
-            && (url.username().is_empty() || url.set_password(Some(&pw)).is_err())
-        {
-            self.problem(
-                password_var,
-                format!("cannot be applied: the URL in {var} has no user name"),
-            );
+            match url::Url::parse(item) {
+                Ok(u) => urls.push(u),
+                Err(e) => {
+                    let text = if items.len() > 1 {
+                        format!("{which} is not a URL ({e})")
+                    } else {
+                        format!("not a URL ({e})")
+                    };
+                    self.problem(var, text);
+                    return None;
+                }
+            }
         }
-        Some(SecretUrl(url.to_string()))
+        if urls.iter().any(|u| u.scheme() != urls[0].scheme()) {
+            self.problem(var, "the URLs of the list must all have the same scheme");
+            return None;
+        }
+        if let Some(pw) = password {
+            let mut applied = false;
+            for u in urls.iter_mut().filter(|u| !u.username().is_empty()) {
+                applied |= u.set_password(Some(&pw)).is_ok();
+            }
+            if !applied {
+                self.problem(
+                    password_var,
+                    format!("cannot be applied: the URL in {var} has no user name"),
+                );
+            }
+        }
+        let joined = urls
+            .iter()
+            .map(url::Url::as_str)
+            .collect::<Vec<_>>()
+            .join(",");
+        Some(SecretUrl(joined))
     }
 }
 
@@ -324,7 +397,7 @@ impl WorkerConfig {
             lookup,
             problems: Vec::new(),
         };
-        let broker_url = r.url(BROKER_URL, BROKER_PASSWORD);
+        let broker_url = r.url(BROKER_URL, BROKER_PASSWORD, true);
         let broker = match &broker_url {
             None => {
                 if !r.problems.iter().any(|(v, _)| v.starts_with(BROKER_URL)) {
@@ -388,7 +461,7 @@ impl WorkerConfig {
             "text" => Some(LogFormat::Text),
             _ => None,
         });
-        let database_url = r.url(DATABASE_URL, DATABASE_PASSWORD);
+        let database_url = r.url(DATABASE_URL, DATABASE_PASSWORD, false);
         if let Some(u) = &database_url
             && !matches!(u.scheme().as_str(), "postgres" | "postgresql")
         {
@@ -402,6 +475,13 @@ impl WorkerConfig {
         let nats_stream = r.raw(NATS_STREAM);
         let nats_credentials_file = r.raw(NATS_CREDENTIALS_FILE).map(PathBuf::from);
         let nats_nkey = r.raw(NATS_NKEY).map(Secret);
+        let nats_token = r.raw(NATS_TOKEN).map(Secret);
+        let nats_replicas = r.parsed(NATS_REPLICAS, None, "a whole number in 1..=5", |s| {
+            s.parse::<usize>()
+                .ok()
+                .filter(|n| (1..=5).contains(n))
+                .map(Some)
+        });
         let kill_switch = match crate::worker::KillSwitch::from_lookup(|k| r.raw(k)) {
             Ok(k) => k,
             Err(e) => {
@@ -431,6 +511,8 @@ impl WorkerConfig {
                 nats_stream,
                 nats_credentials_file,
                 nats_nkey,
+                nats_token,
+                nats_replicas,
                 kill_switch,
             }),
             _ => Err(ConfigError {
@@ -497,6 +579,12 @@ impl WorkerConfig {
                 }
                 if let Some(k) = &self.nats_nkey {
                     b = b.nkey(k.expose_secret());
+                }
+                if let Some(t) = &self.nats_token {
+                    b = b.token(t.expose_secret());
+                }
+                if let Some(n) = self.nats_replicas {
+                    b = b.replicas(n);
                 }
                 Ok(Arc::new(b.connect().await?))
             }
@@ -656,6 +744,57 @@ mod tests {
         .to_string();
         assert!(e.contains("not both"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn url_lists_share_a_scheme_and_get_the_password_each() {
+        let cfg = load(&[
+            (
+                BROKER_URL,
+                "amqp://app@r1:5672/%2f, amqp://app@r2:5672/%2f,amqp://r3",
+            ),
+            (BROKER_PASSWORD, "canary-5ecret"),
+        ])
+        .unwrap();
+        let urls: Vec<&str> = cfg.broker_url.urls().collect();
+        assert_eq!(
+            urls,
+            [
+                "amqp://app:canary-5ecret@r1:5672/%2f",
+                "amqp://app:canary-5ecret@r2:5672/%2f",
+                "amqp://r3"
+            ]
+        );
+        assert_eq!(cfg.broker, BrokerKind::Amqp);
+        let shown = format!("{} {:?}", cfg.broker_url, cfg.broker_url);
+        assert!(!shown.contains("canary-5ecret"), "{shown}");
+        assert_eq!(
+            cfg.broker_url.to_string(),
+            "amqp://app:***@r1:5672/%2f,amqp://app:***@r2:5672/%2f,amqp://r3"
+        );
+        let cfg = load(&[(BROKER_URL, "nats://tok3n-canary@n1:4222,nats://n2:4222")]).unwrap();
+        assert_eq!(cfg.broker, BrokerKind::Nats);
+        assert!(!cfg.broker_url.to_string().contains("tok3n-canary"));
+
+        let e = load(&[(BROKER_URL, "nats://n1:4222,amqp://n2:5672")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("same scheme"), "{e}");
+        let e = load(&[(BROKER_URL, "nats://n1:4222,,nats://n2")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("URL 2 of the list is empty"), "{e}");
+        let e = load(&[(BROKER_URL, "nats://a:canary-5ecret@n1:4222,n2 :4222")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("URL 2 of the list is not a URL") && !e.contains("canary-5ecret"),
+            "{e}"
+        );
+        let e = load(&[(BROKER_URL, "nats://n1,nats://n2"), (BROKER_PASSWORD, "pw")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no user name"), "{e}");
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! [`main`]; everything is here so it can be tested. See `docs/dead-letters.md`.
 //!
 //! The broker is chosen by `--url`, else `AMQP_URL` or `NATS_URL` (set exactly one);
-//! passwords and tokens are replaced by `***` in everything the tool prints.
+//! for NATS it may be a comma-separated list of a cluster's servers. Passwords and tokens
+//! are replaced by `***` in everything the tool prints, its logs included (`RUST_LOG`,
+//! for example `RUST_LOG=debug`, turns logs on, on standard error).
 //!
 //! ```
 //! use clap::Parser;
@@ -44,7 +46,7 @@ enum Command {
     /// Dead letters of a consumer group: list, show, replay, purge.
     Dlq {
         #[command(flatten)]
-        broker: BrokerArgs,
+        broker: Box<BrokerArgs>,
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
@@ -80,6 +82,9 @@ struct BrokerArgs {
     /// NATS: a credentials file.
     #[arg(long, global = true, env = "NATS_CREDS")]
     nats_creds: Option<std::path::PathBuf>,
+    /// NATS: a file holding an NKey seed.
+    #[arg(long, global = true, env = "NATS_NKEY_FILE")]
+    nats_nkey_file: Option<std::path::PathBuf>,
 }
 
 /// A failure of the tool, its text free of secrets.
@@ -116,6 +121,13 @@ where
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -168,8 +180,16 @@ fn broker_url(args: &BrokerArgs) -> Result<String, CliError> {
     }
 }
 
-/// `url` for display: the password and any token or user name in it replaced by `***`.
+/// `url` (or each URL of a comma-separated list) for display: the password and any
+/// token or user name in it replaced by `***`.
 pub(crate) fn display_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| display_one_url(one.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn display_one_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
             if !u.username().is_empty() && u.password().is_none() {
@@ -182,8 +202,10 @@ pub(crate) fn display_url(url: &str) -> String {
     }
 }
 
-/// The secret in `url` (password, or a token in the user part), to scrub from errors.
+/// The secret in `url` (password, or a token in the user part; the first URL's of a
+/// list), to scrub from errors.
 fn url_secret(url: &str) -> Option<String> {
+    let url = url.split(',').next().unwrap_or_default().trim();
     redact::password(url).or_else(|| {
         url::Url::parse(url)
             .ok()
@@ -219,6 +241,16 @@ async fn connect(args: &BrokerArgs) -> Result<(Arc<dyn Transport>, Option<String
             if let Some(c) = &args.nats_creds {
                 b = b.credentials_file(c.clone());
             }
+            if let Some(path) = &args.nats_nkey_file {
+                let seed = std::fs::read_to_string(path).map_err(|e| {
+                    CliError(format!(
+                        "cannot read the NKey seed file `{}`: {}",
+                        path.display(),
+                        e.kind()
+                    ))
+                })?;
+                b = b.nkey(seed.trim());
+            }
             Arc::new(b.connect().await.map_err(fail)?)
         }
         _ => {
@@ -243,6 +275,14 @@ mod tests {
         );
         assert_eq!(display_url("nats://tok3nvalue@h:4222"), "nats://***@h:4222");
         assert_eq!(display_url("nats://h:4222"), "nats://h:4222");
+        assert_eq!(
+            display_url("nats://u:pw1@h1:4222, nats://u:pw1@h2:4222"),
+            "nats://u:***@h1:4222,nats://u:***@h2:4222"
+        );
+        assert_eq!(
+            url_secret("nats://u:pw1@h1:4222,nats://u:pw1@h2:4222").as_deref(),
+            Some("pw1")
+        );
         assert_eq!(
             url_secret("nats://tok3nvalue@h:4222").as_deref(),
             Some("tok3nvalue")

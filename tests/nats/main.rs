@@ -1,10 +1,17 @@
-//! The NATS JetStream transport against the local nats-server (127.0.0.1:4222): the
-//! conformance suite, then what is particular to JetStream (raw bad input, broker-held
-//! delays across a worker kill, progress past `ack_wait`, the max-deliveries advisory,
-//! consumer config checks, deduplication). Every test has its own subject prefix and
-//! streams; streams carry a max_age and old test streams are removed at start.
+//! The NATS JetStream transport against a nats-server with JetStream (the local one on
+//! 127.0.0.1:4222, or the one `STEADFAST_TEST_NATS_URL` names, so CI runs the same tests
+//! on several server versions): the conformance suite, then what is particular to
+//! JetStream (raw bad input, broker-held delays across a worker kill, progress past
+//! `ack_wait`, the max-deliveries advisory, consumer config checks, deduplication,
+//! consumer updates that keep every field, authentication without leaks, a silent
+//! server noticed). Every test has its own subject prefix and streams; streams carry a
+//! max_age and old test streams are removed at start.
 
+mod auth;
 mod cases;
+mod servers;
+mod silent;
+mod updates;
 
 use futures::future::BoxFuture;
 use std::{
@@ -20,8 +27,16 @@ use steadfast::{
 };
 use tokio::sync::OnceCell;
 
-/// The shared local server.
-pub const URL: &str = "nats://127.0.0.1:4222";
+/// The server under test: `STEADFAST_TEST_NATS_URL`, else the shared local one.
+pub fn url() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        std::env::var("STEADFAST_TEST_NATS_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned())
+    })
+}
 /// Streams of this test binary start with this, so stale ones can be found.
 pub const STREAM_PREFIX: &str = "SFTEST_";
 
@@ -45,7 +60,7 @@ pub fn unique(tag: &str) -> String {
 pub async fn sweep_old_streams() {
     static ONCE: OnceCell<()> = OnceCell::const_new();
     ONCE.get_or_init(|| async {
-        let Ok(client) = async_nats::connect(URL).await else {
+        let Ok(client) = async_nats::connect(url()).await else {
             return;
         };
         let js = async_nats::jetstream::new(client);
@@ -83,19 +98,39 @@ pub async fn transport_with(
 ) -> NatsTransport {
     sweep_old_streams().await;
     let u = unique(tag);
-    let b = NatsTransport::builder(URL)
+    let b = NatsTransport::builder(url())
         .subject_prefix(format!("sft{u}"))
         .stream(format!("{STREAM_PREFIX}{}", u.to_uppercase()))
         .max_age(Duration::from_secs(3600))
         .dead_letter_max_age(Duration::from_secs(3600));
     f(b).connect()
         .await
-        .expect("a nats-server with JetStream on 127.0.0.1:4222")
+        .unwrap_or_else(|e| panic!("a nats-server with JetStream at {}: {e}", url()))
+}
+
+/// A worker of `group` on `t` that counts the messages of type `M` it handled.
+pub fn counting_worker<M: steadfast::Message>(
+    t: Arc<dyn Transport>,
+    group: &str,
+) -> (steadfast::Worker, Arc<AtomicU64>) {
+    let handled = Arc::new(AtomicU64::new(0));
+    let h = handled.clone();
+    let worker = steadfast::Worker::builder_shared(t, group)
+        .handle(move |_: M, _: steadfast::Context| {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .build()
+        .expect("valid worker");
+    (worker, handled)
 }
 
 /// Deletes a transport's streams.
 pub async fn cleanup(t: &NatsTransport) {
-    let client = async_nats::connect(URL).await.unwrap();
+    let client = async_nats::connect(url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let _ = js.delete_stream(t.stream_name()).await;
     let _ = js.delete_stream(t.dead_letter_stream_name()).await;

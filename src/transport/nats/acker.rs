@@ -81,26 +81,39 @@ impl Drop for NatsAcker {
 
 /// Sends an ack-kind `body` to the delivery's ack subject and waits for the server's
 /// reply, so `Ok` means the server processed it.
+///
+/// "No responders" means the consumer has no leader at this moment (an election after
+/// its node died or stepped down): nobody received the request, so it is sent again,
+/// with a growing pause, until the request bound is used up.
 async fn ack_request(t: &AckTarget, body: Bytes, what: &str) -> Result<(), TransportError> {
     let inner = &t.inner;
+    let mut pause = Duration::from_millis(50);
     inner
         .bounded(what, async {
-            inner
-                .client
-                .request(t.reply.clone(), body)
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    let kind = match e.kind() {
-                        async_nats::RequestErrorKind::TimedOut => TransportErrorKind::Timeout,
-                        _ => TransportErrorKind::Connection,
-                    };
-                    super::err(
-                        kind,
-                        format!("{what} of stream sequence {} not confirmed", t.seq),
-                        e,
-                    )
-                })
+            loop {
+                let e = match inner.client.request(t.reply.clone(), body.clone()).await {
+                    Ok(_) => {
+                        inner.jetstream_answered();
+                        return Ok(());
+                    }
+                    Err(e) => e,
+                };
+                let kind = match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => {
+                        inner.jetstream_unavailable();
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(500));
+                        continue;
+                    }
+                    async_nats::RequestErrorKind::TimedOut => TransportErrorKind::Timeout,
+                    _ => TransportErrorKind::Connection,
+                };
+                return Err(super::err(
+                    kind,
+                    format!("{what} of stream sequence {} not confirmed", t.seq),
+                    e,
+                ));
+            }
         })
         .await
 }

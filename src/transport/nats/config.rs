@@ -40,6 +40,9 @@ pub(crate) struct Settings {
     pub(crate) confirm_acks: bool,
     /// The URL with any password removed, for logs and errors.
     pub(crate) url_redacted: String,
+    /// Replicas asked for the work and dead-letter streams (`None`: the server's
+    /// default for new streams, one).
+    pub(crate) replicas: Option<usize>,
 }
 
 impl Settings {
@@ -73,6 +76,10 @@ pub struct NatsBuilder {
     stream: Option<String>,
     credentials_file: Option<PathBuf>,
     nkey: Option<String>,
+    user_password: Option<(String, String)>,
+    token: Option<String>,
+    ping_interval: Duration,
+    replicas: Option<usize>,
     name: Option<String>,
     ack_wait: Option<Duration>,
     max_ack_pending: Option<i64>,
@@ -93,6 +100,13 @@ impl fmt::Debug for NatsBuilder {
             .field("stream", &self.stream)
             .field("credentials_file", &self.credentials_file)
             .field("nkey", &self.nkey.as_ref().map(|_| "<redacted>"))
+            .field(
+                "user",
+                &self.user_password.as_ref().map(|(u, _)| (u, "<redacted>")),
+            )
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ping_interval", &self.ping_interval)
+            .field("replicas", &self.replicas)
             .field("ack_wait", &self.ack_wait)
             .field("delivery_margin", &self.delivery_margin)
             .field("max_age", &self.max_age)
@@ -109,6 +123,10 @@ impl NatsBuilder {
             stream: None,
             credentials_file: None,
             nkey: None,
+            user_password: None,
+            token: None,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            replicas: None,
             name: None,
             ack_wait: None,
             max_ack_pending: None,
@@ -150,6 +168,48 @@ impl NatsBuilder {
     #[must_use]
     pub fn nkey(mut self, seed: impl Into<String>) -> Self {
         self.nkey = Some(seed.into());
+        self
+    }
+
+    /// Authenticates with a user name and password, instead of (or overriding) the ones
+    /// in the URL (`nats://user:password@host`). Never shown in `Debug` output, logs or
+    /// errors.
+    #[must_use]
+    pub fn user_and_password(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.user_password = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Authenticates with a token, instead of (or overriding) one in the URL
+    /// (`nats://token@host`). Never shown in `Debug` output, logs or errors.
+    #[must_use]
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// How often the client pings the server (default 5 s). The client gives a
+    /// connection up as dead when two pings are unanswered at the third, so a server
+    /// that stops answering (a half-open connection, a paused process) is noticed
+    /// within about three intervals (15 s by default): readiness turns false and the
+    /// client reconnects, to another seed if there is one.
+    #[must_use]
+    pub fn ping_interval(mut self, d: Duration) -> Self {
+        self.ping_interval = d;
+        self
+    }
+
+    /// How many replicas the work and dead-letter streams get when this transport
+    /// creates them (default: the server's default, one). Use 3 on a three-node cluster.
+    /// At start-up an existing stream with another count is an error when this is set;
+    /// when it is not set, a single-replica stream on a cluster is a warning.
+    #[must_use]
+    pub fn replicas(mut self, n: usize) -> Self {
+        self.replicas = Some(n);
         self
     }
 
@@ -241,10 +301,27 @@ impl NatsBuilder {
         self
     }
 
-    /// Connects. The client reconnects by itself afterwards; the first connection must
-    /// succeed within the connect timeout (10 s).
+    /// Connects. The URL may be a comma-separated list of servers (seeds), tried in turn;
+    /// the client also learns the other nodes of a cluster from the server. Credentials in
+    /// the URLs (`nats://user:password@host`, `nats://token@host`) are sent as the
+    /// connection's credentials and never handed to the client library inside an
+    /// address, so its own logs cannot show them. The client reconnects by itself
+    /// afterwards; the first connection must succeed within the connect timeout (10 s).
     pub async fn connect(self) -> Result<NatsTransport, TransportError> {
         let url_redacted = redact_url(&self.url);
+        let seeds = parse_seeds(&self.url, &url_redacted)?;
+        if self.replicas == Some(0) || self.replicas.is_some_and(|n| n > 5) {
+            return Err(TransportError::new(
+                TransportErrorKind::Config,
+                "replicas must be 1 to 5",
+            ));
+        }
+        if self.ping_interval.is_zero() {
+            return Err(TransportError::new(
+                TransportErrorKind::Config,
+                "ping_interval must be above zero",
+            ));
+        }
         validate_token("subject prefix", &self.prefix)?;
         let stream = self
             .stream
@@ -270,6 +347,7 @@ impl NatsBuilder {
             .connection_timeout(self.connect_timeout)
             .request_timeout(Some(self.op_timeout))
             .max_reconnects(None)
+            .ping_interval(self.ping_interval)
             .event_callback({
                 // The first `Connected` is the initial connection; later ones are
                 // reconnects.
@@ -300,7 +378,17 @@ impl NatsBuilder {
         if let Some(seed) = &self.nkey {
             opts = opts.nkey(seed.clone());
         }
-        let connect = opts.connect(self.url.as_str());
+        match (self.user_password.clone(), seeds.auth) {
+            (Some((u, p)), _) | (None, UrlAuth::UserPassword(u, p)) => {
+                opts = opts.user_and_password(u, p);
+            }
+            (None, UrlAuth::Token(t)) => opts = opts.token(t),
+            (None, UrlAuth::None) => {}
+        }
+        if let Some(t) = &self.token {
+            opts = opts.token(t.clone());
+        }
+        let connect = opts.connect(seeds.addrs);
         let client = match tokio::time::timeout(
             self.connect_timeout + Duration::from_secs(1),
             connect,
@@ -342,6 +430,7 @@ impl NatsBuilder {
             dedup: self.dedup,
             confirm_acks: self.confirm_acks,
             url_redacted,
+            replicas: self.replicas,
         };
         Ok(NatsTransport {
             inner: Arc::new(Inner {
@@ -350,10 +439,79 @@ impl NatsBuilder {
                 settings,
                 server,
                 closed: AtomicBool::new(false),
+                jetstream_unavailable: std::sync::atomic::AtomicU64::new(0),
+                started: std::time::Instant::now(),
                 deferrals: Mutex::new(HashMap::new()),
             }),
         })
     }
+}
+
+/// How often the client pings the server unless the builder says otherwise.
+const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Credentials found in the server URLs.
+#[derive(PartialEq, Eq)]
+enum UrlAuth {
+    None,
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The servers of a URL list, without their credentials, and those credentials.
+struct Seeds {
+    addrs: Vec<String>,
+    auth: UrlAuth,
+}
+
+/// Splits a comma-separated server list, takes the credentials out of each URL (the
+/// same in every URL that has any) and returns addresses free of secrets.
+fn parse_seeds(raw: &str, shown: &str) -> Result<Seeds, TransportError> {
+    let bad = |text: String| TransportError::new(TransportErrorKind::Config, text);
+    let mut addrs = Vec::new();
+    let mut auth = UrlAuth::None;
+    let items: Vec<&str> = raw.split(',').map(str::trim).collect();
+    for (i, item) in items.iter().enumerate() {
+        let which = format!("server {} of `{shown}`", i + 1);
+        if item.is_empty() {
+            return Err(bad(format!("{which} is empty")));
+        }
+        let with_scheme = if item.contains("://") {
+            (*item).to_owned()
+        } else {
+            format!("nats://{item}")
+        };
+        let mut u = url::Url::parse(&with_scheme)
+            .map_err(|e| bad(format!("{which} is not a URL ({e})")))?;
+        if !matches!(u.scheme(), "nats" | "tls" | "ws" | "wss") || !u.has_host() {
+            return Err(bad(format!(
+                "{which} must be nats://host:port (or tls://, ws://, wss://)"
+            )));
+        }
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let this = match (u.username(), u.password()) {
+            ("", None) => UrlAuth::None,
+            (user, Some(pw)) => UrlAuth::UserPassword(decode(user), decode(pw)),
+            (token, None) => UrlAuth::Token(decode(token)),
+        };
+        if this != UrlAuth::None {
+            if auth != UrlAuth::None && auth != this {
+                return Err(bad(format!(
+                    "the servers of `{shown}` carry different credentials: give them once"
+                )));
+            }
+            auth = this;
+        }
+        if u.set_username("").is_err() || u.set_password(None).is_err() {
+            return Err(bad(format!("{which} cannot be used")));
+        }
+        addrs.push(u.to_string());
+    }
+    Ok(Seeds { addrs, auth })
 }
 
 /// Checks that `s` can be a subject token sequence (no spaces, wildcards or empty tokens).
@@ -415,11 +573,33 @@ mod tests {
     }
 
     #[test]
+    fn seeds_lose_their_credentials() {
+        let s = parse_seeds("nats://alice:s3%40cret@h1:4222, nats://h2:4223,h3", "shown").unwrap();
+        assert_eq!(s.addrs, ["nats://h1:4222", "nats://h2:4223", "nats://h3"]);
+        assert!(s.auth == UrlAuth::UserPassword("alice".into(), "s3@cret".into()));
+        let s = parse_seeds("tls://tok3n@h1:4222", "shown").unwrap();
+        assert_eq!(s.addrs, ["tls://h1:4222"]);
+        assert!(s.auth == UrlAuth::Token("tok3n".into()));
+        for bad in [
+            "nats://a:b@h1,nats://a:c@h2",
+            "nats://h1,,nats://h2",
+            "amqp://h1",
+            "nats://h1,http://h2",
+        ] {
+            let e = parse_seeds(bad, "shown").err().expect(bad).to_string();
+            assert!(!e.contains('b') || !e.contains("a:b"), "{e}");
+        }
+    }
+
+    #[test]
     fn builder_debug_hides_the_seed() {
-        let b = NatsTransport::builder("nats://u:hunter2@localhost:4222").nkey("SUASECRETSEED");
+        let b = NatsTransport::builder("nats://u:hunter2@localhost:4222")
+            .nkey("SUASECRETSEED")
+            .user_and_password("bob", "hunter3")
+            .token("tok3n-hunter4");
         let text = format!("{b:?}");
         assert!(
-            !text.contains("hunter2") && !text.contains("SUASECRETSEED"),
+            !text.contains("hunter") && !text.contains("SUASECRETSEED"),
             "{text}"
         );
     }

@@ -41,10 +41,14 @@ use std::{
     fmt,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
+
+/// How long readiness says "reconnecting" after JetStream last reported a passing state
+/// (an operation that keeps failing renews it; one that succeeds ends it).
+const UNAVAILABLE_SHOWN: Duration = Duration::from_secs(10);
 
 /// How many deferred deliveries a process remembers before it starts over.
 const MAX_DEFERRALS_REMEMBERED: usize = 100_000;
@@ -61,6 +65,12 @@ pub(crate) struct Inner {
     settings: Settings,
     server: ServerVersion,
     closed: AtomicBool,
+    /// When JetStream last answered a publish or settle with a passing state (no
+    /// leader, no quorum), in milliseconds since `started` (0: it answered since).
+    /// Readiness says reconnecting for [`UNAVAILABLE_SHOWN`] after such an answer.
+    jetstream_unavailable: AtomicU64,
+    /// A fixed point for `jetstream_unavailable`.
+    started: std::time::Instant,
     /// Deferrals made by this process, per (consumer, stream sequence): subtracted from
     /// the server's delivery count so a deferral does not use an attempt.
     deferrals: Mutex<HashMap<(Arc<str>, u64), u32>>,
@@ -156,6 +166,34 @@ impl Inner {
                 format!("{what}: no answer from NATS within {limit:?}"),
             )),
         }
+    }
+
+    /// A publish or settle met a passing JetStream state.
+    pub(crate) fn jetstream_unavailable(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        if self.jetstream_unavailable.swap(now, Ordering::AcqRel) == 0 {
+            tracing::warn!(
+                "JetStream is not answering (a leader election or a cluster without quorum); retrying within each operation's deadline"
+            );
+        }
+    }
+
+    /// JetStream answered again.
+    pub(crate) fn jetstream_answered(&self) {
+        if self.jetstream_unavailable.load(Ordering::Relaxed) != 0
+            && self.jetstream_unavailable.swap(0, Ordering::AcqRel) != 0
+        {
+            tracing::info!("JetStream answers again");
+        }
+    }
+
+    /// Whether JetStream reported a passing state lately and has not answered since.
+    fn jetstream_troubled(&self) -> bool {
+        let at = self.jetstream_unavailable.load(Ordering::Acquire);
+        at != 0
+            && self.started.elapsed().as_millis() < u128::from(at) + UNAVAILABLE_SHOWN.as_millis()
     }
 
     /// How many times this process deferred `seq` on `consumer`.
@@ -319,7 +357,9 @@ impl Transport for NatsTransport {
             return Health::Closed;
         }
         match self.inner.client.connection_state() {
-            async_nats::connection::State::Connected => Health::Connected,
+            async_nats::connection::State::Connected if !self.inner.jetstream_troubled() => {
+                Health::Connected
+            }
             _ => Health::Reconnecting,
         }
     }

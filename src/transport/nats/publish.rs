@@ -8,10 +8,20 @@ use crate::{
 };
 use async_nats::{HeaderMap, jetstream::context::PublishErrorKind};
 use bytes::Bytes;
-use std::{borrow::Cow, time::Instant};
+use std::{
+    borrow::Cow,
+    time::{Duration, Instant},
+};
 
 /// The header JetStream deduplicates on.
 pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
+
+/// Marks the text of a publish error that reports a passing JetStream state (no stream
+/// leader yet, no quorum, JetStream restarting on its node).
+const PASSING: &str = "JetStream temporarily unavailable";
+
+/// The longest pause between two tries of a publish while the stream has no leader.
+const MAX_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 /// The wire headers of `env`: CloudEvents `ce-*`, the attempt, the others, and
 /// `Nats-Msg-Id` = the envelope id.
@@ -29,20 +39,128 @@ fn publish_error(
     e: &async_nats::jetstream::context::PublishError,
 ) -> TransportError {
     let kind = match e.kind() {
+        // "No responders": no stream takes the subject, or its stream has no leader at
+        // this moment (an election); `publish_retrying` tells them apart.
         PublishErrorKind::StreamNotFound => TransportErrorKind::Unroutable,
         PublishErrorKind::TimedOut => TransportErrorKind::Timeout,
         PublishErrorKind::BrokenPipe => TransportErrorKind::Connection,
         PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::MaxAckPending => {
             TransportErrorKind::Rejected
         }
+        _ if is_unavailable(e) => {
+            return err(
+                TransportErrorKind::Connection,
+                format!("publishing to `{subject}`: {PASSING}"),
+                e,
+            );
+        }
         _ => TransportErrorKind::Protocol,
     };
-    let text = if kind == TransportErrorKind::Unroutable {
-        format!("no stream captures subject `{subject}` (declare the consumer group first)")
+    err(kind, format!("publishing to `{subject}`"), e)
+}
+
+/// A JetStream error answer that reports a passing state: 503 (JetStream not available
+/// on this node, or a cluster without quorum) and the errors of a stream or consumer
+/// whose leader is being elected.
+fn is_unavailable(e: &async_nats::jetstream::context::PublishError) -> bool {
+    let text = std::error::Error::source(e)
+        .map(ToString::to_string)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    text.contains("code 503")
+        || text.contains("temporarily unavailable")
+        || text.contains("no suitable peers")
+        || text.contains("leader")
+        || text.contains("quorum")
+}
+
+/// Whether a publish failure may pass by itself within the publish's deadline.
+fn passing(e: &TransportError) -> bool {
+    e.kind() == TransportErrorKind::Unroutable
+        || (e.kind() == TransportErrorKind::Connection && e.to_string().contains(PASSING))
+}
+
+/// Whether the stream that should capture `subject` is missing for certain (the server
+/// answered "stream not found"); `false` while it exists or cannot be told.
+async fn stream_missing(inner: &Inner, subject: &str) -> bool {
+    let s = &inner.settings;
+    let stream = if subject.starts_with(&format!("{}-dlq.", s.prefix)) {
+        &s.dlq_stream
     } else {
-        format!("publishing to `{subject}`")
+        &s.stream
     };
-    err(kind, text, e)
+    let lookup = inner.js.get_stream(stream);
+    match tokio::time::timeout(inner.settings.op_timeout, lookup).await {
+        Ok(Err(e)) => matches!(
+            e.kind(),
+            async_nats::jetstream::context::GetStreamErrorKind::JetStream(j) if j.code() == 404
+        ),
+        _ => false,
+    }
+}
+
+/// Publishes one message and awaits its PubAck, trying again while JetStream reports a
+/// passing state (a stream without a leader answers nobody during its election, about
+/// 2 to 10 s after its leader's node died; a cluster without quorum takes no writes)
+/// until `deadline`. The message keeps its `Nats-Msg-Id`, so a try whose PubAck was
+/// lost is not stored twice. A subject no stream captures is `Unroutable` at once.
+pub(crate) async fn publish_retrying(
+    inner: &Inner,
+    subject: &str,
+    headers: HeaderMap,
+    payload: Bytes,
+    deadline: Instant,
+) -> Result<u64, TransportError> {
+    let mut pause = Duration::from_millis(50);
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let attempt = async {
+            let ack = inner
+                .bounded(
+                    "publish",
+                    send(inner, subject.to_owned(), headers.clone(), payload.clone()),
+                )
+                .await?;
+            await_ack(inner, subject, ack).await
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let result = match tokio::time::timeout(left.max(Duration::from_millis(1)), attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::new(
+                TransportErrorKind::Timeout,
+                format!("publishing to `{subject}`: no PubAck within the deadline"),
+            )),
+        };
+        let e = match result {
+            Ok(seq) => {
+                inner.jetstream_answered();
+                return Ok(seq);
+            }
+            Err(e) if passing(&e) => e,
+            Err(e) => return Err(e),
+        };
+        if e.kind() == TransportErrorKind::Unroutable && stream_missing(inner, subject).await {
+            return Err(TransportError::new(
+                TransportErrorKind::Unroutable,
+                format!(
+                    "no stream captures subject `{subject}` (declare the consumer group first)"
+                ),
+            ));
+        }
+        inner.jetstream_unavailable();
+        if Instant::now() + pause >= deadline {
+            return Err(TransportError::new(
+                TransportErrorKind::Connection,
+                format!(
+                    "publishing to `{subject}`: {PASSING} (no stream leader answered after {tries} tries: a leader election, or a cluster without quorum); try again"
+                ),
+            ));
+        }
+        tracing::debug!(subject, tries, error = %e, "JetStream not ready for a publish; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_RETRY_PAUSE);
+    }
 }
 
 /// Sends one message; the returned future resolves with the PubAck.
@@ -67,7 +185,10 @@ pub(crate) async fn await_ack(
     inner
         .bounded("PubAck", async {
             ack.await
-                .map(|a| a.sequence)
+                .map(|a| {
+                    inner.jetstream_answered();
+                    a.sequence
+                })
                 .map_err(|e| publish_error(subject, &e))
         })
         .await
@@ -82,18 +203,15 @@ fn check_name(env: &Envelope) -> Result<(), TransportError> {
 pub(crate) async fn publish_one(inner: &Inner, env: &Envelope) -> Result<(), TransportError> {
     check_name(env)?;
     let subject = inner.settings.subject(&env.name);
-    let ack = inner
-        .bounded(
-            "publish",
-            send(
-                inner,
-                subject.clone(),
-                wire_headers(env, inner.settings.dedup),
-                env.payload.clone(),
-            ),
-        )
-        .await?;
-    await_ack(inner, &subject, ack).await.map(|_| ())
+    publish_retrying(
+        inner,
+        &subject,
+        wire_headers(env, inner.settings.dedup),
+        env.payload.clone(),
+        Instant::now() + inner.op_limit(),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// A message ready for the wire: subject, headers, payload.
@@ -134,15 +252,16 @@ pub(crate) async fn publish_many(
     outgoing: Vec<Result<Outgoing, TransportError>>,
 ) -> Vec<Result<(), TransportError>> {
     let limit = inner.op_limit();
-    let send_deadline = Instant::now() + limit;
+    let started = Instant::now();
+    let send_deadline = started + limit;
     let mut pending = Vec::with_capacity(outgoing.len());
     for item in outgoing {
         pending.push(match item {
             Err(e) => Err(e),
             Ok((subject, headers, payload)) => {
-                let sent = send(inner, subject.clone(), headers, payload);
+                let sent = send(inner, subject.clone(), headers.clone(), payload.clone());
                 match tokio::time::timeout_at(send_deadline.into(), sent).await {
-                    Ok(r) => r.map(|ack| (subject, ack)),
+                    Ok(r) => r.map(|ack| (subject, headers, payload, ack)),
                     Err(_) => Err(TransportError::new(
                         TransportErrorKind::Timeout,
                         format!(
@@ -155,9 +274,19 @@ pub(crate) async fn publish_many(
     }
     // Each PubAck wait starts its own timer when first polled; polling them together
     // lets those timers run side by side.
+    // A message that met a passing JetStream state (an election) is tried again on its
+    // own within the batch's deadline, which the first round leaves mostly unused then.
+    let retry_deadline = started + limit * 2;
     futures::future::join_all(pending.into_iter().map(|p| async move {
         match p {
-            Ok((subject, ack)) => await_ack(inner, &subject, ack).await.map(|_| ()),
+            Ok((subject, headers, payload, ack)) => match await_ack(inner, &subject, ack).await {
+                Err(e) if passing(&e) => {
+                    publish_retrying(inner, &subject, headers, payload, retry_deadline)
+                        .await
+                        .map(|_| ())
+                }
+                r => r.map(|_| ()),
+            },
             Err(e) => Err(e),
         }
     }))
@@ -198,13 +327,15 @@ pub(crate) async fn publish_dead_letter(
     }
     h.insert(MSG_ID, copy.dedup_id.as_str());
     let subject = inner.settings.dlq_subject(copy.group);
-    let ack = inner
-        .bounded(
-            "dead-letter publish",
-            send(inner, subject.clone(), h, copy.payload),
-        )
-        .await?;
-    await_ack(inner, &subject, ack).await.map(|_| ())
+    publish_retrying(
+        inner,
+        &subject,
+        h,
+        copy.payload,
+        Instant::now() + inner.op_limit(),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// A header by name, ignoring ASCII case.

@@ -91,7 +91,7 @@ async fn ensure_stream(
         })
         .await?;
     if let Some(cfg) = existing {
-        return check_stream(&cfg, name, subject);
+        return check_stream(inner, &cfg, name, subject);
     }
     let cfg = stream::Config {
         name: name.to_owned(),
@@ -102,6 +102,7 @@ async fn ensure_stream(
         max_age,
         duplicate_window: Duration::from_secs(120),
         allow_direct: true,
+        num_replicas: inner.settings.replicas.unwrap_or(1),
         ..Default::default()
     };
     let created = inner
@@ -126,13 +127,51 @@ async fn ensure_stream(
             .info()
             .await
             .map_err(|e2| err(TransportErrorKind::Protocol, format!("stream `{name}`"), e2))?;
-        return check_stream(&info.config, name, subject);
+        return check_stream(inner, &info.config, name, subject);
     }
-    tracing::info!(stream = name, subject, "created stream");
+    tracing::info!(
+        stream = name,
+        subject,
+        replicas = inner.settings.replicas.unwrap_or(1),
+        "created stream"
+    );
+    warn_single_replica(inner, name, inner.settings.replicas.unwrap_or(1));
     Ok(())
 }
 
-fn check_stream(cfg: &stream::Config, name: &str, subject: &str) -> Result<(), TransportError> {
+/// On a cluster, a single-replica stream the user did not ask for is a warning: it is
+/// lost with its node's disk and unavailable while that node is down.
+fn warn_single_replica(inner: &Inner, name: &str, replicas: usize) {
+    if replicas <= 1 && inner.settings.replicas.is_none() {
+        let info = inner.client.server_info();
+        if info.cluster.is_some() || !info.connect_urls.is_empty() {
+            tracing::warn!(
+                stream = name,
+                cluster = info.cluster.as_deref().unwrap_or(""),
+                "stream has a single replica on a NATS cluster: its messages are unavailable while its node is down and lost with its disk; ask for 3 (NatsBuilder::replicas, STEADFAST_NATS_REPLICAS)"
+            );
+        }
+    }
+}
+
+fn check_stream(
+    inner: &Inner,
+    cfg: &stream::Config,
+    name: &str,
+    subject: &str,
+) -> Result<(), TransportError> {
+    if let Some(want) = inner.settings.replicas
+        && cfg.num_replicas.max(1) != want
+    {
+        return Err(TransportError::new(
+            TransportErrorKind::Config,
+            format!(
+                "stream `{name}` exists with {} replica(s) but {want} were asked for; steadfast does not change an existing stream: change its replicas (`nats stream edit {name} --replicas {want}`) or the setting",
+                cfg.num_replicas.max(1)
+            ),
+        ));
+    }
+    warn_single_replica(inner, name, cfg.num_replicas);
     if !cfg.subjects.iter().any(|s| s == subject || s == ">") {
         return Err(TransportError::new(
             TransportErrorKind::Config,
@@ -253,15 +292,7 @@ pub(crate) async fn ensure_group(
             || (cfg.max_deliver > 0 && cfg.max_deliver < want.max_deliver)
             || (cfg.max_ack_pending > 0 && cfg.max_ack_pending < want.max_ack_pending);
         if needs {
-            let mut cfg = pull_config(cfg);
-            cfg.ack_wait = cfg.ack_wait.max(want.ack_wait);
-            if cfg.max_deliver > 0 {
-                cfg.max_deliver = cfg.max_deliver.max(want.max_deliver);
-            }
-            if cfg.max_ack_pending > 0 {
-                cfg.max_ack_pending = cfg.max_ack_pending.max(want.max_ack_pending);
-            }
-            create(inner, &st, cfg).await?;
+            raise_limits(inner, &c.name, &want).await?;
             tracing::info!(consumer = %c.name, "raised ack_wait / max_deliver / max_ack_pending to the worker's needs");
         }
         out.push(GroupConsumer {
@@ -388,31 +419,67 @@ fn check_consumer(c: &consumer::Info, group: &str) -> Result<(), TransportError>
     Ok(())
 }
 
-fn pull_config(cfg: &consumer::Config) -> pull::Config {
-    pull::Config {
-        durable_name: cfg.durable_name.clone(),
-        name: cfg.name.clone(),
-        description: cfg.description.clone(),
-        deliver_policy: cfg.deliver_policy,
-        ack_policy: cfg.ack_policy,
-        ack_wait: cfg.ack_wait,
-        max_deliver: cfg.max_deliver,
-        filter_subject: cfg.filter_subject.clone(),
-        filter_subjects: cfg.filter_subjects.clone(),
-        replay_policy: cfg.replay_policy,
-        sample_frequency: cfg.sample_frequency,
-        max_waiting: cfg.max_waiting,
-        max_ack_pending: cfg.max_ack_pending,
-        headers_only: cfg.headers_only,
-        max_batch: cfg.max_batch,
-        max_bytes: cfg.max_bytes,
-        max_expires: cfg.max_expires,
-        inactive_threshold: cfg.inactive_threshold,
-        num_replicas: cfg.num_replicas,
-        memory_storage: cfg.memory_storage,
-        backoff: cfg.backoff.clone(),
-        ..Default::default()
+/// Raises `ack_wait`, `max_deliver` and `max_ack_pending` of an existing consumer to
+/// what the worker needs, and changes nothing else.
+///
+/// The update is made of the configuration the server returns, as JSON, with those
+/// three fields changed: every other field the server has (user `metadata` on 2.10+,
+/// priority groups and pause on 2.11+, fields newer than this client) is sent back as
+/// it was. Rebuilding it from the client's typed configuration would drop what the
+/// client does not know.
+async fn raise_limits(inner: &Inner, name: &str, want: &Wanted) -> Result<(), TransportError> {
+    use serde_json::{Value, json};
+    let stream = &inner.settings.stream;
+    let request = |subject: String, body: Value| async move {
+        let reply: Value = inner
+            .bounded("consumer request", async {
+                inner
+                    .js
+                    .request(subject, &body)
+                    .await
+                    .map_err(|e| err(TransportErrorKind::Connection, "consumer request", e))
+            })
+            .await?;
+        if let Some(e) = reply.get("error") {
+            return Err(TransportError::new(
+                TransportErrorKind::Config,
+                format!("updating consumer `{name}`: the server answered {e}"),
+            ));
+        }
+        Ok(reply)
+    };
+    let info = request(format!("CONSUMER.INFO.{stream}.{name}"), json!({})).await?;
+    let Some(mut config) = info.get("config").cloned().filter(Value::is_object) else {
+        return Err(TransportError::new(
+            TransportErrorKind::Protocol,
+            format!("consumer `{name}`: the server's answer has no configuration"),
+        ));
+    };
+    let int = |v: &Value, key: &str| v.get(key).and_then(Value::as_i64).unwrap_or(0);
+    let ack_wait = i64::try_from(want.ack_wait.as_nanos()).unwrap_or(i64::MAX);
+    let raised_ack_wait = int(&config, "ack_wait").max(ack_wait);
+    config["ack_wait"] = json!(raised_ack_wait);
+    for (key, wanted) in [
+        ("max_deliver", want.max_deliver),
+        ("max_ack_pending", want.max_ack_pending),
+    ] {
+        let have = int(&config, key);
+        if have > 0 && have < wanted {
+            config[key] = json!(wanted);
+        }
     }
+    let (subject, body) = if inner.server.multi_filter() {
+        (
+            format!("CONSUMER.CREATE.{stream}.{name}"),
+            json!({ "stream_name": stream, "config": config, "action": "update" }),
+        )
+    } else {
+        (
+            format!("CONSUMER.DURABLE.CREATE.{stream}.{name}"),
+            json!({ "stream_name": stream, "config": config }),
+        )
+    };
+    request(subject, body).await.map(|_| ())
 }
 
 async fn create(
