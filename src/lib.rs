@@ -9,6 +9,8 @@ macro_rules! failpoint {
     };
 }
 
+#[cfg(feature = "app")]
+pub mod app;
 #[cfg(feature = "asyncapi")]
 pub mod asyncapi;
 #[cfg(feature = "cli")]
@@ -28,10 +30,14 @@ pub mod outbox;
 mod redact;
 pub mod retry;
 pub mod sql;
+#[cfg(feature = "app")]
+pub mod telemetry;
 pub mod testing;
 pub mod transport;
 pub mod worker;
 
+#[cfg(feature = "app")]
+pub use app::App;
 pub use context::Context;
 pub use envelope::{Envelope, Headers, MessageId};
 pub use error::{ErrorKind, HandlerError, ResultExt};
@@ -73,7 +79,7 @@ pub mod guide {
     pub mod outbox {}
     #[doc = include_str!("../docs/reliability.md")]
     pub mod reliability {}
-    #[cfg(all(feature = "http", feature = "otel"))]
+    #[cfg(all(feature = "app", feature = "otel", feature = "postgres"))]
     #[doc = include_str!("../docs/operations.md")]
     pub mod operations {}
 }

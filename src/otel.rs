@@ -80,3 +80,21 @@ pub(crate) fn set_parent(span: &tracing::Span, headers: &Headers) {
         let _ = span.set_parent(parent);
     }
 }
+
+/// The OpenTelemetry trace and span ids of a `tracing` span, as lower-case hex, when the
+/// OpenTelemetry layer is installed and the span's context is valid.
+#[cfg(feature = "app")]
+pub(crate) fn ids_of(id: &tracing::span::Id) -> Option<(String, String)> {
+    let cx = tracing::dispatcher::get_default(|d| tracing_opentelemetry::get_otel_context(id, d))?;
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid()
+        .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+}
+
+/// The tracer provider the app installs: without an exporter, spans still get ids and
+/// carry trace context across the broker.
+#[cfg(feature = "app")]
+pub(crate) fn tracer_provider() -> opentelemetry_sdk::trace::SdkTracerProvider {
+    opentelemetry_sdk::trace::SdkTracerProvider::builder().build()
+}

@@ -146,6 +146,70 @@ async fn sigterm_drops_readiness_drains_in_flight_work_and_exits_zero() {
     remove_topology(&exchange, &format!("{exchange}."), "jobs").await;
 }
 
+/// The job ids of the log lines with `message`, once each (a repeat fails the test).
+fn job_ids(w: &WorkerProcess, message: &str) -> std::collections::BTreeSet<u64> {
+    let mut ids = std::collections::BTreeSet::new();
+    for l in w.stdout.lock().unwrap().iter() {
+        let v: serde_json::Value = match serde_json::from_str(l) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if v["fields"]["message"] == message {
+            let id = v["fields"]["job_id"].as_u64().expect("job_id");
+            assert!(ids.insert(id), "job {id}: `{message}` logged twice");
+        }
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_everything_started_and_exits_zero() {
+    const JOBS: u64 = 400;
+    let exchange = unique("ops-load");
+    let mut env = env_for(&exchange, AMQP_URL);
+    env.push(("STEADFAST_CONCURRENCY", "16".to_owned()));
+    let mut worker = WorkerProcess::start(&env);
+    let addr = worker.http_addr().await;
+    wait_status(&addr, "/readyz", 200).await;
+    let t = publisher(&exchange).await;
+    for id in 1..=JOBS {
+        publish(&t, id, 30).await;
+    }
+    // SIGTERM with the queue still full and handlers running.
+    wait_metric(
+        &addr,
+        "steadfast_worker_outcomes_total",
+        &["outcome=\"acked\""],
+        50.0,
+    )
+    .await;
+    worker.sigterm();
+    let status = worker.wait().await;
+    assert_eq!(status.code(), Some(0), "{}", worker.output());
+
+    let started = job_ids(&worker, "job started");
+    let done = job_ids(&worker, "job done");
+    assert_eq!(
+        started, done,
+        "every job started before the SIGTERM finished before the exit"
+    );
+    assert!(
+        (done.len() as u64) < JOBS,
+        "the SIGTERM came with work still queued ({} of {JOBS} done)",
+        done.len()
+    );
+    // Nothing lost, nothing done twice: what was not done is back in the queue.
+    let left = u64::from(queue_depth(&format!("{exchange}.jobs")).await);
+    assert_eq!(
+        done.len() as u64 + left,
+        JOBS,
+        "done {} + queued {left}",
+        done.len()
+    );
+    t.close().await;
+    remove_topology(&exchange, &format!("{exchange}."), "jobs").await;
+}
+
 fn assert_one_line_error(w: &WorkerProcess, code: Option<i32>, must_name: &[&str]) {
     let err = w.stderr.lock().unwrap().clone();
     let lines: Vec<&String> = err.iter().filter(|l| !l.trim().is_empty()).collect();
