@@ -8,7 +8,13 @@
 
 use crate::message::Message;
 use bytes::Bytes;
-use std::{borrow::Cow, fmt, str::FromStr, time::SystemTime};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, hash_map::Entry},
+    fmt,
+    str::FromStr,
+    time::SystemTime,
+};
 use uuid::Uuid;
 
 /// Header names steadfast itself writes and reads, the same on every transport.
@@ -31,6 +37,9 @@ pub mod header {
     pub const REPLAYED_AT: &str = "steadfast-replayed-at";
     /// How many times the message was replayed from the dead letters.
     pub const REPLAY_COUNT: &str = "steadfast-replay-count";
+    /// The id a dead letter gets when the message had none (or one that is not a UUID),
+    /// so that it can still be picked by id (`steadfast dlq show --id`).
+    pub const DEAD_LETTER_ID: &str = "steadfast-dead-letter-id";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
     /// W3C trace state.
@@ -39,6 +48,21 @@ pub mod header {
     pub const SPECVERSION: &str = "1.0";
     /// The content type of every payload steadfast encodes.
     pub const CONTENT_TYPE_JSON: &str = "application/json";
+}
+
+/// Limits on the headers of a delivery, checked in one linear pass as it is read. A
+/// delivery over a limit is a defect: dead-lettered at once with a reason that names
+/// the limit, its original bytes and headers kept in the dead letter.
+pub mod limits {
+    /// The most headers a delivery may carry (every name counts, the transport's and
+    /// steadfast's own included).
+    pub const MAX_HEADERS: usize = 1_000;
+    /// The most bytes its header names and values may take together, as text.
+    pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+    /// How deeply AMQP header tables and arrays may nest. RabbitMQ accepts any depth that
+    /// fits its `frame_max`; deeper values are kept as raw bytes (see
+    /// `docs/rabbitmq.md`). NATS headers are flat.
+    pub const MAX_HEADER_DEPTH: usize = 64;
 }
 
 /// The id of a message: a UUID, version 7 for new messages.
@@ -122,6 +146,24 @@ impl Headers {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Headers from `pairs` in one linear pass: a later value of a name (compared
+    /// ASCII-case-insensitively) replaces an earlier one in its place, as
+    /// [`insert`](Self::insert) does.
+    fn from_pairs(pairs: Vec<(String, String)>) -> Self {
+        let mut index: HashMap<String, usize> = HashMap::with_capacity(pairs.len());
+        let mut out: Vec<(String, String)> = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            match index.entry(k.to_ascii_lowercase()) {
+                Entry::Occupied(e) => out[*e.get()].1 = v,
+                Entry::Vacant(e) => {
+                    e.insert(out.len());
+                    out.push((k, v));
+                }
+            }
+        }
+        Self(out)
+    }
+
     /// Sets `key` to `value`, replacing an earlier value.
     pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) {
         let key = key.into();
@@ -171,11 +213,11 @@ impl fmt::Debug for Headers {
 
 impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        let mut h = Headers::new();
-        for (k, v) in iter {
-            h.insert(k, v);
-        }
-        h
+        Headers::from_pairs(
+            iter.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
     }
 }
 
@@ -294,10 +336,14 @@ impl Envelope {
     /// properties (AMQP `message_id`/`type`, NATS `Nats-Msg-Id`), used when the
     /// CloudEvents attribute is absent so plain producers interoperate.
     ///
-    /// Always returns an envelope that keeps every header; the second value says what is
-    /// wrong with it, if anything (a missing or malformed id or type). Such deliveries are
-    /// dead-lettered at once by the worker. An attempt header that is not a number is
-    /// not trusted and counts as attempt 1.
+    /// Always returns an envelope; the second value says what is wrong with it, if
+    /// anything: more headers than [`limits::MAX_HEADERS`] or more header bytes than
+    /// [`limits::MAX_HEADER_BYTES`], a missing or malformed id or type. Such deliveries
+    /// are dead-lettered at once by the worker. The envelope keeps every header within
+    /// the limits, and steadfast's own (`steadfast-*`) whatever their number; the
+    /// transports keep the rest on the wire in the dead letter. One pass, linear in the
+    /// number of headers. An attempt header that is not a number is not trusted and
+    /// counts as attempt 1.
     pub fn read_wire<'a>(
         prefix: &str,
         headers: impl IntoIterator<Item = (&'a str, Cow<'a, str>)>,
@@ -315,7 +361,12 @@ impl Envelope {
             payload,
         };
         let mut id: Option<String> = None;
+        let (mut count, mut bytes, mut kept_bytes) = (0usize, 0usize, 0usize);
+        let mut kept: Vec<(String, String)> = Vec::new();
         for (k, v) in headers {
+            count += 1;
+            let size = k.len().saturating_add(v.len());
+            bytes = bytes.saturating_add(size);
             let attr = k
                 .get(..prefix.len())
                 .filter(|p| p.eq_ignore_ascii_case(prefix))
@@ -334,19 +385,43 @@ impl Envelope {
                         .filter(|a| *a >= 1)
                         .unwrap_or(1);
                 }
-                _ => env.headers.insert(k, v.into_owned()),
+                _ => {
+                    let fits = kept.len() < limits::MAX_HEADERS
+                        && kept_bytes.saturating_add(size) <= limits::MAX_HEADER_BYTES;
+                    if fits || is_own_header(k) {
+                        kept_bytes = kept_bytes.saturating_add(size);
+                        kept.push((k.to_owned(), v.into_owned()));
+                    }
+                }
             }
         }
+        env.headers = Headers::from_pairs(kept);
         if env.name.is_empty() {
             env.name = fallback_name.unwrap_or_default().to_owned();
         }
-        let mut defect = None;
+        let mut defect = if count > limits::MAX_HEADERS {
+            Some(format!(
+                "{count} header entries (limit {})",
+                limits::MAX_HEADERS
+            ))
+        } else if bytes > limits::MAX_HEADER_BYTES {
+            Some(format!(
+                "{bytes} header bytes (limit {})",
+                limits::MAX_HEADER_BYTES
+            ))
+        } else {
+            None
+        };
         match id.as_deref().or(fallback_id) {
-            None => defect = Some("missing message id header".to_owned()),
+            None => {
+                defect.get_or_insert_with(|| "missing message id header".to_owned());
+            }
             Some(raw) => match raw.parse::<MessageId>() {
                 Ok(parsed) => env.id = parsed,
                 Err(_) => {
-                    defect = Some(format!("message id `{}` is not a UUID", truncate(raw, 64)))
+                    defect.get_or_insert_with(|| {
+                        format!("message id `{}` is not a UUID", truncate(raw, 64))
+                    });
                 }
             },
         }
@@ -355,6 +430,12 @@ impl Envelope {
         }
         (env, defect)
     }
+}
+
+/// Whether `k` is one of steadfast's own headers (kept whatever the limits).
+fn is_own_header(k: &str) -> bool {
+    k.get(..10)
+        .is_some_and(|p| p.eq_ignore_ascii_case("steadfast-"))
 }
 
 /// Shortens `s` to at most `max` bytes on a char boundary (for error texts).
@@ -432,6 +513,46 @@ mod tests {
         );
         assert_eq!(defect, None);
         assert_eq!(env.attempt, 1, "a malformed attempt is not trusted");
+    }
+
+    #[test]
+    fn header_limits_are_defects_and_own_headers_are_kept() {
+        let id = MessageId::new().to_string();
+        let many: Vec<(String, String)> = (0..10_000)
+            .map(|i| (format!("h{i}"), "v".to_owned()))
+            .chain([(header::DEAD_LETTER_REASON.to_owned(), "boom".to_owned())])
+            .collect();
+        let (env, defect) = Envelope::read_wire(
+            "ce-",
+            many.iter()
+                .map(|(k, v)| (k.as_str(), Cow::Borrowed(v.as_str()))),
+            Some(&id),
+            Some("a.b"),
+            Bytes::new(),
+        );
+        assert_eq!(defect.as_deref(), Some("10001 header entries (limit 1000)"));
+        assert_eq!(env.headers.len(), limits::MAX_HEADERS + 1);
+        assert_eq!(env.headers.get(header::DEAD_LETTER_REASON), Some("boom"));
+        let big = "x".repeat(100 * 1024);
+        let (env, defect) = Envelope::read_wire(
+            "ce-",
+            [
+                ("big", Cow::Borrowed(big.as_str())),
+                ("small", Cow::Borrowed("s")),
+            ],
+            Some(&id),
+            Some("a.b"),
+            Bytes::new(),
+        );
+        assert_eq!(defect.as_deref(), Some("102409 header bytes (limit 65536)"));
+        assert_eq!(env.headers.get("big"), None, "over the limit: not read");
+        assert_eq!(env.headers.get("small"), Some("s"));
+    }
+
+    #[test]
+    fn headers_from_pairs_replace_case_insensitively() {
+        let h: Headers = [("A", "1"), ("b", "2"), ("a", "3")].into_iter().collect();
+        assert_eq!(h.iter().collect::<Vec<_>>(), [("A", "3"), ("b", "2")]);
     }
 
     #[test]

@@ -343,6 +343,9 @@ impl Acker for MemoryAcker {
                 envelope
                     .headers
                     .insert(header::ORIGINAL_GROUP, group.to_string());
+                if let Some(id) = super::dead_letter_id(&envelope) {
+                    envelope.headers.insert(header::DEAD_LETTER_ID, id);
+                }
                 g.dead.push(DeadLetter::from_envelope(envelope.clone()));
                 None
             }

@@ -427,6 +427,20 @@ pub struct DeadLetter {
     pub original_group: String,
 }
 
+/// The value of [`header::DEAD_LETTER_ID`] for a dead letter of `env`: none when the
+/// message has an id of its own; the id an earlier dead-lettering gave it (a replayed
+/// dead letter keeps it); else a new one.
+pub(crate) fn dead_letter_id(env: &Envelope) -> Option<String> {
+    if env.id != MessageId::nil() {
+        return None;
+    }
+    let earlier = env
+        .headers
+        .get(header::DEAD_LETTER_ID)
+        .and_then(|v| v.trim().parse::<MessageId>().ok());
+    Some(earlier.unwrap_or_default().to_string())
+}
+
 impl DeadLetter {
     /// Splits the framework's failure headers off an envelope read from a dead-letter
     /// queue; the remaining headers are the original ones.
@@ -443,6 +457,15 @@ impl DeadLetter {
         let original_destination = h.remove(header::ORIGINAL_DESTINATION).unwrap_or_default();
         let failed_at = h.remove(header::FAILED_AT).unwrap_or_default();
         let original_group = h.remove(header::ORIGINAL_GROUP).unwrap_or_default();
+        // A message that came without a usable id was given one when dead-lettered.
+        let own_id = h
+            .remove(header::DEAD_LETTER_ID)
+            .and_then(|id| id.trim().parse::<MessageId>().ok());
+        if envelope.id == MessageId::nil()
+            && let Some(id) = own_id
+        {
+            envelope.id = id;
+        }
         Self {
             envelope,
             reason,
@@ -454,7 +477,17 @@ impl DeadLetter {
         }
     }
 
-    /// The original message id.
+    /// The original message id; for a message that had none (or one that is not a
+    /// UUID), the id it was given when dead-lettered ([`header::DEAD_LETTER_ID`]).
+    ///
+    /// ```
+    /// use steadfast::{Envelope, MessageId, envelope::header, transport::DeadLetter};
+    /// let own = MessageId::new();
+    /// let env = Envelope::new("orders.placed", &b"{}"[..])
+    ///     .with_id(MessageId::nil())
+    ///     .with_header(header::DEAD_LETTER_ID, own.to_string());
+    /// assert_eq!(DeadLetter::from_envelope(env).id(), own);
+    /// ```
     pub fn id(&self) -> MessageId {
         self.envelope.id
     }

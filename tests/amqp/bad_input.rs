@@ -49,6 +49,58 @@ fn new_id() -> Option<AMQPValue> {
     Some(text(&MessageId::new().to_string()))
 }
 
+/// The dead letters of group `g`, once there are at least `n` (fails after `limit`).
+async fn dead_letters_at_least(
+    t: &steadfast::transport::amqp::AmqpTransport,
+    n: usize,
+    limit: Duration,
+) -> Vec<steadfast::transport::DeadLetter> {
+    let start = std::time::Instant::now();
+    loop {
+        let dls = t.dead_letters("g", 100).await.expect("dead letters");
+        if dls.len() >= n {
+            return dls;
+        }
+        assert!(start.elapsed() < limit, "only {} dead letters", dls.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `d`, the dead letter of `case`, was dead-lettered at once as undecodable, with a
+/// reason that says `needle` and its original `body`.
+fn assert_dead_at_once(
+    d: Option<&steadfast::transport::DeadLetter>,
+    case: &str,
+    needle: &str,
+    body: &[u8],
+) {
+    let d = d.unwrap_or_else(|| panic!("{case}: not dead-lettered"));
+    assert!(
+        d.reason.contains(needle),
+        "{case}: reason `{}` lacks `{needle}`",
+        d.reason
+    );
+    assert_eq!(d.kind, Some(ErrorKind::Decode), "{case}");
+    assert_eq!(d.attempts, 1, "{case}: dead-lettered at once");
+    assert_eq!(&d.envelope.payload[..], body, "{case}: original bytes kept");
+}
+
+/// A worker of group `g` whose handler records each message's mode and succeeds.
+async fn recording_worker(
+    t: &steadfast::transport::amqp::AmqpTransport,
+) -> (Running, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = calls.clone();
+    let w = Running::start(
+        Worker::builder(t.clone(), "g").handle(move |j: Job, _cx: Context| {
+            seen.lock().unwrap().push(j.mode.clone());
+            async { Ok::<(), HandlerError>(()) }
+        }),
+    )
+    .await;
+    (w, calls)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_bad_input_is_dead_lettered_with_its_reason() {
     let name = support::unique("bad");
@@ -170,37 +222,13 @@ async fn raw_bad_input_is_dead_lettered_with_its_reason() {
     );
     support::raw_publish(&ch, &name, "bad.job", br#"{"mode":"fail"}"#, forged).await;
 
-    let mut dls = Vec::new();
-    let start = std::time::Instant::now();
-    while dls.len() < cases.len() + 1 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "only {} dead letters",
-            dls.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        dls = t.dead_letters("g", 100).await.expect("dead letters");
-    }
+    let dls = dead_letters_at_least(&t, cases.len() + 1, Duration::from_secs(30)).await;
     let by_case: HashMap<String, _> = dls
         .iter()
         .map(|d| (d.envelope.headers.get("case").unwrap_or("?").to_owned(), d))
         .collect();
     for (case, _, body, _, needle) in &cases {
-        let d = by_case
-            .get(*case)
-            .unwrap_or_else(|| panic!("{case}: not dead-lettered"));
-        assert!(
-            d.reason.contains(needle),
-            "{case}: reason `{}` lacks `{needle}`",
-            d.reason
-        );
-        assert_eq!(d.kind, Some(ErrorKind::Decode), "{case}");
-        assert_eq!(d.attempts, 1, "{case}: dead-lettered at once");
-        assert_eq!(
-            &d.envelope.payload[..],
-            &body[..],
-            "{case}: original bytes kept"
-        );
+        assert_dead_at_once(by_case.get(*case).copied(), case, needle, body);
     }
     let forged = by_case
         .get("forged")
@@ -249,15 +277,7 @@ async fn raw_bad_input_is_dead_lettered_with_its_reason() {
 async fn returns_carried_past_the_delivery_limit_are_dead_lettered() {
     let name = support::unique("returns");
     let t = support::transport_named(&name, 5).await;
-    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let seen = calls.clone();
-    let w = Running::start(
-        Worker::builder(t.clone(), "g").handle(move |j: Job, _cx: Context| {
-            seen.lock().unwrap().push(j.mode.clone());
-            async { Ok::<(), HandlerError>(()) }
-        }),
-    )
-    .await;
+    let (w, calls) = recording_worker(&t).await;
     let (_conn, ch) = support::raw_channel().await;
     let body = br#"{"mode":"crashy"}"#;
     // As a deferred copy of a message returned 6 times (limit 5) would arrive.
@@ -282,16 +302,7 @@ async fn returns_carried_past_the_delivery_limit_are_dead_lettered() {
         || calls.lock().unwrap().iter().any(|m| m == "at"),
     )
     .await;
-    let mut dls = Vec::new();
-    let start = std::time::Instant::now();
-    while dls.is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "not dead-lettered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        dls = t.dead_letters("g", 10).await.expect("dead letters");
-    }
+    let dls = dead_letters_at_least(&t, 1, Duration::from_secs(20)).await;
     assert_eq!(dls.len(), 1);
     assert_eq!(dls[0].envelope.headers.get("case"), Some("over"));
     assert!(
@@ -305,6 +316,120 @@ async fn returns_carried_past_the_delivery_limit_are_dead_lettered() {
     assert!(
         !calls.lock().unwrap().iter().any(|m| m == "crashy"),
         "the handler never saw it"
+    );
+    w.stop().await;
+    t.close().await;
+}
+
+/// Hostile header tables any publisher can send, built frame by frame: tables and arrays
+/// nested 200 and 10,000 deep, a 10,000-entry table and a 100 KiB value. Each lands in
+/// the dead-letter queue at once with a reason naming the problem and its original body,
+/// the worker (this process) stays up, and the healthy message sent after them is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_header_tables_are_dead_lettered_and_the_worker_lives() {
+    use crate::raw_frames::{self, RawMessage, Value};
+    let name = support::unique("hostile");
+    let t = support::transport_named(&name, 20).await;
+    let (w, handled) = recording_worker(&t).await;
+    let leaf = || Value::text("leaf");
+    let wide: Vec<(String, Value)> = (0..10_000)
+        .map(|i| (format!("h{i:05}"), Value::text("v")))
+        .collect();
+    // (case, extra headers, what the reason must say)
+    type Case<'a> = (&'a str, Vec<(String, Value)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "table-200",
+            vec![("deep".into(), Value::nested(200, false, leaf()))],
+            "header nesting deeper than 64",
+        ),
+        (
+            "table-10000",
+            vec![("deep".into(), Value::nested(10_000, false, leaf()))],
+            "header nesting deeper than 64",
+        ),
+        (
+            "array-200",
+            vec![("deep".into(), Value::nested(200, true, leaf()))],
+            "header nesting deeper than 64",
+        ),
+        (
+            "array-10000",
+            vec![("deep".into(), Value::nested(10_000, true, leaf()))],
+            "header nesting deeper than 64",
+        ),
+        ("wide", wide, "10004 header entries (limit 1000)"),
+        (
+            "huge-value",
+            vec![("big".into(), Value::text(&"x".repeat(100 * 1024)))],
+            "header bytes (limit 65536)",
+        ),
+    ];
+    for (case, headers, _) in &cases {
+        let mut h = vec![
+            ("cloudEvents:specversion".to_owned(), Value::text("1.0")),
+            (
+                "cloudEvents:id".to_owned(),
+                Value::text(&MessageId::new().to_string()),
+            ),
+            ("cloudEvents:type".to_owned(), Value::text("bad.job")),
+            ("case".to_owned(), Value::text(case)),
+        ];
+        h.extend(headers.iter().cloned());
+        let msg = RawMessage {
+            headers: h,
+            body: format!(r#"{{"mode":"{case}"}}"#).into_bytes(),
+            ..RawMessage::default()
+        };
+        raw_frames::publish(&support::url(), &name, "bad.job", &msg).await;
+    }
+    // At the depth limit a header is read as usual (and lapin's parser copes with it).
+    let at_limit = RawMessage {
+        headers: vec![
+            (
+                "cloudEvents:id".to_owned(),
+                Value::text(&MessageId::new().to_string()),
+            ),
+            ("cloudEvents:type".to_owned(), Value::text("bad.job")),
+            ("deep".to_owned(), Value::nested(64, false, leaf())),
+        ],
+        body: br#"{"mode":"depth-64"}"#.to_vec(),
+        ..RawMessage::default()
+    };
+    raw_frames::publish(&support::url(), &name, "bad.job", &at_limit).await;
+    // A healthy message after them: handled by the same worker.
+    let (_conn, ch) = support::raw_channel().await;
+    support::raw_publish(
+        &ch,
+        &name,
+        "bad.job",
+        br#"{"mode":"healthy"}"#,
+        props("healthy", new_id(), "bad.job", &[]),
+    )
+    .await;
+    support::wait_for(
+        "the healthy message handled",
+        Duration::from_secs(30),
+        || handled.lock().unwrap().iter().any(|m| m == "healthy"),
+    )
+    .await;
+    let dls = dead_letters_at_least(&t, cases.len(), Duration::from_secs(30)).await;
+    assert_eq!(dls.len(), cases.len(), "nothing else was dead-lettered");
+    for (case, _, needle) in &cases {
+        let d = dls
+            .iter()
+            .find(|d| d.envelope.headers.get("case") == Some(*case));
+        assert_dead_at_once(
+            d,
+            case,
+            needle,
+            format!(r#"{{"mode":"{case}"}}"#).as_bytes(),
+        );
+    }
+    assert_eq!(
+        *handled.lock().unwrap(),
+        ["depth-64", "healthy"],
+        "no hostile message reached the handler"
     );
     w.stop().await;
     t.close().await;

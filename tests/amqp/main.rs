@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod broker;
+mod raw_frames;
 mod support;
 
 use std::sync::Arc;

@@ -4,6 +4,9 @@
 //! replay of exactly the selected ones, and a replay killed with SIGKILL halfway then run
 //! again — every message applied exactly once.
 
+#[path = "../amqp/raw_frames.rs"]
+mod raw_frames;
+
 use futures::future::BoxFuture;
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgPool};
@@ -292,6 +295,21 @@ async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut cond: i
     }
 }
 
+/// Declares the worker's topology and runs it in the background until `stop` is
+/// cancelled.
+async fn start(worker: Worker) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    worker.declare().await.expect("declare");
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let running = tokio::spawn(async move {
+        worker
+            .run_until(async move { token.cancelled().await })
+            .await
+            .expect("worker ran");
+    });
+    (stop, running)
+}
+
 async fn scenario(b: Broker) {
     let pg = Pg::new().await;
     let apply = Apply {
@@ -316,15 +334,7 @@ async fn scenario(b: Broker) {
         })
         .build()
         .expect("valid worker");
-    worker.declare().await.expect("declare");
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let running = tokio::spawn(async move {
-        worker
-            .run_until(async move { token.cancelled().await })
-            .await
-            .expect("worker ran");
-    });
+    let (stop, running) = start(worker).await;
 
     // 1,000 messages, 700 alpha and 300 beta, all dead-lettered by the broken handler.
     let mut envs = Vec::with_capacity(TOTAL);
@@ -737,16 +747,8 @@ async fn kill_switch_stops_intake_and_recovers() {
         )
         .build()
         .expect("valid worker");
-    worker.declare().await.unwrap();
     let status = worker.status();
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let running = tokio::spawn(async move {
-        worker
-            .run_until(async move { token.cancelled().await })
-            .await
-            .unwrap();
-    });
+    let (stop, running) = start(worker).await;
     let envs: Vec<Envelope> = (0..N)
         .map(|n| Envelope::encode(&Alpha { n }).unwrap())
         .collect();
@@ -809,5 +811,101 @@ async fn kill_switch_stops_intake_and_recovers() {
     stop.cancel();
     running.await.unwrap();
     let _ = conn.close(200, "OK".into()).await;
+    b.transport.close().await;
+}
+
+/// `dlq list/show/replay/purge` on a group whose dead-letter queue holds messages with
+/// header tables nested 10,000 deep: one put there as the broker's own delivery limit
+/// would (headers as published), one dead-lettered by the worker, which had no message
+/// id and gets one of its own that `--id` picks, and keeps through a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_dlq_commands_survive_nested_headers() {
+    use raw_frames::{RawMessage, Value};
+
+    let b = rabbitmq().await;
+    let url = b.args[1].clone();
+    let exchange = b.args[3].clone();
+    let dlq = format!("{}{GROUP}.dlq", b.args[5]);
+    let handled = Arc::new(AtomicI64::new(0));
+    let seen = handled.clone();
+    let worker = Worker::builder_shared(b.transport.clone(), GROUP)
+        .handle(move |_m: Alpha, _cx: Context| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<(), HandlerError>(()) }
+        })
+        .build()
+        .expect("valid worker");
+    let (stop, running) = start(worker).await;
+    let deep = |id: Option<String>, depth: usize| RawMessage {
+        headers: vec![
+            ("cloudEvents:type".to_owned(), Value::text("cli.alpha")),
+            (
+                "deep".to_owned(),
+                Value::nested(depth, false, Value::text("leaf")),
+            ),
+        ],
+        message_id: id,
+        body: br#"{"n":1}"#.to_vec(),
+        ..RawMessage::default()
+    };
+    // Straight into the dead-letter queue, as RabbitMQ's delivery limit would leave it.
+    raw_frames::publish(
+        &url,
+        "",
+        &dlq,
+        &deep(Some(MessageId::new().to_string()), 10_000),
+    )
+    .await;
+    // Through the worker, without a message id.
+    raw_frames::publish(&url, &exchange, "cli.alpha", &deep(None, 10_000)).await;
+    wait_for("two dead letters", || async {
+        list(&b).await["total"] == 2
+    })
+    .await;
+    let l = list(&b).await;
+    let reasons = l["by_reason"].as_object().unwrap();
+    assert!(
+        reasons
+            .keys()
+            .any(|r| r.contains("header nesting deeper than 64")),
+        "{reasons:?}"
+    );
+    let dls = b.transport.dead_letters(GROUP, 10).await.expect("read");
+    let ours = dls
+        .iter()
+        .find(|d| d.reason.contains("header nesting deeper than 64"))
+        .expect("the worker's dead letter");
+    let id = ours.id();
+    assert_ne!(id, MessageId::nil(), "a dead letter without an id gets one");
+    let id = id.to_string();
+
+    let s = run(&b, &["show", GROUP, "--id", &id]).await;
+    assert!(s.ok, "{}", s.stderr);
+    assert!(s.stdout.contains(&id), "{}", s.stdout);
+    assert!(s.stdout.contains("nests 10000 levels"), "{}", s.stdout);
+    let all = run(&b, &["show", GROUP, "--limit", "10", "--json"]).await;
+    assert!(all.ok, "{}", all.stderr);
+
+    // Replayed, the worker dead-letters it again (its header is still not what was
+    // sent), under the same id.
+    let r = run(&b, &["replay", GROUP, "--id", &id]).await;
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("replayed 1 of 1"), "{}", r.stdout);
+    wait_for("the replayed message dead-lettered again", || async {
+        run(&b, &["show", GROUP, "--id", &id])
+            .await
+            .stdout
+            .contains("replayed before:")
+    })
+    .await;
+    assert_eq!(list(&b).await["total"], 2);
+
+    let p = run(&b, &["purge", GROUP, "--yes"]).await;
+    assert!(p.ok, "{}\n{}", p.stdout, p.stderr);
+    assert!(p.stdout.contains("purged 2 of 2"), "{}", p.stdout);
+    assert_eq!(list(&b).await["total"], 0);
+    assert_eq!(handled.load(Ordering::SeqCst), 0, "the handler never ran");
+    stop.cancel();
+    running.await.unwrap();
     b.transport.close().await;
 }

@@ -1,7 +1,7 @@
 //! The connection: connect with heartbeats, reconnect with capped jittered backoff, the
 //! shared publisher-confirm channel, and health.
 
-use super::{AmqpBuilder, QueueType, acks::ChannelAcks, redact_url, topology};
+use super::{AmqpBuilder, QueueType, acks::ChannelAcks, guard, redact_url, topology};
 use crate::transport::{Health, TransportError, TransportErrorKind};
 use backon::BackoffBuilder;
 use lapin::{
@@ -121,7 +121,7 @@ impl Inner {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("steadfast {}", env!("CARGO_PKG_VERSION")).into());
         let conn = self
-            .bounded("connect", Connection::connect_uri(self.uri.clone(), props))
+            .bounded("connect", guard::connect(self.uri.clone(), props))
             .await?;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let link = Link {

@@ -24,6 +24,7 @@ mod acks;
 mod connection;
 mod consume;
 mod dead_letters;
+mod guard;
 mod publish;
 mod settle;
 mod topology;

@@ -88,6 +88,9 @@ impl Acker for AmqpAcker {
                         format!("{}/{}", self.origin.exchange, self.origin.routing_key),
                     ));
                     extra.push((header::ORIGINAL_GROUP, self.topo.group.clone()));
+                    if let Some(id) = crate::transport::dead_letter_id(&envelope) {
+                        extra.push((header::DEAD_LETTER_ID, id));
+                    }
                     self.copy_to(
                         self.topo.dlq.clone(),
                         envelope.attempt,

@@ -2,7 +2,7 @@
 //! `message_id` = envelope id, `type` = wire name, persistent delivery. Header values
 //! of any AMQP type are read as text, never trusted as typed.
 
-use super::topology::short;
+use super::{guard, topology::short};
 use crate::{
     envelope::{Envelope, header},
     transport::TransportError,
@@ -52,11 +52,17 @@ pub(super) fn properties(env: &Envelope) -> Result<BasicProperties, TransportErr
         .with_headers(headers))
 }
 
-/// Reads the envelope of a delivery; the second value is what is wrong with it.
+/// Reads the envelope of a delivery; the second value is what is wrong with it: first
+/// what the frame guard had to change to read it safely (see `guard`), then what
+/// [`Envelope::read_wire`] finds.
 pub(super) fn envelope(props: &BasicProperties, body: Vec<u8>) -> (Envelope, Option<String>) {
     let empty = FieldTable::default();
     let table = props.headers().as_ref().unwrap_or(&empty);
-    Envelope::read_wire(
+    let guarded = table
+        .inner()
+        .get(guard::DEFECT)
+        .map(|v| value_text(v).into_owned());
+    let (env, defect) = Envelope::read_wire(
         PREFIX,
         table
             .inner()
@@ -65,7 +71,8 @@ pub(super) fn envelope(props: &BasicProperties, body: Vec<u8>) -> (Envelope, Opt
         props.message_id().as_ref().map(ShortString::as_str),
         props.kind().as_ref().map(ShortString::as_str),
         Bytes::from(body),
-    )
+    );
+    (env, guarded.or(defect))
 }
 
 /// Any AMQP value as text: strings as they are (invalid UTF-8 replaced), numbers and

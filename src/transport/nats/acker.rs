@@ -8,7 +8,7 @@ use super::{
     publish::{self, DeadLetterCopy},
 };
 use crate::{
-    envelope::Envelope,
+    envelope::{Envelope, header},
     retry::Disposition,
     transport::{Acker, TransportError, TransportErrorKind},
 };
@@ -234,6 +234,11 @@ async fn settle(t: &AckTarget, envelope: Envelope, d: Disposition) -> Result<(),
                 Some(h) => h.clone(),
                 None => publish::wire_headers(&envelope, true),
             };
+            let mut headers = headers;
+            if let Some(id) = crate::transport::dead_letter_id(&envelope) {
+                // A message without a usable id gets one, so `--id` can pick its dead letter.
+                headers.insert(header::DEAD_LETTER_ID, id.as_str());
+            }
             publish::publish_dead_letter(
                 inner,
                 DeadLetterCopy {
