@@ -51,13 +51,17 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 use steadfast::{
     Context, Envelope, HandlerError, Message, Worker,
     transport::{Transport, amqp::AmqpTransport},
 };
 use tokio_util::sync::CancellationToken;
+
+mod support;
+use serde_json::json;
+use support::{Meter, Results, Took};
 
 const PREFETCH: u16 = 100;
 
@@ -71,6 +75,11 @@ fn url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// The port of `url` (5672 for the single node, 5701.. for the cluster).
+fn url_port(url: &str) -> Option<u16> {
+    url::Url::parse(url).ok()?.port()
+}
+
 fn count() -> usize {
     std::env::var("BENCH_MESSAGES")
         .ok()
@@ -78,69 +87,9 @@ fn count() -> usize {
         .unwrap_or(30_000)
 }
 
-/// CPU time (user + system) of this process so far.
-fn cpu() -> Duration {
-    proc_cpu("self").unwrap_or_default()
-}
-
 /// The local broker's process: `BENCH_BROKER_PID`, or the `beam.smp` found in `/proc`.
 fn broker_pid() -> Option<String> {
-    if let Ok(pid) = std::env::var("BENCH_BROKER_PID") {
-        return Some(pid);
-    }
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        (comm.trim() == "beam.smp").then(|| e.file_name().to_string_lossy().into_owned())
-    })
-}
-
-/// CPU time (user + system) of process `pid` (a number or `self`) so far.
-fn proc_cpu(pid: &str) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the name.
-    let hz = 100; // USER_HZ on Linux
-    Some(Duration::from_micros(
-        (ticks(11) + ticks(12)) * 1_000_000 / hz,
-    ))
-}
-
-/// Wall time, this process's CPU time and the broker's over one consume phase.
-struct Meter {
-    t0: Instant,
-    cpu0: Duration,
-    broker: Option<(String, Duration)>,
-}
-
-/// What one consume phase took.
-struct Took {
-    wall: Duration,
-    cpu: Duration,
-    broker: Option<Duration>,
-}
-
-impl Meter {
-    fn start() -> Self {
-        let broker = broker_pid().and_then(|p| proc_cpu(&p).map(|c| (p, c)));
-        Self {
-            t0: Instant::now(),
-            cpu0: cpu(),
-            broker,
-        }
-    }
-
-    fn stop(self) -> Took {
-        Took {
-            wall: self.t0.elapsed(),
-            cpu: cpu() - self.cpu0,
-            broker: self
-                .broker
-                .and_then(|(p, c0)| proc_cpu(&p).map(|c| c.saturating_sub(c0))),
-        }
-    }
+    support::find_process("beam.smp", "BENCH_BROKER_PID")
 }
 
 fn body(size: usize) -> Vec<u8> {
@@ -155,7 +104,17 @@ struct Figures {
     rate: f64,
 }
 
-fn report(name: &str, size: usize, n: usize, took: Took) -> Figures {
+/// Prints one consumer's figures and appends them to the result file, beside the raw
+/// loop they compare with (`baseline`) and the round.
+fn report(out: &Results, round: usize, name: &str, size: usize, n: usize, took: Took) -> Figures {
+    let mut fields = took.fields(n);
+    let obj = fields.as_object_mut().expect("an object");
+    obj.insert("scenario".into(), json!("throughput"));
+    obj.insert("consumer".into(), json!(name));
+    obj.insert("payload".into(), json!(size));
+    obj.insert("round".into(), json!(round));
+    obj.insert("baseline".into(), json!("raw-coalesced"));
+    out.record(fields);
     let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
     let f = Figures {
         rate: n as f64 / took.wall.as_secs_f64(),
@@ -310,7 +269,7 @@ async fn raw_consume(ch: Channel, queue: String, n: usize, ack: Ack) -> Took {
             .unwrap();
         // On stderr, so a profiler can attach to the consume phase alone.
         eprintln!("consuming");
-        let meter = Meter::start();
+        let meter = Meter::start(broker_pid());
         let mut consumer = consume(&ch, &queue).await;
         let mut tasks = Vec::new();
         let mut seen = 0;
@@ -366,7 +325,7 @@ async fn raw_consume_split(conn: &Connection, queue: &str, n: usize, channels: u
         chans.push(ch);
     }
     eprintln!("consuming");
-    let meter = Meter::start();
+    let meter = Meter::start(broker_pid());
     let tasks: Vec<_> = chans
         .into_iter()
         .map(|ch| {
@@ -468,7 +427,7 @@ async fn steadfast_run(size: usize, n: usize) -> Took {
     let stop = CancellationToken::new();
     let token = stop.clone();
     eprintln!("consuming");
-    let meter = Meter::start();
+    let meter = Meter::start(broker_pid());
     let task = tokio::spawn(worker.run_until(async move { token.cancelled().await }));
     while settled.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_micros(500)).await;
@@ -491,13 +450,17 @@ fn main() {
         let conn = Connection::connect(&url(), ConnectionProperties::default())
             .await
             .expect("RabbitMQ on AMQP_URL");
+        let out = Results::new(
+            "amqp",
+            json!({ "rabbitmq": support::rabbitmq_version(), "url_port": url_port(&url()) }),
+        );
         println!("RabbitMQ consumer throughput, prefetch {PREFETCH}, {n} messages per run, durable quorum queues, persistent messages");
         // `BENCH_ONLY=steadfast` runs the worker alone, `BENCH_ONLY=coalesced` the raw
         // ceiling alone (for profiling one of them).
         match std::env::var("BENCH_ONLY").as_deref() {
             Ok("steadfast") => {
                 for size in [256usize, 1024] {
-                    report("steadfast", size, n, steadfast_run(size, n).await);
+                    report(&out, 1, "steadfast", size, n, steadfast_run(size, n).await);
                 }
                 return;
             }
@@ -510,7 +473,7 @@ fn main() {
                 for size in [256usize, 1024] {
                     let q = format!("sf-bench-raw-{}", uuid::Uuid::now_v7().simple());
                     let took = raw_run(&conn, &q, size, n, ack, Shape::Steadfast).await;
-                    report(name, size, n, took);
+                    report(&out, 1, name, size, n, took);
                     let ch = conn.create_channel().await.unwrap();
                     let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
                 }
@@ -529,12 +492,12 @@ fn main() {
                 println!("round {round}, {size} B");
                 let q = format!("sf-bench-raw-{}", uuid::Uuid::now_v7().simple());
                 let raw = |ack: Ack, shape: Shape| raw_run(&conn, &q, size, n, ack, shape);
-                let awaited = report("raw-ack-await", size, n, raw(Ack::Await, Shape::Steadfast).await);
-                let spawned = report("raw-ack-spawn", size, n, raw(Ack::Spawn, Shape::Steadfast).await);
-                let ceiling = report("raw-coalesced", size, n, raw(Ack::Coalesce, Shape::Steadfast).await);
-                let ours = report("steadfast", size, n, steadfast_run(size, n).await);
-                let split = report("raw-coal-2ch", size, n, raw(Ack::Split(2), Shape::Steadfast).await);
-                let plain = report("raw-coal-plain", size, n, raw(Ack::Coalesce, Shape::Plain).await);
+                let awaited = report(&out, round, "raw-ack-await", size, n, raw(Ack::Await, Shape::Steadfast).await);
+                let spawned = report(&out, round, "raw-ack-spawn", size, n, raw(Ack::Spawn, Shape::Steadfast).await);
+                let ceiling = report(&out, round, "raw-coalesced", size, n, raw(Ack::Coalesce, Shape::Steadfast).await);
+                let ours = report(&out, round, "steadfast", size, n, steadfast_run(size, n).await);
+                let split = report(&out, round, "raw-coal-2ch", size, n, raw(Ack::Split(2), Shape::Steadfast).await);
+                let plain = report(&out, round, "raw-coal-plain", size, n, raw(Ack::Coalesce, Shape::Plain).await);
                 println!(
                     "  steadfast = {:.0}% of the coalesced ceiling, {:.2}x raw ack-await, {:.2}x raw ack-spawn ({:.0}% of the two-channel ceiling, {:.0}% of the ceiling on header-less messages)",
                     ours.rate / ceiling.rate * 100.0,

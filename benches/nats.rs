@@ -26,13 +26,17 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 use steadfast::{
     Context, Message, Worker,
     transport::{Transport, nats::NatsTransport},
 };
 use tokio_util::sync::CancellationToken;
+
+mod support;
+use serde_json::json;
+use support::{Meter, Results, Took, median};
 
 const URL: &str = "nats://127.0.0.1:4222";
 const BATCH: usize = 64;
@@ -43,29 +47,43 @@ struct Blob {
     data: String,
 }
 
-/// Process CPU time (user + system) in microseconds.
-fn cpu_micros() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name in parentheses; utime and stime are 14 and 15.
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Index 11/12 here = fields 14/15 overall (state is field 3 = index 0).
-    let hz = 100.0;
-    (ticks(11) + ticks(12)) / hz * 1e6
-}
-
 struct Figures {
     rate: f64,
     cpu_us: f64,
 }
 
-fn report(label: &str, n: usize, wall: Duration, cpu: f64) -> Figures {
-    let rate = n as f64 / wall.as_secs_f64();
-    let cpu_us = cpu / n as f64;
+/// Where a figure goes: the result file, the round and the payload size.
+type At<'a> = (&'a Results, usize, usize);
+
+/// The nats-server's process: `BENCH_NATS_PID`, or the first `nats-server` in `/proc`.
+fn broker_pid() -> Option<String> {
+    support::find_process("nats-server", "BENCH_NATS_PID")
+}
+
+/// Prints one consumer's figures and appends them to the result file.
+/// `at`: the result file, the round and the payload size.
+fn report(at: At<'_>, label: &str, n: usize, took: Took) -> Figures {
+    let (out, round, size) = at;
+    let mut fields = took.fields(n);
+    let obj = fields.as_object_mut().expect("an object");
+    obj.insert("scenario".into(), json!("throughput"));
+    obj.insert(
+        "consumer".into(),
+        json!(CONSUMERS[LABELS.iter().position(|l| *l == label).unwrap_or(0)]),
+    );
+    obj.insert("payload".into(), json!(size));
+    obj.insert("round".into(), json!(round));
+    obj.insert("baseline".into(), json!("raw-ack"));
+    out.record(fields);
+    let rate = n as f64 / took.wall.as_secs_f64();
+    let cpu_us = took.cpu.as_secs_f64() * 1e6 / n as f64;
+    let broker = took.broker.map_or_else(
+        || "-".to_owned(),
+        |b| format!("{:.1}", b.as_secs_f64() * 1e6 / n as f64),
+    );
     println!(
-        "{label:<34} {n:>7} msgs in {:>6.2} s = {rate:>9.0} msgs/s, client CPU {cpu_us:>6.2} µs/msg",
-        wall.as_secs_f64()
+        "{label:<34} {n:>7} msgs in {:>6.2} s = {rate:>9.0} msgs/s, client CPU {cpu_us:>6.2} µs/msg, broker {broker:>6} µs/msg",
+        took.wall.as_secs_f64()
     );
     Figures { rate, cpu_us }
 }
@@ -95,6 +113,7 @@ async fn prefill(js: &jetstream::Context, subject: &str, n: usize, size: usize) 
 }
 
 async fn raw(
+    at: At<'_>,
     js: &jetstream::Context,
     stream: &str,
     durable: &str,
@@ -115,7 +134,7 @@ async fn raw(
         .await
         .unwrap();
     let done = Arc::new(AtomicUsize::new(0));
-    let (cpu0, t0) = (cpu_micros(), Instant::now());
+    let meter = Meter::start(broker_pid());
     let mut msgs = consumer
         .stream()
         .max_messages_per_batch(BATCH)
@@ -139,15 +158,16 @@ async fn raw(
     while done.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    report(
-        LABELS[usize::from(double)],
-        n,
-        t0.elapsed(),
-        cpu_micros() - cpu0,
-    )
+    report(at, LABELS[usize::from(double)], n, meter.stop())
 }
 
-async fn steadfast_worker(t: &NatsTransport, group: &str, n: usize, label: &str) -> Figures {
+async fn steadfast_worker(
+    at: At<'_>,
+    t: &NatsTransport,
+    group: &str,
+    n: usize,
+    label: &str,
+) -> Figures {
     let acked = Arc::new(AtomicUsize::new(0));
     let counter = acked.clone();
     let worker = Worker::builder(t.clone(), group)
@@ -161,16 +181,24 @@ async fn steadfast_worker(t: &NatsTransport, group: &str, n: usize, label: &str)
     worker.declare().await.unwrap();
     let stop = CancellationToken::new();
     let token = stop.clone();
-    let (cpu0, t0) = (cpu_micros(), Instant::now());
+    let meter = Meter::start(broker_pid());
     let task = tokio::spawn(worker.run_until(async move { token.cancelled().await }));
     while acked.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let fig = report(label, n, t0.elapsed(), cpu_micros() - cpu0);
+    let fig = report(at, label, n, meter.stop());
     stop.cancel();
     task.await.unwrap().unwrap();
     fig
 }
+
+/// The consumers' names in the result file.
+const CONSUMERS: [&str; 4] = [
+    "raw-ack",
+    "raw-double-ack",
+    "steadfast",
+    "steadfast-confirm",
+];
 
 const LABELS: [&str; 4] = [
     "raw async-nats ack()",
@@ -178,16 +206,6 @@ const LABELS: [&str; 4] = [
     "steadfast (default acks)",
     "steadfast confirm_acks(true)",
 ];
-
-/// The median of sorted values (the mean of the middle two for an even count).
-fn median(v: &[f64]) -> f64 {
-    let m = v.len() / 2;
-    if v.len().is_multiple_of(2) {
-        (v[m - 1] + v[m]) / 2.0
-    } else {
-        v[m]
-    }
-}
 
 fn spread(label: &str, runs: &[Figures]) {
     let (mut r, mut c): (Vec<f64>, Vec<f64>) = runs.iter().map(|f| (f.rate, f.cpu_us)).unzip();
@@ -225,6 +243,7 @@ fn main() {
             "nats-server {}, {n} messages per run, batch {BATCH}, {rounds} rounds",
             client.server_info().version
         );
+        let out = Results::new("nats", json!({ "nats": client.server_info().version }));
         let js = jetstream::new(client);
         for size in [256usize, 1024] {
             let tag = format!("{}{size}", std::process::id());
@@ -250,10 +269,11 @@ fn main() {
             println!("-- {size} B payload, file storage");
             let mut runs: [Vec<Figures>; 4] = Default::default();
             for r in 0..rounds {
-                runs[0].push(raw(&js, &stream_name, &format!("rawack{r}"), &subject, n, false).await);
-                runs[1].push(raw(&js, &stream_name, &format!("rawdouble{r}"), &subject, n, true).await);
-                runs[2].push(steadfast_worker(&t, &format!("sf{size}r{r}"), n, LABELS[2]).await);
-                runs[3].push(steadfast_worker(&tc, &format!("sfc{size}r{r}"), n, LABELS[3]).await);
+                let at = (&out, r + 1, size);
+                runs[0].push(raw(at, &js, &stream_name, &format!("rawack{r}"), &subject, n, false).await);
+                runs[1].push(raw(at, &js, &stream_name, &format!("rawdouble{r}"), &subject, n, true).await);
+                runs[2].push(steadfast_worker(at, &t, &format!("sf{size}r{r}"), n, LABELS[2]).await);
+                runs[3].push(steadfast_worker(at, &tc, &format!("sfc{size}r{r}"), n, LABELS[3]).await);
             }
             println!("   spread over {rounds} rounds:");
             for (label, v) in LABELS.iter().zip(&runs) {

@@ -10,7 +10,7 @@
 //! cargo bench --bench pipeline
 //! ```
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use futures::StreamExt;
 use std::{
     sync::{
@@ -25,6 +25,18 @@ use steadfast::{
     transport::{Subscription, Transport, memory::MemoryTransport},
 };
 use tokio::sync::Notify;
+
+mod support;
+
+/// Every timed pass of each loop, for the result file (criterion keeps its own).
+static PASSES: std::sync::Mutex<[Vec<f64>; 3]> =
+    std::sync::Mutex::new([Vec::new(), Vec::new(), Vec::new()]);
+
+/// Notes one pass of loop `i` (0 bare, 1 worker, 2 worker + store) and returns it.
+fn pass(i: usize, took: Duration) -> Duration {
+    PASSES.lock().expect("not poisoned")[i].push(took.as_secs_f64() * 1e6 / N as f64);
+    took
+}
 
 const N: usize = 10_000;
 
@@ -115,16 +127,34 @@ fn pipeline(c: &mut Criterion) {
         .sample_size(10)
         .measurement_time(Duration::from_secs(6));
     g.bench_function("bare_transport_ack", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| bare(&rt)).sum())
+        b.iter_custom(|iters| (0..iters).map(|_| pass(0, bare(&rt))).sum())
     });
     g.bench_function("steadfast_worker", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| worker(&rt, false)).sum())
+        b.iter_custom(|iters| (0..iters).map(|_| pass(1, worker(&rt, false))).sum())
     });
     g.bench_function("steadfast_worker_idempotent", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| worker(&rt, true)).sum())
+        b.iter_custom(|iters| (0..iters).map(|_| pass(2, worker(&rt, true))).sum())
     });
     g.finish();
 }
 
 criterion_group!(benches, pipeline);
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    // The median pass of each loop, in µs per message, to the result file.
+    let out = support::Results::new("pipeline", serde_json::json!({}));
+    let passes = PASSES.lock().expect("not poisoned");
+    let names = ["bare-transport", "steadfast", "steadfast-idempotent"];
+    for (name, v) in names.iter().zip(passes.iter()) {
+        if v.is_empty() {
+            continue; // filtered out on the command line
+        }
+        let us = support::median(v);
+        out.record(serde_json::json!({
+            "scenario": "memory-consume", "consumer": name, "baseline": "bare-transport",
+            "round": 1, "us_per_msg": us, "msgs_per_s": 1e6 / us, "passes": v.len(),
+        }));
+    }
+}

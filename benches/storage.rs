@@ -23,6 +23,9 @@ use steadfast::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod support;
+use serde_json::json;
+
 const N: i64 = 10_000;
 /// Rows per relay figure: enough for the relay to reach its steady state
 /// (`BENCH_RELAY_ROWS` overrides it, e.g. to profile one figure for longer).
@@ -304,6 +307,17 @@ async fn main() {
         .await
         .unwrap();
     println!("PostgreSQL {version}, {N} messages per figure, concurrency 16 / 8 producers");
+    let out = support::Results::new(
+        "storage",
+        json!({ "postgresql": version, "rabbitmq": support::rabbitmq_version() }),
+    );
+    // One rate of the result file: `consumer` beside `baseline`, of one `round`.
+    let record = |scenario: &str, consumer: &str, baseline: &str, round: i64, rate: f64| {
+        out.record(json!({
+            "scenario": scenario, "consumer": consumer, "baseline": baseline,
+            "round": round + 1, "msgs_per_s": rate,
+        }));
+    };
 
     // The two sides alternate, `BENCH_ROUNDS` times (default 3), so a change in the
     // machine's load lands on both; medians with the range, and the ratio per round.
@@ -320,6 +334,9 @@ async fn main() {
             let none = consume(&pool, &schema, &inbox, Dedup::None, 3 * r * N).await;
             let lease = consume(&pool, &schema, &inbox, Dedup::Lease, (3 * r + 1) * N).await;
             let look = consume(&pool, &schema, &inbox, Dedup::Inbox, (3 * r + 2) * N).await;
+            for (name, rate) in [("no-idempotency", none), ("lease", lease), ("inbox", look)] {
+                record("consume-postgres", name, "no-idempotency", r, rate);
+            }
             for (i, v) in [none, lease, look, lease / none, look / none]
                 .into_iter()
                 .enumerate()
@@ -454,7 +471,7 @@ async fn main() {
         // Each relay figure is paired with a bare one taken just before it, after the same
         // refill and purge, so both meet the same broker and database state (a queue
         // purged of the previous figure's messages, autovacuum after the refill).
-        for _ in 0..rounds {
+        for r in 0..rounds {
             for (i, &shape) in shapes.iter().enumerate() {
                 drain_and_refill(&pool, &quiet, &schema).await;
                 purge().await;
@@ -464,6 +481,17 @@ async fn main() {
                 let relayed = relay_rate(&pool, &outbox, amqp.clone(), shape).await;
                 relays[i].push(relayed);
                 ratios[i].push(relayed / raw);
+                // A pair per shape: its bare rate is the baseline of that shape alone.
+                let name = format!(
+                    "relay {}",
+                    shape
+                        .to_string()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+                record(&name, "raw-publish", "raw-publish", r, raw);
+                record(&name, "relay", "raw-publish", r, relayed);
             }
         }
         println!(
