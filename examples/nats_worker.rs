@@ -5,8 +5,21 @@
 //! ctrl-c). The handler code is the same as in the RabbitMQ example; only the transport
 //! differs.
 //!
+//! `NATS_URL` may name several servers of a cluster (seeds, tried in turn) and carry
+//! credentials (`nats://user:password@host`, `nats://token@host`); `NATS_USER` with
+//! `NATS_PASSWORD_FILE` gives them from a mounted secret instead, and `NATS_REPLICAS`
+//! the replicas of the streams it creates.
+//!
 //! ```text
 //! NATS_URL=nats://127.0.0.1:4222 cargo run --example nats_worker --features nats
+//!
+//! # the project's three-node cluster (scripts/brokers.sh nats-cluster start):
+//! NATS_URL=nats://127.0.0.1:4251,nats://127.0.0.1:4252,nats://127.0.0.1:4253 NATS_REPLICAS=3 \
+//!   cargo run --example nats_worker --features nats
+//!
+//! # a server that requires a user and password, the password from a file:
+//! NATS_URL=nats://n1:4222,nats://n2:4222 NATS_USER=shop NATS_PASSWORD_FILE=/run/secrets/nats \
+//!   cargo run --example nats_worker --features nats
 //! ```
 
 use std::{
@@ -72,11 +85,23 @@ async fn on_payment(msg: PaymentCaptured, cx: Context) -> Result<(), HandlerErro
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let transport = NatsTransport::builder(&url)
+    // One URL or a comma-separated list; credentials in it are sent as credentials and
+    // never appear in logs or errors.
+    let mut builder = NatsTransport::builder(&url)
         .subject_prefix("example")
-        .stream("EXAMPLE")
-        .connect()
-        .await?;
+        .stream("EXAMPLE");
+    if let (Ok(user), Ok(path)) = (
+        std::env::var("NATS_USER"),
+        std::env::var("NATS_PASSWORD_FILE"),
+    ) {
+        let password = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read NATS_PASSWORD_FILE `{path}`: {}", e.kind()))?;
+        builder = builder.user_and_password(user, password.trim_end());
+    }
+    if let Ok(n) = std::env::var("NATS_REPLICAS") {
+        builder = builder.replicas(n.parse().map_err(|_| "NATS_REPLICAS: a number 1-5")?);
+    }
+    let transport = builder.connect().await?;
 
     let settled = Arc::new(AtomicUsize::new(0));
     let counter = settled.clone();

@@ -10,6 +10,24 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/services.sh
 . scripts/services.sh
 
+# Current nats-servers (2.12 on 4262, 2.15 on 4265) and a three-node NATS cluster
+# (4251-4253) of the project's own, installed on a fresh machine and stopped again
+# however the run ends (scripts/brokers/).
+nats_brokers_stop() {
+  scripts/brokers.sh nats-versions stop >/dev/null 2>&1 || true
+  scripts/brokers.sh nats-cluster stop >/dev/null 2>&1 || true
+}
+trap nats_brokers_stop EXIT
+scripts/brokers.sh nats-versions start
+scripts/brokers.sh nats-cluster start
+# The NATS transport tests and the conformance suite run again on each current server
+# (the silent-server test, which waits out pings, only on the machine's).
+nats_versions=(2.12.8 2.15.1)
+nats_env() { # version
+  echo "STEADFAST_TEST_NATS_URL=$(scripts/brokers.sh nats-versions url "$1")" \
+    "STEADFAST_TEST_NATS_SERVER=$(scripts/brokers.sh nats-versions bin "$1")"
+}
+
 export RUST_BACKTRACE=1
 # Fault binaries: tests/<name>_faults/ of the library, fault/tests/<name>_faults.rs of the
 # fault suite (steadfast-fault); nextest's binary() names them <name>_faults either way.
@@ -18,6 +36,9 @@ suite_faults=$(find fault/tests -mindepth 1 -maxdepth 1 -name '*_faults.rs' -pri
 if cargo nextest --version >/dev/null 2>&1; then
   if [ -n "$faults$suite_faults" ]; then
     cargo nextest run --workspace --all-features --no-tests=pass -E 'not binary(/_faults$/)'
+    for v in "${nats_versions[@]}"; do
+      env $(nats_env "$v") cargo nextest run --all-features --test nats -E 'not test(/silent/)'
+    done
     cargo nextest run --workspace --all-features --no-tests=pass -E 'binary(/_faults$/)' --test-threads 1
   else
     cargo nextest run --workspace --all-features --no-tests=pass
@@ -29,6 +50,9 @@ else
     case "$t" in *_faults) ;; *) targets+=(--test "$t") ;; esac
   done
   cargo test --all-features -p steadfast --lib --examples "${targets[@]}"
+  for v in "${nats_versions[@]}"; do
+    env $(nats_env "$v") cargo test --all-features --test nats -- --skip silent
+  done
   cargo test --all-features -p steadfast-macros
   cargo test --all-features -p steadfast-fault --lib --bins
   for f in $faults; do cargo test --all-features --test "$f" -- --test-threads 1; done

@@ -122,6 +122,16 @@ impl Drop for RestorePostgres {
     }
 }
 
+/// The nats-server binary of private servers: `STEADFAST_TEST_NATS_SERVER` (for example
+/// `scripts/brokers.sh nats-versions bin 2.15.1`), else the machine's
+/// `/usr/sbin/nats-server`.
+pub fn nats_server_bin() -> String {
+    std::env::var("STEADFAST_TEST_NATS_SERVER")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "/usr/sbin/nats-server".to_owned())
+}
+
 /// A private nats-server with JetStream on its own port and store directory; killed
 /// and its directory removed when dropped.
 #[derive(Debug)]
@@ -156,7 +166,7 @@ impl NatsServer {
 
     /// Starts it (again, on the same store) and waits for the port.
     pub async fn start_again(&mut self) -> Res<()> {
-        let child = Command::new("/usr/sbin/nats-server")
+        let child = Command::new(nats_server_bin())
             .args([
                 "-a",
                 "127.0.0.1",
@@ -170,7 +180,7 @@ impl NatsServer {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("nats-server at /usr/sbin/nats-server: {e}"))?;
+            .map_err(|e| format!("nats-server at {}: {e}", nats_server_bin()))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while tokio::net::TcpStream::connect(("127.0.0.1", self.port))

@@ -27,6 +27,15 @@ struct Item {
     n: u64,
 }
 
+/// The nats-server binary: `STEADFAST_TEST_NATS_SERVER` (`scripts/brokers.sh
+/// nats-versions bin 2.15.1` prints one), else the machine's `/usr/sbin/nats-server`.
+fn nats_server_bin() -> String {
+    std::env::var("STEADFAST_TEST_NATS_SERVER")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "/usr/sbin/nats-server".to_owned())
+}
+
 /// A private nats-server; killed on drop.
 struct Server {
     child: Option<Child>,
@@ -44,13 +53,18 @@ impl Server {
     }
 
     fn spawn(dir: &PathBuf, port: u16) -> Child {
-        Command::new("/usr/sbin/nats-server")
+        Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("nats-server at /usr/sbin/nats-server")
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} (STEADFAST_TEST_NATS_SERVER): {e}",
+                    nats_server_bin()
+                )
+            })
     }
 
     /// Stops the server with SIGTERM (a clean shutdown) and waits for it to exit.

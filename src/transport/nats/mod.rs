@@ -143,6 +143,12 @@ impl NatsTransport {
     pub fn server_version(&self) -> String {
         self.inner.client.server_info().version
     }
+
+    /// The name of the server the connection is on at the moment; on a cluster it
+    /// changes when the client moves to another node.
+    pub fn server_name(&self) -> String {
+        self.inner.client.server_info().server_name
+    }
 }
 
 impl Inner {
