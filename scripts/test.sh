@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command (README, .ci/run): makes sure RabbitMQ, NATS JetStream and
-# PostgreSQL answer on 127.0.0.1 — starting the local servers where it can, or that
+# The project's test command (README, .ci/run): makes sure RabbitMQ, NATS JetStream,
+# PostgreSQL and MariaDB answer on 127.0.0.1 — starting the local servers where it can, or that
 # service of docker-compose.yml on a laptop with Docker — then runs the whole suite with the one
 # feature set CI uses. Test binaries named `*_faults` stop or restart shared servers, so
 # they run last, alone and one test at a time.

@@ -109,9 +109,21 @@ impl Context {
         }
     }
 
+    /// The fingerprint of the delivery's payload, kept with its inbox key.
+    #[cfg_attr(
+        not(any(feature = "postgres", feature = "sqlite", feature = "mysql")),
+        allow(dead_code)
+    )]
+    pub(crate) fn payload_fingerprint(&self) -> crate::idempotency::Fingerprint {
+        crate::idempotency::Fingerprint::of(&self.inner.envelope.payload)
+    }
+
     /// Records that the handler marked this delivery's key through an inbox store: the
     /// key's `done` row then commits with the handler's own transaction.
-    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+    #[cfg_attr(
+        not(any(feature = "postgres", feature = "sqlite", feature = "mysql")),
+        allow(dead_code)
+    )]
     pub(crate) fn note_marked(&self) {
         self.inner.marked.store(true, Ordering::Release);
     }

@@ -10,6 +10,10 @@ CREATE TABLE IF NOT EXISTS {table} (
     token       uuid,
     lease_until timestamptz,
     done_at     timestamptz,
+    -- The payload's fingerprint, to flag a key reused for another payload.
+    fingerprint text,
     PRIMARY KEY (grp, name, key)
 );
+-- Tables created by steadfast before the fingerprint was kept.
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS fingerprint text;
 CREATE INDEX IF NOT EXISTS {index}_done_at ON {table} (done_at) WHERE state = 'done';

@@ -8,6 +8,9 @@ CREATE TABLE IF NOT EXISTS {table} (
     token       TEXT,
     lease_until INTEGER,
     done_at     INTEGER,
+    -- The payload's fingerprint, to flag a key reused for another payload (tables of
+    -- earlier versions get it from `migrate`).
+    fingerprint TEXT,
     PRIMARY KEY (grp, name, key)
 );
 CREATE INDEX IF NOT EXISTS {index}_done_at ON {table} (done_at) WHERE state = 'done';

@@ -133,6 +133,7 @@ mod tests {
             group: "g",
             name: "n",
             key: k,
+            fingerprint: None,
         }
     }
 

@@ -1,6 +1,6 @@
 //! The in-memory idempotency store: for tests and single-process use.
 
-use super::{Begin, IdempotencyStore, Key, Lease, StoreError};
+use super::{Begin, Fingerprint, IdempotencyStore, Key, Lease, StoreError};
 use futures::future::BoxFuture;
 use std::{
     collections::HashMap,
@@ -11,8 +11,23 @@ use tokio::time::Instant;
 
 #[derive(Debug)]
 enum State {
-    Held { token: uuid::Uuid, until: Instant },
-    Done { at: Instant },
+    Held {
+        token: uuid::Uuid,
+        until: Instant,
+        fp: Option<Fingerprint>,
+    },
+    Done {
+        at: Instant,
+        fp: Option<Fingerprint>,
+    },
+}
+
+impl State {
+    fn fingerprint(&self) -> Option<Fingerprint> {
+        match self {
+            State::Held { fp, .. } | State::Done { fp, .. } => *fp,
+        }
+    }
 }
 
 /// Keys kept in a map in this process. Completed keys are kept for `retention`.
@@ -23,7 +38,7 @@ enum State {
 /// use std::time::Duration;
 ///
 /// let store = MemoryStore::new();
-/// let key = Key { group: "billing", name: "orders.placed", key: "42" };
+/// let key = Key { group: "billing", name: "orders.placed", key: "42", fingerprint: None };
 /// let Begin::Acquired(lease) = store.begin(key, Duration::from_secs(30)).await.unwrap() else { panic!() };
 /// assert_eq!(store.begin(key, Duration::from_secs(30)).await.unwrap(), Begin::InFlight);
 /// store.complete(key, &lease).await.unwrap();
@@ -94,7 +109,7 @@ impl MemoryStore {
 
 fn sweep(map: &mut HashMap<String, State>, now: Instant, retention: Duration) {
     map.retain(|_, s| match s {
-        State::Done { at } => now.duration_since(*at) < retention,
+        State::Done { at, .. } => now.duration_since(*at) < retention,
         State::Held { until, .. } => *until > now,
     });
 }
@@ -103,7 +118,7 @@ impl IdempotencyStore for MemoryStore {
     fn is_done<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, Result<bool, StoreError>> {
         let done = matches!(
             self.lock().get(&Self::compose(key)),
-            Some(State::Done { at }) if at.elapsed() < self.retention
+            Some(State::Done { at, .. }) if at.elapsed() < self.retention
         );
         Box::pin(async move { Ok(done) })
     }
@@ -133,7 +148,7 @@ impl IdempotencyStore for MemoryStore {
             sweep(&mut map, now, self.retention);
         }
         let out = match map.get(&k) {
-            Some(State::Done { at }) if now.duration_since(*at) < self.retention => {
+            Some(State::Done { at, .. }) if now.duration_since(*at) < self.retention => {
                 Begin::AlreadyDone
             }
             Some(State::Held { until, .. }) if *until > now => Begin::InFlight,
@@ -144,6 +159,7 @@ impl IdempotencyStore for MemoryStore {
                     State::Held {
                         token: l.token,
                         until: now + lease,
+                        fp: key.fingerprint,
                     },
                 );
                 Begin::Acquired(l)
@@ -158,9 +174,30 @@ impl IdempotencyStore for MemoryStore {
         _lease: &'a Lease,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         // Completing is correct even if the lease lapsed: the handler did succeed.
-        self.lock()
-            .insert(Self::compose(key), State::Done { at: Instant::now() });
+        let k = Self::compose(key);
+        let mut map = self.lock();
+        let fp = key
+            .fingerprint
+            .or_else(|| map.get(&k).and_then(State::fingerprint));
+        map.insert(
+            k,
+            State::Done {
+                at: Instant::now(),
+                fp,
+            },
+        );
         Box::pin(async { Ok(()) })
+    }
+
+    fn fingerprint<'a>(
+        &'a self,
+        key: Key<'a>,
+    ) -> BoxFuture<'a, Result<Option<Fingerprint>, StoreError>> {
+        let fp = self
+            .lock()
+            .get(&Self::compose(key))
+            .and_then(State::fingerprint);
+        Box::pin(async move { Ok(fp) })
     }
 
     fn release<'a>(
@@ -185,6 +222,7 @@ mod tests {
         group: "g",
         name: "n",
         key: "k",
+        fingerprint: None,
     };
 
     #[tokio::test(start_paused = true)]

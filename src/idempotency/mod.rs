@@ -14,6 +14,8 @@
 #[cfg(feature = "postgres")]
 mod looks;
 pub mod memory;
+#[cfg(feature = "mysql")]
+pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]
@@ -22,6 +24,8 @@ pub mod sqlite;
 mod steps;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "mysql")]
+pub use mysql::MySqlStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
@@ -75,9 +79,75 @@ pub struct Key<'a> {
     pub name: &'a str,
     /// The message's idempotency key (a `#[message(key)]` field, or the message id).
     pub key: &'a str,
+    /// The fingerprint of the payload that came with the key, kept by the store so a key
+    /// reused for another payload can be flagged (`None`: not compared).
+    pub fingerprint: Option<Fingerprint>,
+}
+
+/// A fingerprint of a payload: 122 bits of its SHA-1 (a name-based UUID), shown as 32
+/// hexadecimal digits. Kept with an idempotency key so a second message with the same
+/// key and another payload is flagged (see
+/// [`WorkerBuilder::on_payload_mismatch`](crate::worker::WorkerBuilder::on_payload_mismatch)).
+/// Not a security measure: it tells payloads apart, it does not authenticate them.
+///
+/// ```
+/// use steadfast::idempotency::Fingerprint;
+/// let a = Fingerprint::of(br#"{"order_id":1,"cents":100}"#);
+/// assert_eq!(a, Fingerprint::of(br#"{"order_id":1,"cents":100}"#));
+/// assert_ne!(a, Fingerprint::of(br#"{"order_id":1,"cents":999}"#));
+/// assert_eq!(a.to_string().parse::<Fingerprint>().unwrap(), a);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(Uuid);
+
+impl Fingerprint {
+    /// The fingerprint of `payload`'s bytes.
+    pub fn of(payload: &[u8]) -> Self {
+        Self(Uuid::new_v5(&Uuid::NAMESPACE_OID, payload))
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.simple())
+    }
+}
+
+impl std::str::FromStr for Fingerprint {
+    type Err = uuid::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::try_parse(s.trim()).map(Self)
+    }
 }
 
 impl<'a> Key<'a> {
+    /// The key `key` of message `name` in group `group`, without a fingerprint.
+    pub const fn new(group: &'a str, name: &'a str, key: &'a str) -> Self {
+        Self {
+            group,
+            name,
+            key,
+            fingerprint: None,
+        }
+    }
+
+    /// The same key with the fingerprint of the payload that came with it.
+    #[must_use]
+    pub const fn with_fingerprint(mut self, fingerprint: Fingerprint) -> Self {
+        self.fingerprint = Some(fingerprint);
+        self
+    }
+
+    /// The fingerprint as a SQL store keeps it (32 hexadecimal digits, or NULL).
+    #[cfg_attr(
+        not(any(feature = "postgres", feature = "sqlite", feature = "mysql")),
+        allow(dead_code)
+    )]
+    pub(crate) fn fingerprint_text(&self) -> Option<String> {
+        self.fingerprint.map(|f| f.to_string())
+    }
+
     /// The three parts, in the order the SQL stores bind them.
     #[cfg_attr(
         not(any(feature = "postgres", feature = "sqlite", feature = "mysql")),
@@ -88,7 +158,7 @@ impl<'a> Key<'a> {
     }
 }
 
-/// A store of idempotency keys. Implemented for memory, PostgreSQL and SQLite.
+/// A store of idempotency keys. Implemented for memory, PostgreSQL, SQLite and MySQL.
 pub trait IdempotencyStore: Send + Sync + 'static {
     /// Tries to take `key` for `lease` time.
     fn begin<'a>(
@@ -134,6 +204,19 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         let _ = key;
         Box::pin(async { Ok(None) })
     }
+
+    /// The payload fingerprint kept with `key` (its
+    /// [`fingerprint`](Key::fingerprint) is ignored here), if the key has a row and one
+    /// was given when it was taken or marked. The worker asks after
+    /// [`Begin::AlreadyDone`] or [`Begin::InFlight`], and flags a duplicate whose payload
+    /// differs. The default, `None`, compares nothing.
+    fn fingerprint<'a>(
+        &'a self,
+        key: Key<'a>,
+    ) -> BoxFuture<'a, Result<Option<Fingerprint>, StoreError>> {
+        let _ = key;
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// The two statements of a SQL store that `begin` is made of (see [`begin_with`]).
@@ -150,6 +233,67 @@ pub(crate) trait TakeKey: Sync {
 
     /// The key's state (`held` or `done`), if it has a row.
     fn state<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, Result<Option<String>, StoreError>>;
+}
+
+/// `steadfast.idempotency.payload_mismatch` (counter): deliveries whose idempotency key
+/// was seen before with another payload, labelled `messaging.consumer.group.name` and
+/// `messaging.message.name`.
+pub const PAYLOAD_MISMATCH: &str = "steadfast.idempotency.payload_mismatch";
+
+/// What a worker does with a delivery whose idempotency key was seen before with another
+/// payload (a producer reusing keys, as payment APIs guard against). Set with
+/// [`WorkerBuilder::on_payload_mismatch`](crate::worker::WorkerBuilder::on_payload_mismatch).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnMismatch {
+    /// Log a warning and count [`PAYLOAD_MISMATCH`], then treat the delivery as the
+    /// duplicate its key says it is (the default).
+    #[default]
+    Warn,
+    /// Warn and count as well, and dead-letter the delivery with a reason that names the
+    /// key and both fingerprints, instead of acking it as a duplicate.
+    DeadLetter,
+}
+
+/// After `begin` or a look found `key` taken: compares the payload fingerprint kept with
+/// it to the one that came now. A difference is logged and counted; its description is
+/// returned (the dead letter's reason where the worker is told to dead-letter).
+pub(crate) async fn payload_mismatch(
+    store: &dyn IdempotencyStore,
+    key: Key<'_>,
+    timeout: Duration,
+) -> Option<String> {
+    let now = key.fingerprint?;
+    let kept = match tokio::time::timeout(timeout, store.fingerprint(key)).await {
+        Ok(Ok(kept)) => kept?,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "could not read the payload fingerprint; not compared");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    if kept == now {
+        return None;
+    }
+    let reason = format!(
+        "idempotency key `{}` of `{}` was first seen with another payload (fingerprint {kept}, this one {now})",
+        crate::envelope::truncate(key.key, 200),
+        key.name
+    );
+    tracing::warn!(group = key.group, name = key.name, "{reason}");
+    metrics::counter!(
+        PAYLOAD_MISMATCH,
+        "messaging.consumer.group.name" => key.group.to_owned(),
+        "messaging.message.name" => key.name.to_owned()
+    )
+    .increment(1);
+    Some(reason)
+}
+
+/// A fingerprint column as read: absent, NULL or unreadable is none.
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+pub(crate) fn stored_fingerprint(row: Option<Option<String>>) -> Option<Fingerprint> {
+    row.flatten().and_then(|s| s.parse().ok())
 }
 
 /// `begin` for every SQL store: take the key, or tell why not. Two tries: a key released
@@ -201,11 +345,8 @@ macro_rules! inbox_methods {
             conn: &mut $conn,
             cx: &$crate::Context,
         ) -> Result<bool, $crate::sql::StoreError> {
-            let key = $crate::idempotency::Key {
-                group: cx.group(),
-                name: cx.name(),
-                key: cx.idempotency_key(),
-            };
+            let key = $crate::idempotency::Key::new(cx.group(), cx.name(), cx.idempotency_key())
+                .with_fingerprint(cx.payload_fingerprint());
             let marked = self.mark_key(conn, key).await?;
             cx.note_marked();
             Ok(marked)

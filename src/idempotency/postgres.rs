@@ -1,9 +1,10 @@
 //! The PostgreSQL idempotency store and transactional inbox.
 
 use super::{
-    Begin, IdempotencyStore, Key, Lease, StoreError, TakeKey, begin_with,
+    Begin, Fingerprint, IdempotencyStore, Key, Lease, StoreError, TakeKey, begin_with,
     looks::{LookBatch, Looks, OwnedKey},
-    steps::{CLEANUP, COMPLETE, MARK, RELEASE, REMAINING, STATE, TAKE},
+    steps::{CLEANUP, COMPLETE, FINGERPRINT, MARK, RELEASE, REMAINING, STATE, TAKE},
+    stored_fingerprint,
 };
 pub use crate::sql::postgres::connect;
 use crate::sql::{Setup, Table, bounded, db_err, keyed, keyed_scalar, run};
@@ -66,6 +67,7 @@ struct Inner {
 struct Sql {
     begin: Arc<str>,
     state: Arc<str>,
+    fingerprint: Arc<str>,
     done_many: Arc<str>,
     complete: Arc<str>,
     release: Arc<str>,
@@ -85,16 +87,20 @@ impl Sql {
             // redelivery start the handler again, whose `mark` then finds the key done
             // or wins it. Saves one fsync wait per message (decision 0304).
             begin: r(
-                "INSERT INTO {table} AS t (grp, name, key, state, token, lease_until) \
-                 SELECT $1, $2, $3, 'held', $4, now() + make_interval(secs => $5) \
+                "INSERT INTO {table} AS t (grp, name, key, state, token, lease_until, fingerprint) \
+                 SELECT $1, $2, $3, 'held', $4, now() + make_interval(secs => $5), $7 \
                  FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit \
                  ON CONFLICT (grp, name, key) DO UPDATE \
-                 SET state = 'held', token = EXCLUDED.token, lease_until = EXCLUDED.lease_until, done_at = NULL \
+                 SET state = 'held', token = EXCLUDED.token, lease_until = EXCLUDED.lease_until, done_at = NULL, \
+                     fingerprint = EXCLUDED.fingerprint \
                  WHERE (t.state = 'held' AND t.lease_until <= now()) \
                     OR (t.state = 'done' AND t.done_at <= now() - make_interval(secs => $6)) \
                  RETURNING t.token",
             ),
             state: r("SELECT state FROM {table} WHERE grp = $1 AND name = $2 AND key = $3"),
+            fingerprint: r(
+                "SELECT fingerprint FROM {table} WHERE grp = $1 AND name = $2 AND key = $3",
+            ),
             // The inbox's looks, many at once (see `looks`): the ordinals of the keys
             // that are done. A lateral lookup per key, in the primary key: as a join, the
             // planner hashed every done key found through the `done_at` index (4 ms per
@@ -113,8 +119,8 @@ impl Sql {
             complete: r("WITH u AS ( \
                    UPDATE {table} SET state = 'done', done_at = now(), token = NULL, lease_until = NULL \
                    WHERE grp = $1 AND name = $2 AND key = $3 AND state = 'held' RETURNING 1) \
-                 INSERT INTO {table} (grp, name, key, state, done_at) \
-                 SELECT $1, $2, $3, 'done', now() \
+                 INSERT INTO {table} (grp, name, key, state, done_at, fingerprint) \
+                 SELECT $1, $2, $3, 'done', now(), $4 \
                  WHERE NOT EXISTS (SELECT 1 FROM u) \
                    AND NOT EXISTS (SELECT 1 FROM {table} WHERE grp = $1 AND name = $2 AND key = $3) \
                  ON CONFLICT (grp, name, key) DO NOTHING"),
@@ -124,13 +130,16 @@ impl Sql {
                 "SELECT EXTRACT(EPOCH FROM lease_until - now())::float8 FROM {table} \
                  WHERE grp = $1 AND name = $2 AND key = $3 AND state = 'held' AND lease_until > now()",
             ),
-            mark: r("INSERT INTO {table} AS t (grp, name, key, state, done_at) \
-                 VALUES ($1, $2, $3, 'done', now()) \
+            mark: r(
+                "INSERT INTO {table} AS t (grp, name, key, state, done_at, fingerprint) \
+                 VALUES ($1, $2, $3, 'done', now(), $5) \
                  ON CONFLICT (grp, name, key) DO UPDATE \
-                 SET state = 'done', done_at = now(), token = NULL, lease_until = NULL \
+                 SET state = 'done', done_at = now(), token = NULL, lease_until = NULL, \
+                     fingerprint = coalesce(EXCLUDED.fingerprint, t.fingerprint) \
                  WHERE t.state = 'held' \
                     OR (t.state = 'done' AND t.done_at <= now() - make_interval(secs => $4)) \
-                 RETURNING 1"),
+                 RETURNING 1",
+            ),
             cleanup: r("DELETE FROM {table} \
                  WHERE (state = 'done' AND done_at < now() - make_interval(secs => $1)) \
                     OR (state = 'held' AND lease_until < now() - interval '1 hour')"),
@@ -196,7 +205,9 @@ impl PostgresStore {
         conn: &mut PgConnection,
         key: Key<'_>,
     ) -> Result<bool, StoreError> {
-        let q = keyed(&self.inner.sql.mark, key.parts()).bind(self.retention_secs());
+        let q = keyed(&self.inner.sql.mark, key.parts())
+            .bind(self.retention_secs())
+            .bind(key.fingerprint_text());
         let row = run(self.setup().timeout, MARK, q.fetch_optional(conn)).await?;
         Ok(row.is_some())
     }
@@ -225,7 +236,8 @@ impl TakeKey for PostgresStore {
         let q = keyed(&self.inner.sql.begin, key.parts())
             .bind(token)
             .bind(lease.as_secs_f64())
-            .bind(self.retention_secs());
+            .bind(self.retention_secs())
+            .bind(key.fingerprint_text());
         let fut = run(
             self.setup().timeout,
             TAKE,
@@ -245,6 +257,19 @@ impl TakeKey for PostgresStore {
 }
 
 impl IdempotencyStore for PostgresStore {
+    fn fingerprint<'a>(
+        &'a self,
+        key: Key<'a>,
+    ) -> BoxFuture<'a, Result<Option<Fingerprint>, StoreError>> {
+        let q = keyed_scalar(&self.inner.sql.fingerprint, key.parts());
+        let fut = run(
+            self.setup().timeout,
+            FINGERPRINT,
+            q.fetch_optional(&self.inner.pool),
+        );
+        Box::pin(async move { Ok(stored_fingerprint(fut.await?)) })
+    }
+
     fn lease_remaining<'a>(
         &'a self,
         key: Key<'a>,
@@ -288,7 +313,7 @@ impl IdempotencyStore for PostgresStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         // Completing is right even if the lease lapsed: the handler did succeed. A key the
         // handler already marked through the inbox stays as it is.
-        let q = keyed(&self.inner.sql.complete, key.parts());
+        let q = keyed(&self.inner.sql.complete, key.parts()).bind(key.fingerprint_text());
         let fut = run(self.setup().timeout, COMPLETE, q.execute(&self.inner.pool));
         Box::pin(async move { fut.await.map(drop) })
     }

@@ -5,14 +5,12 @@
 //! write lock at once instead of upgrading a read (which can fail with `SQLITE_BUSY`).
 
 use super::{
-    Begin, IdempotencyStore, Key, Lease, StoreError, TakeKey, begin_with,
-    steps::{CLEANUP, COMPLETE, LOOK, MARK, RELEASE, REMAINING, STATE, TAKE},
+    Begin, Fingerprint, IdempotencyStore, Key, Lease, StoreError, TakeKey, begin_with,
+    steps::{CLEANUP, COMPLETE, FINGERPRINT, LOOK, MARK, RELEASE, REMAINING, STATE, TAKE},
+    stored_fingerprint,
 };
 pub use crate::sql::sqlite::open;
-use crate::sql::{
-    Setup, Table, bounded, keyed, keyed_scalar, run,
-    sqlite::{NOW_MS, millis},
-};
+use crate::sql::{Setup, Table, bounded, keyed, keyed_scalar, millis, run, sqlite::NOW_MS};
 use futures::future::BoxFuture;
 use sqlx::{AssertSqlSafe, SqliteConnection, SqlitePool};
 use std::{fmt, sync::Arc, time::Duration};
@@ -47,6 +45,7 @@ struct Inner {
 struct Sql {
     begin: Arc<str>,
     state: Arc<str>,
+    fingerprint: Arc<str>,
     done: Arc<str>,
     complete: Arc<str>,
     release: Arc<str>,
@@ -60,33 +59,42 @@ impl Sql {
         let r = |s: &str| Arc::<str>::from(t.render(s).replace("{now}", NOW_MS));
         Self {
             begin: r(
-                "INSERT INTO {table} (grp, name, key, state, token, lease_until) \
-                 VALUES (?1, ?2, ?3, 'held', ?4, {now} + ?5) \
+                "INSERT INTO {table} (grp, name, key, state, token, lease_until, fingerprint) \
+                 VALUES (?1, ?2, ?3, 'held', ?4, {now} + ?5, ?7) \
                  ON CONFLICT (grp, name, key) DO UPDATE \
-                 SET state = 'held', token = excluded.token, lease_until = excluded.lease_until, done_at = NULL \
+                 SET state = 'held', token = excluded.token, lease_until = excluded.lease_until, done_at = NULL, \
+                     fingerprint = excluded.fingerprint \
                  WHERE (state = 'held' AND lease_until <= {now}) \
                     OR (state = 'done' AND done_at <= {now} - ?6) \
                  RETURNING token",
             ),
             state: r("SELECT state FROM {table} WHERE grp = ?1 AND name = ?2 AND key = ?3"),
+            fingerprint: r(
+                "SELECT fingerprint FROM {table} WHERE grp = ?1 AND name = ?2 AND key = ?3",
+            ),
             done: r("SELECT 1 FROM {table} \
                  WHERE grp = ?1 AND name = ?2 AND key = ?3 AND state = 'done' \
                    AND done_at > {now} - ?4"),
-            complete: r("INSERT INTO {table} (grp, name, key, state, done_at) \
-                 VALUES (?1, ?2, ?3, 'done', {now}) \
+            complete: r(
+                "INSERT INTO {table} (grp, name, key, state, done_at, fingerprint) \
+                 VALUES (?1, ?2, ?3, 'done', {now}, ?4) \
                  ON CONFLICT (grp, name, key) DO UPDATE \
                  SET state = 'done', done_at = {now}, token = NULL, lease_until = NULL \
-                 WHERE state = 'held'"),
+                 WHERE state = 'held'",
+            ),
             release: r("DELETE FROM {table} \
                  WHERE grp = ?1 AND name = ?2 AND key = ?3 AND state = 'held' AND token = ?4"),
             remaining: r("SELECT lease_until - {now} FROM {table} \
                  WHERE grp = ?1 AND name = ?2 AND key = ?3 AND state = 'held' AND lease_until > {now}"),
-            mark: r("INSERT INTO {table} (grp, name, key, state, done_at) \
-                 VALUES (?1, ?2, ?3, 'done', {now}) \
+            mark: r(
+                "INSERT INTO {table} (grp, name, key, state, done_at, fingerprint) \
+                 VALUES (?1, ?2, ?3, 'done', {now}, ?5) \
                  ON CONFLICT (grp, name, key) DO UPDATE \
-                 SET state = 'done', done_at = {now}, token = NULL, lease_until = NULL \
+                 SET state = 'done', done_at = {now}, token = NULL, lease_until = NULL, \
+                     fingerprint = coalesce(excluded.fingerprint, fingerprint) \
                  WHERE state = 'held' OR (state = 'done' AND done_at <= {now} - ?4) \
-                 RETURNING 1"),
+                 RETURNING 1",
+            ),
             cleanup: r("DELETE FROM {table} \
                  WHERE (state = 'done' AND done_at < {now} - ?1) \
                     OR (state = 'held' AND lease_until < {now} - 3600000)"),
@@ -128,9 +136,13 @@ impl SqliteStore {
     super::inbox_methods!(SqliteConnection);
 
     /// Creates the table if it does not exist, and warns about unsafe settings (a
-    /// journal mode other than WAL, `synchronous` below FULL).
+    /// journal mode other than WAL, `synchronous` below FULL). Tables of earlier versions
+    /// get the `fingerprint` column.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        crate::sql::sqlite::migrate(&self.inner.pool, self.schema_sql(), self.setup().timeout).await
+        let (pool, setup) = (&self.inner.pool, self.setup());
+        crate::sql::sqlite::migrate(pool, self.schema_sql(), setup.timeout).await?;
+        crate::sql::sqlite::add_column(pool, &setup.table, "fingerprint", "TEXT", setup.timeout)
+            .await
     }
 
     /// [`mark`](Self::mark) for an explicit key.
@@ -139,7 +151,9 @@ impl SqliteStore {
         conn: &mut SqliteConnection,
         key: Key<'_>,
     ) -> Result<bool, StoreError> {
-        let q = keyed(&self.inner.sql.mark, key.parts()).bind(millis(self.setup().retention));
+        let q = keyed(&self.inner.sql.mark, key.parts())
+            .bind(millis(self.setup().retention))
+            .bind(key.fingerprint_text());
         let row = run(self.setup().timeout, MARK, q.fetch_optional(conn)).await?;
         Ok(row.is_some())
     }
@@ -164,7 +178,8 @@ impl TakeKey for SqliteStore {
         let q = keyed(&self.inner.sql.begin, key.parts())
             .bind(token.to_string())
             .bind(millis(lease))
-            .bind(millis(self.setup().retention));
+            .bind(millis(self.setup().retention))
+            .bind(key.fingerprint_text());
         let fut = run(
             self.setup().timeout,
             TAKE,
@@ -184,6 +199,19 @@ impl TakeKey for SqliteStore {
 }
 
 impl IdempotencyStore for SqliteStore {
+    fn fingerprint<'a>(
+        &'a self,
+        key: Key<'a>,
+    ) -> BoxFuture<'a, Result<Option<Fingerprint>, StoreError>> {
+        let q = keyed_scalar(&self.inner.sql.fingerprint, key.parts());
+        let fut = run(
+            self.setup().timeout,
+            FINGERPRINT,
+            q.fetch_optional(&self.inner.pool),
+        );
+        Box::pin(async move { Ok(stored_fingerprint(fut.await?)) })
+    }
+
     fn lease_remaining<'a>(
         &'a self,
         key: Key<'a>,
@@ -230,7 +258,7 @@ impl IdempotencyStore for SqliteStore {
         key: Key<'a>,
         _lease: &'a Lease,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let q = keyed(&self.inner.sql.complete, key.parts());
+        let q = keyed(&self.inner.sql.complete, key.parts()).bind(key.fingerprint_text());
         let fut = run(self.setup().timeout, COMPLETE, q.execute(&self.inner.pool));
         Box::pin(async move { fut.await.map(drop) })
     }

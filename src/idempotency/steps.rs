@@ -34,3 +34,7 @@ pub(crate) const LOOK: Step = Step {
     doing: "inbox lookup",
     failed: "could not look up the inbox key",
 };
+pub(crate) const FINGERPRINT: Step = Step {
+    doing: "reading a payload fingerprint",
+    failed: "could not read the payload fingerprint",
+};

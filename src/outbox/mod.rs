@@ -24,6 +24,8 @@
 //! The relay side is the small [`OutboxSource`] trait, so one [`Relay`] serves every
 //! backend. See `docs/outbox.md` for the guarantees and failure windows.
 
+#[cfg(feature = "mysql")]
+pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod relay;
@@ -32,6 +34,8 @@ pub mod sqlite;
 #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 mod steps;
 
+#[cfg(feature = "mysql")]
+pub use mysql::MySqlOutbox;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresOutbox;
 pub use relay::{

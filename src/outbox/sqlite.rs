@@ -17,10 +17,7 @@ use super::{
 };
 use crate::{
     envelope::{Envelope, MessageId},
-    sql::{
-        Setup, Step, StoreError, Table, bounded, db_err, run,
-        sqlite::{NOW_MS, millis},
-    },
+    sql::{Setup, Step, StoreError, Table, bounded, db_err, millis, run, sqlite::NOW_MS},
 };
 use futures::future::BoxFuture;
 use sqlx::{AssertSqlSafe, Row, SqliteConnection, SqlitePool};

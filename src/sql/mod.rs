@@ -9,6 +9,8 @@
 //! ([`crate::testing::stores`]); `docs/architecture.md` lists the steps.
 
 mod error;
+#[cfg(feature = "mysql")]
+pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]
@@ -180,6 +182,33 @@ where
         .bind(a)
         .bind(b)
         .bind(c)
+}
+
+/// `d` in whole milliseconds, as SQLite and MySQL times are kept.
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Whether `url` names this machine (or a Unix socket).
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) fn is_loopback(url: &str) -> bool {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .is_none_or(|h| {
+            h == "localhost" || h.starts_with("127.") || h == "[::1]" || h.starts_with('/')
+        })
+}
+
+/// The value of query parameter `name` of `url`.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) fn url_param(url: &str, name: &str) -> Option<String> {
+    url::Url::parse(url).ok().and_then(|u| {
+        u.query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    })
 }
 
 /// The public methods every SQL store shares, written once: `with_table`,

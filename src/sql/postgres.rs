@@ -1,7 +1,7 @@
 //! PostgreSQL beneath the inbox and the outbox: connecting, the settings warned about,
 //! applying a schema under an advisory lock.
 
-use super::{Step, StoreError, StoreErrorKind, bounded, db_err, run};
+use super::{Step, StoreError, StoreErrorKind, bounded, db_err, is_loopback, run, url_param};
 use sqlx::{AssertSqlSafe, PgPool};
 use std::time::Duration;
 
@@ -105,23 +105,4 @@ pub async fn connect(url: &str) -> Result<PgPool, StoreError> {
             format!("could not connect to {shown}: no answer within 15s"),
         )),
     }
-}
-
-/// Whether `url` names this machine (or a Unix socket).
-pub(crate) fn is_loopback(url: &str) -> bool {
-    url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
-        .is_none_or(|h| {
-            h == "localhost" || h.starts_with("127.") || h == "[::1]" || h.starts_with('/')
-        })
-}
-
-/// The value of query parameter `name` of `url`.
-pub(crate) fn url_param(url: &str, name: &str) -> Option<String> {
-    url::Url::parse(url).ok().and_then(|u| {
-        u.query_pairs()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
-    })
 }

@@ -1,17 +1,12 @@
 //! SQLite beneath the inbox and the outbox: opening a database with safe settings, the
 //! settings warned about, applying a schema, and SQLite's clock.
 
-use super::{StoreError, StoreErrorKind, bounded, db_err};
+use super::{StoreError, StoreErrorKind, Table, bounded, db_err};
 use sqlx::{AssertSqlSafe, SqlitePool};
 use std::{path::Path, time::Duration};
 
 /// SQLite's clock in Unix milliseconds.
 pub(crate) const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
-
-/// `d` in whole milliseconds, as SQLite's times are kept.
-pub(crate) fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
 
 /// Creates a store's table (`sql`, idempotent) within `timeout`, then warns about
 /// settings that could lose a commit.
@@ -30,6 +25,42 @@ pub(crate) async fn migrate(
     .await?;
     warn_unsafe_settings(pool).await;
     Ok(())
+}
+
+/// Adds `column` (of SQL type `ty`) to `table` if it lacks it: SQLite has no
+/// `ADD COLUMN IF NOT EXISTS`. `column` and `ty` are this crate's constants.
+pub(crate) async fn add_column(
+    pool: &SqlitePool,
+    table: &Table,
+    column: &'static str,
+    ty: &'static str,
+    timeout: Duration,
+) -> Result<(), StoreError> {
+    let (schema, name) = match table.name.split_once('.') {
+        Some((schema, name)) => (schema, name),
+        None => ("main", table.name.as_str()),
+    };
+    bounded(timeout, "adding a column to steadfast's table", async {
+        let has: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pragma_table_info(?1, ?2) WHERE name = ?3")
+                .bind(name)
+                .bind(schema)
+                .bind(column)
+                .fetch_one(pool)
+                .await
+                .map_err(db_err("could not read steadfast's table's columns"))?;
+        if has == 0 {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "ALTER TABLE {} ADD COLUMN {column} {ty}",
+                table.name
+            )))
+            .execute(pool)
+            .await
+            .map_err(db_err("could not add a column to steadfast's table"))?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// Opens (creating if missing) the SQLite database at `path` with the settings the

@@ -38,6 +38,7 @@
 //! ```
 
 pub mod conformance;
+pub mod stores;
 
 use crate::{
     envelope::{EncodeError, Envelope, MessageId},

@@ -9,7 +9,7 @@ use super::{
 use crate::{
     config::WorkerConfig,
     handler::Handler,
-    idempotency::IdempotencyStore,
+    idempotency::{IdempotencyStore, OnMismatch},
     message::{Message, validate_name},
     retry::RetryPolicy,
     transport::{Subscription, Transport},
@@ -41,6 +41,7 @@ pub struct WorkerBuilder {
     store: Option<Arc<dyn IdempotencyStore>>,
     /// The store is used as an inbox (look, no lease) rather than with leases.
     inbox_only: bool,
+    on_mismatch: OnMismatch,
     concurrency: usize,
     handler_timeout: Duration,
     drain_timeout: Duration,
@@ -63,6 +64,7 @@ impl fmt::Debug for WorkerBuilder {
             .field("policy", &self.policy)
             .field("idempotency", &self.store.is_some())
             .field("inbox_only", &self.inbox_only)
+            .field("on_mismatch", &self.on_mismatch)
             .field("concurrency", &self.concurrency)
             .field("handler_timeout", &self.handler_timeout)
             .field("drain_timeout", &self.drain_timeout)
@@ -88,6 +90,7 @@ impl WorkerBuilder {
             policy: RetryPolicy::default(),
             store: None,
             inbox_only: false,
+            on_mismatch: OnMismatch::Warn,
             concurrency: 16,
             handler_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(20),
@@ -122,6 +125,25 @@ impl WorkerBuilder {
     /// The retry policy (default: [`RetryPolicy::default`]).
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// What to do with a delivery whose idempotency key was already taken by a message
+    /// with another payload (default [`OnMismatch::Warn`]: a warning and the
+    /// [`PAYLOAD_MISMATCH`](crate::idempotency::PAYLOAD_MISMATCH) counter, then the
+    /// delivery is the duplicate its key says). [`OnMismatch::DeadLetter`] dead-letters
+    /// it with the reason instead. The stores keep a fingerprint of each key's payload;
+    /// the comparison is made only for deliveries found to be duplicates, so it costs
+    /// nothing on the common path.
+    ///
+    /// ```
+    /// use steadfast::{Worker, idempotency::{MemoryStore, OnMismatch}, transport::memory::MemoryTransport};
+    /// let builder = Worker::builder(MemoryTransport::new(), "billing")
+    ///     .idempotency(MemoryStore::new())
+    ///     .on_payload_mismatch(OnMismatch::DeadLetter);
+    /// ```
+    pub fn on_payload_mismatch(mut self, on: OnMismatch) -> Self {
+        self.on_mismatch = on;
         self
     }
 
@@ -327,6 +349,7 @@ impl WorkerBuilder {
             policy: self.policy,
             store: self.store,
             inbox_only: self.inbox_only,
+            on_mismatch: self.on_mismatch,
             handler_timeout: self.handler_timeout,
             // A crashed worker's key frees itself once the lease ends; it must outlive a
             // handler that is still legitimately running.

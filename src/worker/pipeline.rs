@@ -7,7 +7,7 @@ use crate::{
     envelope::{Envelope, MessageId, truncate},
     error::{ErrorKind, HandlerError},
     handler::Handler,
-    idempotency::{Begin, IdempotencyStore, Key, Lease},
+    idempotency::{Begin, Fingerprint, IdempotencyStore, Key, Lease, OnMismatch, payload_mismatch},
     message::Message,
     retry::{Disposition, Failure, RetryPolicy},
     transport::{Acker, Delivery, Transport},
@@ -73,6 +73,7 @@ pub(super) struct Shared {
     pub(super) store: Option<Arc<dyn IdempotencyStore>>,
     /// `store` is an inbox: look before the handler, no lease (`WorkerBuilder::inbox`).
     pub(super) inbox_only: bool,
+    pub(super) on_mismatch: OnMismatch,
     pub(super) handler_timeout: Duration,
     pub(super) lease: Duration,
     pub(super) max_payload_bytes: usize,
@@ -231,16 +232,18 @@ async fn run_typed<M: Message, H: Handler<M>>(
         }
     };
     let key: Option<String> = msg.idempotency_key().map(|k| k.into_owned());
+    let fingerprint = Fingerprint::of(&envelope.payload);
 
     // Idempotency: take the key before the handler, mark it done only after success.
     let mut lease: Option<Lease> = None;
     let mut key = key;
     if let Some(store) = &shared.store {
-        let k = Key {
-            group: &shared.group,
-            name: M::NAME,
-            key: key.get_or_insert_with(|| envelope.id.to_string()),
-        };
+        let k = Key::new(
+            &shared.group,
+            M::NAME,
+            key.get_or_insert_with(|| envelope.id.to_string()),
+        )
+        .with_fingerprint(fingerprint);
         // `None`: run the handler without a lease (an inbox whose key is not done).
         let begun = if shared.inbox_only {
             bounded(store.is_done(k))
@@ -249,6 +252,12 @@ async fn run_typed<M: Message, H: Handler<M>>(
         } else {
             bounded(store.begin(k, shared.lease)).await.map(Some)
         };
+        if let Ok(Some(Begin::AlreadyDone | Begin::InFlight)) = &begun
+            && let Some(reason) = payload_mismatch(store.as_ref(), k, shared.lease).await
+            && shared.on_mismatch == OnMismatch::DeadLetter
+        {
+            return Box::pin(dead_letter_now(shared, envelope, acker, reason)).await;
+        }
         match begun {
             Ok(None) => {}
             Ok(Some(Begin::Acquired(l))) => lease = Some(l),
@@ -323,11 +332,7 @@ async fn run_typed<M: Message, H: Handler<M>>(
     }
 
     if let (Some(store), Some(key)) = (&shared.store, key.as_deref()) {
-        let k = Key {
-            group: &shared.group,
-            name: M::NAME,
-            key,
-        };
+        let k = Key::new(&shared.group, M::NAME, key).with_fingerprint(fingerprint);
         match (&result, &lease) {
             // The handler marked the key in its own transaction (the inbox): the `done`
             // row committed with its effects, and the inbox is what deduplicates. A

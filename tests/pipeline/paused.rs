@@ -316,6 +316,7 @@ async fn key_held_by_a_dead_worker_defers_once_for_the_rest_of_its_lease() {
         group: "billing",
         name: "orders.placed",
         key: "9",
+        fingerprint: None,
     };
     let dead = store.begin(key, Duration::from_secs(40)).await.unwrap();
     assert!(matches!(dead, Begin::Acquired(_)), "{dead:?}");

@@ -5,6 +5,7 @@
 #![cfg(all(feature = "postgres", feature = "sqlite"))]
 
 mod common;
+mod conformance;
 mod pg_inbox;
 mod pg_outbox;
 mod sqlite;

@@ -18,6 +18,7 @@ const K: Key<'static> = Key {
     group: "billing",
     name: "orders.placed",
     key: "1",
+    fingerprint: None,
 };
 
 #[tokio::test]

@@ -22,6 +22,7 @@ const K: Key<'static> = Key {
     group: "billing",
     name: "orders.placed",
     key: "1",
+    fingerprint: None,
 };
 
 #[tokio::test]

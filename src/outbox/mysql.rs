@@ -1,0 +1,399 @@
+//! The MySQL / MariaDB outbox: `enqueue` in your transaction, claimed by [`Relay`]s with
+//! `FOR UPDATE SKIP LOCKED` (MySQL 8.0+, MariaDB 10.6+), so several relays are safe.
+//!
+//! MySQL has no `LISTEN/NOTIFY`: a relay polls, at an interval that adapts to the
+//! traffic, and wakes at once when its own process enqueues. After a claim that found
+//! rows the first look comes 10 ms later, then 20, 40, ... up to the relay's
+//! [`poll_interval`](super::RelayBuilder::poll_interval) (default 1 s) while nothing
+//! comes. A row enqueued by another process therefore waits at most the current
+//! interval: tens of milliseconds under steady traffic, up to the poll interval after a
+//! quiet spell (see `docs/outbox.md`).
+//!
+//! [`Relay`]: super::Relay
+
+use super::{
+    Backlog, Claimed, FailedRow, OutboxSource, OutboxStatus, ParkedRow, envelope_from_row,
+    headers_json,
+    steps::{
+        BACKLOG, CLAIM, DELETE_SENT, ENQUEUE, FAILED, PARKED, PENDING, PURGE, REQUEUE, SENT, STATUS,
+    },
+};
+use crate::{
+    envelope::{Envelope, MessageId},
+    sql::{Setup, Step, StoreError, Table, bounded, db_err, millis, mysql::NOW_MS, run},
+};
+use futures::future::BoxFuture;
+use sqlx::{AssertSqlSafe, Connection, MySqlConnection, MySqlPool};
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+use tokio::sync::Notify;
+
+const SCHEMA: &str = include_str!("../../sql/mysql/outbox.sql");
+
+/// The first poll after a claim that found rows; doubled while claims come back empty.
+const FIRST_POLL: Duration = Duration::from_millis(10);
+
+/// An outbox table in MySQL 8.0+ or MariaDB 10.6+ (default `steadfast_outbox`). Cheap to
+/// clone.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use steadfast::{Message, idempotency::mysql::connect, outbox::MySqlOutbox};
+/// #[derive(serde::Serialize, serde::Deserialize, Message)]
+/// #[message(name = "orders.placed")]
+/// struct OrderPlaced { order_id: i64 }
+///
+/// let pool = connect("mysql://app@127.0.0.1:3306/app").await?;
+/// let outbox = MySqlOutbox::new(pool.clone());
+/// outbox.migrate().await?;
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("INSERT INTO orders (id) VALUES (?)").bind(7_i64).execute(&mut *tx).await?;
+/// outbox.enqueue(&mut tx, &OrderPlaced { order_id: 7 }).await?;
+/// tx.commit().await?; // the order and the message, or neither
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct MySqlOutbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: MySqlPool,
+    setup: Setup,
+    sql: Sql,
+    wake: Notify,
+    /// Claims in a row that found nothing: the next poll waits `FIRST_POLL * 2^idle`.
+    idle: AtomicU32,
+}
+
+struct Sql {
+    insert: Arc<str>,
+    claim: Arc<str>,
+    lease: Arc<str>,
+    sent: Arc<str>,
+    delete_sent: Arc<str>,
+    failed: Arc<str>,
+    purge: Arc<str>,
+    parked: Arc<str>,
+    requeue: Arc<str>,
+    pending: Arc<str>,
+    backlog: Arc<str>,
+    status: Arc<str>,
+}
+
+impl Sql {
+    fn new(t: &Table) -> Self {
+        let r = |s: &str| Arc::<str>::from(t.render(s).replace("{now}", NOW_MS));
+        Self {
+            insert: r(
+                "INSERT INTO {table} (id, name, source, time, headers, payload, available_at, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, {now}, {now})",
+            ),
+            // Rows locked by another claim, or by a transaction still inserting them, are
+            // skipped, never waited for.
+            claim: r(
+                "SELECT seq, id, name, source, time, headers, payload, attempts FROM {table} \
+                 WHERE state = 'pending' AND available_at <= {now} \
+                 ORDER BY seq LIMIT ? FOR UPDATE SKIP LOCKED",
+            ),
+            lease: r("UPDATE {table} SET available_at = {now} + ? WHERE seq IN ({ids})"),
+            sent: r("UPDATE {table} SET state = 'sent', sent_at = {now} WHERE id IN ({ids})"),
+            delete_sent: r("DELETE FROM {table} WHERE id IN ({ids})"),
+            failed: r(
+                "UPDATE {table} SET attempts = attempts + 1, last_error = ?, \
+                 state = IF(?, 'parked', 'pending'), available_at = {now} + ? WHERE id = ?",
+            ),
+            purge: r("DELETE FROM {table} WHERE state = 'sent' AND sent_at < {now} - ?"),
+            parked: r(
+                "SELECT id, name, attempts, COALESCE(last_error, '') FROM {table} \
+                 WHERE state = 'parked' ORDER BY seq LIMIT ?",
+            ),
+            requeue: r(
+                "UPDATE {table} SET state = 'pending', attempts = 0, available_at = {now} \
+                 WHERE id = ? AND state = 'parked'",
+            ),
+            pending: r("SELECT COUNT(*) FROM {table} WHERE state = 'pending'"),
+            backlog: r(
+                "SELECT COUNT(*), CAST(COALESCE({now} - MIN(created_at), 0) AS SIGNED) \
+                 FROM {table} WHERE state = 'pending'",
+            ),
+            status: r(
+                "SELECT CAST(COALESCE(SUM(state = 'pending'), 0) AS SIGNED), \
+                 CAST(COALESCE(SUM(state = 'parked'), 0) AS SIGNED), \
+                 CAST(({now} - MIN(CASE WHEN state = 'pending' THEN created_at END)) / 1000 AS DOUBLE) \
+                 FROM {table}",
+            ),
+        }
+    }
+}
+
+/// `sql` with its `{ids}` list made of `n` placeholders rounded up to a power of two (the
+/// caller repeats the last id), so a few statements serve every batch size.
+fn with_ids(sql: &str, n: usize) -> (String, usize) {
+    let slots = n.max(1).next_power_of_two();
+    let list = vec!["?"; slots].join(", ");
+    (sql.replace("{ids}", &list), slots)
+}
+
+impl fmt::Debug for MySqlOutbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MySqlOutbox")
+            .field("table", &self.inner.setup.table.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MySqlOutbox {
+    /// An outbox in table `steadfast_outbox`.
+    pub fn new(pool: MySqlPool) -> Self {
+        Self::build(pool, Setup::new("steadfast_outbox"))
+    }
+
+    fn build(pool: MySqlPool, setup: Setup) -> Self {
+        let sql = Sql::new(&setup.table);
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                setup,
+                sql,
+                wake: Notify::new(),
+                idle: AtomicU32::new(0),
+            }),
+        }
+    }
+
+    fn setup(&self) -> &Setup {
+        &self.inner.setup
+    }
+
+    fn rebuild(&self, setup: Setup) -> Self {
+        Self::build(self.inner.pool.clone(), setup)
+    }
+
+    crate::sql::store_methods!();
+    super::enqueue_methods!(MySqlConnection);
+
+    /// Creates the table if it does not exist and warns about unsafe settings.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        crate::sql::mysql::migrate(&self.inner.pool, self.schema_sql(), self.setup().timeout).await
+    }
+
+    /// Writes a ready-made envelope in your transaction.
+    pub async fn enqueue_envelope(
+        &self,
+        conn: &mut MySqlConnection,
+        envelope: Envelope,
+    ) -> Result<MessageId, StoreError> {
+        let insert = sqlx::query(AssertSqlSafe(self.inner.sql.insert.clone()))
+            .bind(envelope.id.to_string())
+            .bind(&envelope.name)
+            .bind(&envelope.source)
+            .bind(&envelope.time)
+            .bind(headers_json(&envelope.headers))
+            .bind(&envelope.payload[..]);
+        run(self.setup().timeout, ENQUEUE, insert.execute(conn)).await?;
+        // Before the commit: the relay may look too early and find nothing; it then looks
+        // again after its shortest poll. Never a loss: every claim reads all pending rows.
+        self.inner.wake.notify_one();
+        Ok(envelope.id)
+    }
+
+    /// Up to `limit` parked rows, oldest first, with their errors.
+    pub async fn parked(&self, limit: i64) -> Result<Vec<ParkedRow>, StoreError> {
+        let q = sqlx::query_as::<_, (String, String, i32, String)>(AssertSqlSafe(
+            self.inner.sql.parked.clone(),
+        ))
+        .bind(limit);
+        let rows = run(self.setup().timeout, PARKED, q.fetch_all(&self.inner.pool)).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name, attempts, error)| ParkedRow {
+                id: id.parse().unwrap_or_else(|_| MessageId::nil()),
+                name,
+                attempts: u32::try_from(attempts).unwrap_or(0),
+                error,
+            })
+            .collect())
+    }
+
+    /// Puts a parked row back in line. Returns whether it was parked.
+    pub async fn requeue(&self, id: MessageId) -> Result<bool, StoreError> {
+        let q = sqlx::query(AssertSqlSafe(self.inner.sql.requeue.clone())).bind(id.to_string());
+        let done = run(self.setup().timeout, REQUEUE, q.execute(&self.inner.pool)).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Pending and parked rows and the age of the oldest pending one, in one query.
+    pub async fn status(&self) -> Result<OutboxStatus, StoreError> {
+        let q = sqlx::query_as::<_, (i64, i64, Option<f64>)>(AssertSqlSafe(
+            self.inner.sql.status.clone(),
+        ));
+        let (pending, parked, oldest) =
+            run(self.setup().timeout, STATUS, q.fetch_one(&self.inner.pool)).await?;
+        Ok(OutboxStatus::new(pending, parked, oldest))
+    }
+
+    /// How many rows wait to be published.
+    pub async fn pending(&self) -> Result<i64, StoreError> {
+        let q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.inner.sql.pending.clone()));
+        run(self.setup().timeout, PENDING, q.fetch_one(&self.inner.pool)).await
+    }
+
+    /// Claims in one short transaction: lock up to `limit` committed pending rows that no
+    /// other claim holds, push their `available_at` past the lease, commit. Read committed,
+    /// so the rows looked at and passed over are not kept locked.
+    async fn claim_inner(&self, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
+        let mut conn = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(db_err(CLAIM.failed))?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err(CLAIM.failed))?;
+        let mut tx = conn.begin().await.map_err(db_err(CLAIM.failed))?;
+        type Row = (
+            i64,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            String,
+            Vec<u8>,
+            i32,
+        );
+        let rows: Vec<Row> = sqlx::query_as(AssertSqlSafe(self.inner.sql.claim.clone()))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err(CLAIM.failed))?;
+        if rows.is_empty() {
+            tx.rollback().await.map_err(db_err(CLAIM.failed))?;
+            self.inner.idle.fetch_add(1, Ordering::Relaxed);
+            return Ok(Vec::new());
+        }
+        self.inner.idle.store(0, Ordering::Relaxed);
+        let (sql, slots) = with_ids(&self.inner.sql.lease, rows.len());
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(millis(lease));
+        for i in 0..slots {
+            q = q.bind(rows[i.min(rows.len() - 1)].0);
+        }
+        q.execute(&mut *tx).await.map_err(db_err(CLAIM.failed))?;
+        tx.commit().await.map_err(db_err(CLAIM.failed))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (_, id, name, source, time, headers, payload, attempts) in rows {
+            let id: MessageId = id.parse().map_err(|e| {
+                db_err("could not read a claimed outbox row")(sqlx::Error::Decode(Box::new(e)))
+            })?;
+            let env = envelope_from_row(id, name, source, time, &headers, payload);
+            out.push(Claimed::new(env, u32::try_from(attempts).unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
+    /// Runs `sql` with `ids` in its `{ids}` list, as `step`.
+    async fn by_ids(
+        &self,
+        sql: &Arc<str>,
+        ids: &[MessageId],
+        step: Step,
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (sql, slots) = with_ids(sql, ids.len());
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for i in 0..slots {
+            q = q.bind(ids[i.min(ids.len() - 1)].to_string());
+        }
+        run(self.setup().timeout, step, q.execute(&self.inner.pool))
+            .await
+            .map(drop)
+    }
+}
+
+impl OutboxSource for MySqlOutbox {
+    fn backend(&self) -> &'static str {
+        "mysql"
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Result<Option<Backlog>, StoreError>> {
+        let q = sqlx::query_as::<_, (i64, i64)>(AssertSqlSafe(self.inner.sql.backlog.clone()));
+        let fut = run(self.setup().timeout, BACKLOG, q.fetch_one(&self.inner.pool));
+        Box::pin(async move {
+            let (n, age_ms) = fut.await?;
+            Ok(Some(Backlog::new(
+                u64::try_from(n).unwrap_or(0),
+                Duration::from_millis(u64::try_from(age_ms).unwrap_or(0)),
+            )))
+        })
+    }
+
+    fn claim(
+        &self,
+        limit: usize,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Claimed>, StoreError>> {
+        Box::pin(bounded(
+            self.setup().timeout,
+            CLAIM.doing,
+            self.claim_inner(limit, lease),
+        ))
+    }
+
+    fn mark_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.by_ids(&self.inner.sql.sent, ids, SENT))
+    }
+
+    fn delete_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.by_ids(&self.inner.sql.delete_sent, ids, DELETE_SENT))
+    }
+
+    fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>> {
+        let fut = async move {
+            for row in rows {
+                sqlx::query(AssertSqlSafe(self.inner.sql.failed.clone()))
+                    .bind(crate::envelope::truncate(&row.error, 2000))
+                    .bind(row.park)
+                    .bind(millis(row.retry_after))
+                    .bind(row.id.to_string())
+                    .execute(&self.inner.pool)
+                    .await
+                    .map_err(db_err(FAILED.failed))?;
+            }
+            Ok(())
+        };
+        Box::pin(bounded(self.setup().timeout, FAILED.doing, fut))
+    }
+
+    fn purge_sent(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, StoreError>> {
+        let q = sqlx::query(AssertSqlSafe(self.inner.sql.purge.clone())).bind(millis(older_than));
+        let fut = run(self.setup().timeout, PURGE, q.execute(&self.inner.pool));
+        Box::pin(async move { Ok(fut.await?.rows_affected()) })
+    }
+
+    fn wait(&self, max: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Adaptive: short right after work, doubling while claims find nothing.
+            let idle = self.inner.idle.load(Ordering::Relaxed).min(16);
+            let poll = FIRST_POLL.saturating_mul(1 << idle).min(max);
+            if tokio::time::timeout(poll, self.inner.wake.notified())
+                .await
+                .is_ok()
+            {
+                // A wake-up may come before its transaction committed: look shortly after,
+                // and from the shortest poll again if that finds nothing.
+                self.inner.idle.store(0, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2).min(max)).await;
+            }
+        })
+    }
+}
