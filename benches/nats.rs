@@ -12,7 +12,7 @@
 //! the figures getrusage reports, read from /proc/self/stat), then the spread per client.
 //!
 //! ```text
-//! cargo bench --bench nats --features nats            # local nats-server on 4222
+//! cargo bench --bench nats --features nats            # NATS_URL, default the local server
 //! BENCH_MESSAGES=100000 BENCH_ROUNDS=3 cargo bench --bench nats --features nats
 //! ```
 
@@ -38,7 +38,10 @@ mod support;
 use serde_json::json;
 use support::{Meter, Results, Took, median};
 
-const URL: &str = "nats://127.0.0.1:4222";
+/// `NATS_URL`, default the local server.
+fn url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
 const BATCH: usize = 64;
 
 #[derive(serde::Serialize, serde::Deserialize, Message)]
@@ -238,7 +241,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let client = async_nats::connect(URL).await.expect("nats-server on 4222");
+        let client = async_nats::connect(url()).await.expect("nats-server on NATS_URL");
         println!(
             "nats-server {}, {n} messages per run, batch {BATCH}, {rounds} rounds",
             client.server_info().version
@@ -249,7 +252,7 @@ fn main() {
             let tag = format!("{}{size}", std::process::id());
             let prefix = format!("bench{tag}");
             let stream_name = format!("BENCH_{tag}");
-            let builder = NatsTransport::builder(URL)
+            let builder = NatsTransport::builder(&url())
                 .subject_prefix(prefix.clone())
                 .stream(stream_name.clone())
                 .max_age(Duration::from_secs(600))
