@@ -5,6 +5,7 @@
 
 use crate::{
     proxy::Proxy,
+    rabbit_cluster::{self, RestoreCluster},
     servers::{self, NatsServer, RestoreBroker, RestorePostgres},
     spec::{Broker, Mode, Role, Spec, Work},
     worker::{Tally, build_worker},
@@ -67,6 +68,34 @@ pub enum Fault {
     PostgresRestart,
     /// Raw bad input from a plain client while good messages flow.
     BadInput,
+    /// Three-node RabbitMQ cluster: the node the workers are connected to (node 1, the
+    /// first of their URLs) killed with SIGKILL, started again after 5 s.
+    ClusterNodeKill,
+    /// Three-node RabbitMQ cluster: the node leading the work queue `stop_app`, then
+    /// `start_app` 5 s later (if that is node 1, the workers move too).
+    ClusterLeaderRestart,
+    /// Three-node RabbitMQ cluster: the node leading the dead-letter queue stopped and
+    /// started; the dead letters are read and replayed after their leader moved.
+    ClusterDeadLetterLeaderRestart,
+    /// Three-node RabbitMQ cluster: each node in turn `stop_app`, 5 s, `start_app`.
+    ClusterRollingRestart,
+    /// Three-node RabbitMQ cluster: node 1 (the workers' node) paused with SIGSTOP for
+    /// the given time (a minority that stops answering), then SIGCONT.
+    ClusterNodePause(Duration),
+}
+
+impl Fault {
+    /// A fault of the three-node RabbitMQ cluster (the scenario runs against it).
+    pub fn is_rabbit_cluster(&self) -> bool {
+        matches!(
+            self,
+            Self::ClusterNodeKill
+                | Self::ClusterLeaderRestart
+                | Self::ClusterDeadLetterLeaderRestart
+                | Self::ClusterRollingRestart
+                | Self::ClusterNodePause(_)
+        )
+    }
 }
 
 /// How the messages get to the broker.
@@ -558,6 +587,10 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     // Servers and proxies for this scenario.
     let mut _nats: Option<NatsServer> = None;
     let mut broker_url = match s.broker {
+        Broker::Amqp if s.fault.is_rabbit_cluster() => {
+            rabbit_cluster::start().await?;
+            rabbit_cluster::urls()
+        }
         Broker::Amqp => env.amqp_url.clone(),
         Broker::Nats => env.nats_url.clone(),
     };
@@ -692,16 +725,29 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     )
     .await?;
     let mut raw_bad = 0u64;
-    let fault_end = inject(
-        s,
-        &mut fleet,
-        &spec,
-        _nats.as_mut(),
-        broker_proxy.as_ref(),
-        db_proxy.as_ref(),
-        &mut raw_bad,
-    )
-    .await?;
+    let mut resumed = None;
+    let fault_end = if s.fault.is_rabbit_cluster() {
+        // Each worker may hold a prefetch of deliveries it received before the fault,
+        // and finish them after it; twice that is beyond doubt new work.
+        let margin = 2 * (s.workers * spec.concurrency) as u64;
+        let progress = Progress {
+            pool: &pool,
+            table: &effects_table,
+            margin,
+        };
+        inject_cluster(s, &mut fleet, &spec, &progress, &mut resumed).await?
+    } else {
+        inject(
+            s,
+            &mut fleet,
+            &spec,
+            _nats.as_mut(),
+            broker_proxy.as_ref(),
+            db_proxy.as_ref(),
+            &mut raw_bad,
+        )
+        .await?
+    };
     let at_end = count_effects(&pool, &effects_table).await.unwrap_or(0);
     // After a broker restart, publish 100 more and time it: the publisher must come back
     // by itself too (session 1 saw NATS publishes stall for over a minute after a restart).
@@ -784,6 +830,15 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     }
     let drain = started.elapsed();
     let throughput = ok.len() as f64 / drain.as_secs_f64();
+    // On the cluster, after the fault moved leaders: the dead letters are replayed to
+    // the work queue, and the workers (still running) dead-letter the poison ones again.
+    let replay_problem = if drained && s.fault.is_rabbit_cluster() && !poison_ok.is_empty() {
+        replay_and_wait(&transport, &spec, &poison_ok, &mut fleet)
+            .await
+            .err()
+    } else {
+        None
+    };
 
     // Stop everything (SIGTERM, exit 0 within the grace period), then look.
     fleet
@@ -830,6 +885,18 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     let settled: u64 = t[1..].iter().sum::<u64>() - t[4];
     row.redeliveries = settled.saturating_sub(row.messages);
     row.deferrals = t[4];
+    if s.fault.is_rabbit_cluster() {
+        // The figure that matters on a cluster: how soon consumption resumed on the other
+        // nodes while the fault lasted.
+        row.recover = resumed;
+        if resumed.is_none() {
+            row.problems
+                .push("consumption did not resume after the fault".to_owned());
+        }
+    }
+    if let Some(p) = replay_problem {
+        row.problems.push(p);
+    }
     if dead.iter().any(|d| d.reason.trim().is_empty()) {
         row.problems
             .push("a dead letter without a reason".to_owned());
@@ -1115,7 +1182,161 @@ async fn inject(
             *raw_bad = servers::publish_bad_input(spec).await?;
             Ok(Some(Instant::now()))
         }
+        other => Err(format!("{other:?} is a cluster fault (see inject_cluster)")),
     }
+}
+
+/// How far the workers got: distinct effects, and how many may still land from
+/// deliveries in flight when a fault began (they do not show that consumption resumed).
+struct Progress<'a> {
+    pool: &'a sqlx::PgPool,
+    table: &'a str,
+    margin: u64,
+}
+
+impl Progress<'_> {
+    async fn now(&self) -> u64 {
+        count_distinct(self.pool, self.table).await.unwrap_or(0)
+    }
+
+    /// Waits (supervising the workers) up to `bound` for more effects than `base` plus
+    /// the in-flight margin: the time from `since` when they came, if they did.
+    async fn resumed(
+        &self,
+        fleet: &mut Fleet,
+        base: u64,
+        since: Instant,
+        bound: Duration,
+    ) -> Option<Duration> {
+        while since.elapsed() < bound {
+            fleet.supervise();
+            if self.now().await > base + self.margin {
+                return Some(since.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+}
+
+/// The cluster faults: each measures how soon consumption resumed after the fault began
+/// (while the node was still down), and brings every node back, whatever happens.
+async fn inject_cluster(
+    s: &Scenario,
+    fleet: &mut Fleet,
+    spec: &Spec,
+    progress: &Progress<'_>,
+    resumed: &mut Option<Duration>,
+) -> Res<Option<Instant>> {
+    let _restore = RestoreCluster;
+    let work_queue = format!("{}.{}", spec.name, spec.group);
+    // The effects so far are counted once the fault is in place (what the workers did
+    // while it was being set up is not resumption); the time runs from its start.
+    let t0 = Instant::now();
+    match &s.fault {
+        Fault::ClusterNodeKill => {
+            rabbit_cluster::signal(1, "KILL").await?;
+            let base = progress.now().await;
+            *resumed = progress
+                .resumed(fleet, base, t0, Duration::from_secs(60))
+                .await;
+            sleep_supervised(fleet, Duration::from_secs(5).saturating_sub(t0.elapsed())).await;
+            rabbit_cluster::start().await?;
+        }
+        Fault::ClusterLeaderRestart | Fault::ClusterDeadLetterLeaderRestart => {
+            let queue = if s.fault == Fault::ClusterLeaderRestart {
+                work_queue
+            } else {
+                format!("{work_queue}.dlq")
+            };
+            let leader = rabbit_cluster::leader_of(&queue, None).await?;
+            eprintln!("{queue}: leader on node {leader}; stop_app");
+            rabbit_cluster::ctl(leader, &["-q", "stop_app"]).await?;
+            let base = progress.now().await;
+            *resumed = progress
+                .resumed(fleet, base, t0, Duration::from_secs(60))
+                .await;
+            sleep_supervised(fleet, Duration::from_secs(5).saturating_sub(t0.elapsed())).await;
+            let moved = rabbit_cluster::leader_of(&queue, Some(leader)).await?;
+            eprintln!("{queue}: leader moved to node {moved}; start_app on node {leader}");
+            rabbit_cluster::ctl(leader, &["-q", "start_app"]).await?;
+        }
+        Fault::ClusterRollingRestart => {
+            for n in rabbit_cluster::NODES {
+                let t = Instant::now();
+                rabbit_cluster::ctl(n, &["-q", "stop_app"]).await?;
+                if n == 1 {
+                    // The workers' node: they move to another one.
+                    let base = progress.now().await;
+                    *resumed = progress
+                        .resumed(fleet, base, t, Duration::from_secs(60))
+                        .await;
+                }
+                sleep_supervised(fleet, Duration::from_secs(5).saturating_sub(t.elapsed())).await;
+                rabbit_cluster::ctl(n, &["-q", "start_app"]).await?;
+                // Let the node's replicas catch up before the next one goes.
+                sleep_supervised(fleet, Duration::from_secs(5)).await;
+            }
+        }
+        Fault::ClusterNodePause(d) => {
+            let leader = rabbit_cluster::leader_of(&work_queue, None).await?;
+            eprintln!("{work_queue}: leader on node {leader}; pausing node 1");
+            rabbit_cluster::signal(1, "STOP").await?;
+            let base = progress.now().await;
+            *resumed = progress.resumed(fleet, base, t0, *d).await;
+            sleep_supervised(fleet, d.saturating_sub(t0.elapsed())).await;
+            rabbit_cluster::signal(1, "CONT").await?;
+            if resumed.is_none() {
+                // A paused node is not declared down before the distribution's tick
+                // timeout (60 s by default): a queue it leads waits for it. Consumption
+                // must then resume once it answers again.
+                eprintln!("consumption did not resume during the pause; waiting for the node");
+                *resumed = progress
+                    .resumed(fleet, base, t0, *d + Duration::from_secs(60))
+                    .await;
+            }
+        }
+        other => return Err(format!("{other:?} is not a cluster fault")),
+    }
+    Ok(Some(Instant::now()))
+}
+
+/// Replays every dead letter of the run and waits (up to 60 s) until the workers have
+/// dead-lettered each poison message again: the dead letters are readable and
+/// replayable after the fault moved their queue's leader.
+async fn replay_and_wait(
+    transport: &Arc<dyn Transport>,
+    spec: &Spec,
+    poison: &HashSet<u64>,
+    fleet: &mut Fleet,
+) -> Result<(), String> {
+    let before = read_dead(transport, spec).await?;
+    let report = transport
+        .replay_dead_letters(
+            &spec.group,
+            &steadfast::transport::DeadLetterFilter::default(),
+            &|_| {},
+        )
+        .await
+        .map_err(|e| format!("replaying the dead letters: {e}"))?;
+    if report.done < poison.len() || report.failed > 0 {
+        return Err(format!(
+            "replayed {} dead letters of {} ({} read before; {:?})",
+            report.done,
+            poison.len(),
+            before.len(),
+            report.first_error
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        sleep_supervised(fleet, Duration::from_millis(500)).await;
+        let (ids, _) = dead_ids(&read_dead(transport, spec).await?);
+        if poison.iter().all(|n| ids.contains(n)) {
+            return Ok(());
+        }
+    }
+    Err("replayed dead letters did not come back to the dead-letter queue within 60 s".to_owned())
 }
 
 async fn sleep_supervised(fleet: &mut Fleet, d: Duration) {

@@ -5,10 +5,12 @@
 //! - [`harness`]: publish with a ledger, run worker processes, inject a fault, heal ->
 //!   drain -> check, and the figures;
 //! - [`suite`]: the scenarios;
-//! - [`proxy`]: a TCP proxy that cuts connections; [`servers`]: the servers around a run.
+//! - [`proxy`]: a TCP proxy that cuts connections; [`servers`]: the servers around a run;
+//!   [`rabbit_cluster`]: the three-node RabbitMQ cluster and its node faults.
 
 pub mod harness;
 pub mod proxy;
+pub mod rabbit_cluster;
 pub mod servers;
 pub mod spec;
 pub mod suite;

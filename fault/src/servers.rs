@@ -57,6 +57,25 @@ async fn run(cmd: &str, args: &[&str]) -> Res<String> {
     }
 }
 
+/// A raw connection to the first node of `urls` (one URL, or a cluster's comma-separated
+/// list) that takes it.
+async fn amqp_connect(urls: &str) -> Res<lapin::Connection> {
+    let mut last = String::from("no RabbitMQ URL");
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+        )
+        .await
+        {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => last = format!("connecting to RabbitMQ: {e}"),
+            Err(_) => last = "connecting to RabbitMQ timed out".to_owned(),
+        }
+    }
+    Err(last)
+}
+
 /// Runs `rabbitmqctl args`.
 pub async fn rabbitmqctl(args: &[&str]) -> Res<()> {
     run("rabbitmqctl", args).await.map(drop)
@@ -226,16 +245,8 @@ impl Drop for NatsServer {
 /// Ready messages in the group's work queue and delay queues (after the workers stopped
 /// this includes everything they had unacked).
 pub async fn amqp_queue_depth(spec: &Spec) -> Res<u64> {
-    use lapin::{
-        Connection, ConnectionProperties, options::QueueDeclareOptions, types::FieldTable,
-    };
-    let conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        Connection::connect(&spec.broker_url, ConnectionProperties::default()),
-    )
-    .await
-    .map_err(|_| "connecting to RabbitMQ timed out".to_owned())?
-    .map_err(|e| format!("connecting to RabbitMQ: {e}"))?;
+    use lapin::{options::QueueDeclareOptions, types::FieldTable};
+    let conn = amqp_connect(&spec.broker_url).await?;
     let work = format!("{}.{}", spec.name, spec.group);
     let mut queues = vec![work.clone()];
     for d in spec.retry_policy().delay_tiers() {
@@ -273,17 +284,8 @@ pub async fn amqp_queue_depth(spec: &Spec) -> Res<u64> {
 /// Deletes the run's queues (work, delay tiers, dead letters) and exchange, so runs do
 /// not pile up quorum queues on the shared broker.
 pub async fn amqp_delete_topology(spec: &Spec) -> Res<()> {
-    use lapin::{
-        Connection, ConnectionProperties,
-        options::{ExchangeDeleteOptions, QueueDeleteOptions},
-    };
-    let conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        Connection::connect(&spec.broker_url, ConnectionProperties::default()),
-    )
-    .await
-    .map_err(|_| "connecting to RabbitMQ timed out".to_owned())?
-    .map_err(|e| format!("connecting to RabbitMQ: {e}"))?;
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let conn = amqp_connect(&spec.broker_url).await?;
     let work = format!("{}.{}", spec.name, spec.group);
     let mut queues = vec![work.clone(), format!("{work}.dlq")];
     for d in spec.retry_policy().delay_tiers() {

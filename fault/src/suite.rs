@@ -204,6 +204,42 @@ pub fn scenario(name: &str, broker: Broker, n: u64) -> Option<Scenario> {
             s.publish = Publish::Outbox;
             s
         }
+        name if name.starts_with("cluster-") => {
+            if broker != Broker::Amqp {
+                return None; // the NATS cluster has scenarios of its own
+            }
+            let (title, fault) = match &name["cluster-".len()..] {
+                "node-kill" | "relay-node-kill" => (
+                    "cluster: the workers' node SIGKILLed",
+                    Fault::ClusterNodeKill,
+                ),
+                "leader-restart" => (
+                    "cluster: work queue leader stop_app/start_app",
+                    Fault::ClusterLeaderRestart,
+                ),
+                "dlq-leader-restart" => (
+                    "cluster: dead-letter queue leader stop_app/start_app",
+                    Fault::ClusterDeadLetterLeaderRestart,
+                ),
+                "rolling" => (
+                    "cluster: rolling restart of the 3 nodes",
+                    Fault::ClusterRollingRestart,
+                ),
+                "pause" => (
+                    "cluster: the workers' node SIGSTOPped 30 s",
+                    Fault::ClusterNodePause(Duration::from_secs(30)),
+                ),
+                _ => return None,
+            };
+            let mut s = sc(title, broker, n, fault);
+            // Poison among the healthy: dead letters to read and replay after the fault.
+            s.special = vec![(50, Mode::Permanent)];
+            if name == "cluster-relay-node-kill" {
+                s.name = "cluster: the relay's and workers' node SIGKILLed (outbox)".to_owned();
+                s.publish = Publish::Outbox;
+            }
+            s
+        }
         _ => return None,
     };
     Some(s)
@@ -233,6 +269,13 @@ pub const ALL: &[&str] = &[
     "sigkill+inbox",
     "before-settle+inbox",
     "duplicates+inbox",
+    // The three-node RabbitMQ cluster (scripts/brokers.sh rabbitmq-cluster).
+    "cluster-node-kill",
+    "cluster-leader-restart",
+    "cluster-dlq-leader-restart",
+    "cluster-rolling",
+    "cluster-pause",
+    "cluster-relay-node-kill",
 ];
 
 /// The long run: every scenario on both brokers with `n` messages each.

@@ -62,8 +62,9 @@ enum Command {
 /// How to reach the broker; the names must match the worker's transport settings.
 #[derive(Debug, Clone, Args)]
 struct BrokerArgs {
-    /// Broker URL: `amqp://`/`amqps://` for RabbitMQ, `nats://`/`tls://` for NATS.
-    /// Default: `AMQP_URL` or `NATS_URL`, whichever is set.
+    /// Broker URL: `amqp://`/`amqps://` for RabbitMQ, `nats://`/`tls://` for NATS; for a
+    /// cluster, every node's URL, comma-separated. Default: `AMQP_URL` or `NATS_URL`,
+    /// whichever is set.
     #[arg(long, global = true)]
     url: Option<String>,
     /// RabbitMQ: the exchange the workers use.

@@ -12,7 +12,7 @@ use std::{
     str::FromStr,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -25,6 +25,8 @@ pub(super) struct Config {
     pub(super) exchange: String,
     pub(super) queue_prefix: String,
     pub(super) queue_type: QueueType,
+    pub(super) dlq_type: QueueType,
+    pub(super) initial_group_size: Option<u32>,
     pub(super) delivery_limit: u32,
     pub(super) queue_expiry: Option<Duration>,
     pub(super) op_timeout: Duration,
@@ -37,6 +39,25 @@ pub(super) struct Config {
 pub(super) struct Link {
     pub(super) generation: u64,
     pub(super) conn: Arc<Connection>,
+    /// The index of the node it is connected to.
+    pub(super) node: usize,
+}
+
+/// One node of the cluster: its URL parsed (with the password) and shown (without).
+struct Node {
+    uri: AMQPUri,
+    redacted: String,
+}
+
+/// The node URLs of `urls`: each entry may itself be a comma-separated list; blanks
+/// around the commas are ignored. A comma inside a password must be written `%2C`.
+pub(super) fn split_nodes(urls: &[String]) -> Vec<String> {
+    urls.iter()
+        .flat_map(|u| u.split(','))
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 impl Link {
@@ -53,10 +74,13 @@ enum Slot {
 
 pub(super) struct Inner {
     pub(super) cfg: Config,
+    /// Every node's URL without its password, comma-separated.
     pub(super) redacted_url: String,
-    /// Holds the password: never printed.
-    uri: AMQPUri,
-    password: String,
+    /// Hold the passwords: never printed.
+    nodes: Vec<Node>,
+    passwords: Vec<String>,
+    /// The node of the live connection (or of the last one).
+    current: AtomicUsize,
     slot: watch::Sender<Slot>,
     reconnecting: AtomicBool,
     generation: AtomicU64,
@@ -69,25 +93,46 @@ pub(super) struct Inner {
 
 impl Inner {
     pub(super) fn new(b: AmqpBuilder) -> Result<Self, TransportError> {
-        let redacted_url = redact_url(&b.url);
-        let mut uri = AMQPUri::from_str(&b.url).map_err(|_| {
-            TransportError::new(
+        let urls = split_nodes(&b.urls);
+        if urls.is_empty() {
+            return Err(TransportError::new(
                 TransportErrorKind::Config,
-                format!("invalid RabbitMQ URL `{redacted_url}`"),
-            )
-        })?;
-        if uri.query.heartbeat.is_none() {
-            uri.query.heartbeat = Some(b.heartbeat);
+                "no RabbitMQ URL: give at least one node (amqp:// or amqps://)",
+            ));
         }
-        if uri.query.connection_timeout.is_none() {
-            uri.query.connection_timeout =
-                Some(u64::try_from(b.operation_timeout.as_millis()).unwrap_or(u64::MAX));
+        let mut nodes = Vec::with_capacity(urls.len());
+        let mut passwords = Vec::new();
+        for url in &urls {
+            let redacted = redact_url(url);
+            let mut uri = AMQPUri::from_str(url).map_err(|_| {
+                TransportError::new(
+                    TransportErrorKind::Config,
+                    format!("invalid RabbitMQ URL `{redacted}`"),
+                )
+            })?;
+            if uri.query.heartbeat.is_none() {
+                uri.query.heartbeat = Some(b.heartbeat);
+            }
+            if uri.query.connection_timeout.is_none() {
+                uri.query.connection_timeout =
+                    Some(u64::try_from(b.operation_timeout.as_millis()).unwrap_or(u64::MAX));
+            }
+            if !uri.authority.userinfo.password.is_empty() {
+                passwords.push(uri.authority.userinfo.password.clone());
+            }
+            nodes.push(Node { uri, redacted });
         }
-        let password = uri.authority.userinfo.password.clone();
+        let redacted_url = nodes
+            .iter()
+            .map(|n| n.redacted.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         let cfg = Config {
             exchange: b.exchange,
             queue_prefix: b.queue_prefix,
             queue_type: b.queue_type,
+            dlq_type: b.dlq_type,
+            initial_group_size: b.initial_group_size,
             delivery_limit: b.delivery_limit,
             queue_expiry: b.queue_expiry,
             op_timeout: b.operation_timeout,
@@ -98,8 +143,9 @@ impl Inner {
         Ok(Self {
             cfg,
             redacted_url,
-            uri,
-            password,
+            nodes,
+            passwords,
+            current: AtomicUsize::new(0),
             slot,
             reconnecting: AtomicBool::new(false),
             generation: AtomicU64::new(0),
@@ -110,30 +156,87 @@ impl Inner {
         })
     }
 
-    /// The first connection: its failure is the caller's error (no retry loop).
+    /// The first connection, to the first node that answers in the order given: its
+    /// failure is the caller's error (no retry loop).
     pub(super) async fn first_connect(self: &Arc<Self>) -> Result<(), TransportError> {
-        let link = self.connect_once().await?;
+        let link = self.connect_any(0).await?;
         self.slot.send_replace(Slot::Up(link));
         Ok(())
     }
 
-    async fn connect_once(&self) -> Result<Link, TransportError> {
+    /// One attempt at each node, starting with node `start` and going round the list:
+    /// the first that connects wins. The error names every node's failure.
+    async fn connect_any(&self, start: usize) -> Result<Link, TransportError> {
+        let n = self.nodes.len();
+        let mut failures = Vec::new();
+        for i in (0..n).map(|k| (start + k) % n) {
+            match self.connect_once(i).await {
+                Ok(link) => return Ok(link),
+                Err(e) if n == 1 => return Err(e),
+                Err(e) => {
+                    tracing::debug!(node = %self.nodes[i].redacted, error = %e, "RabbitMQ node did not take the connection");
+                    failures.push((e.kind(), format!("{}: {e}", self.nodes[i].redacted)));
+                }
+            }
+        }
+        // A setting every node refuses is a configuration error; else a connection one.
+        let kind = if failures
+            .iter()
+            .all(|(k, _)| *k == TransportErrorKind::Config)
+        {
+            TransportErrorKind::Config
+        } else {
+            TransportErrorKind::Connection
+        };
+        let each: Vec<String> = failures.into_iter().map(|(_, t)| t).collect();
+        Err(TransportError::new(
+            kind,
+            format!(
+                "no RabbitMQ node of {n} took the connection: {}",
+                each.join("; ")
+            ),
+        ))
+    }
+
+    async fn connect_once(&self, node: usize) -> Result<Link, TransportError> {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("steadfast {}", env!("CARGO_PKG_VERSION")).into());
         let conn = self
-            .bounded("connect", guard::connect(self.uri.clone(), props))
+            .bounded(
+                "connect",
+                guard::connect(self.nodes[node].uri.clone(), props),
+            )
             .await?;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let link = Link {
             generation,
             conn: Arc::new(conn),
+            node,
         };
         // The exchange exists before anything is published or bound.
-        let ch = self.open_channel(&link).await?;
-        topology::declare_exchange(self, &ch).await?;
-        let _ = ch.close(200, "OK".into()).await;
-        tracing::info!(url = %self.redacted_url, generation, "connected to RabbitMQ");
+        let declared = async {
+            let ch = self.open_channel(&link).await?;
+            topology::declare_exchange(self, &ch).await?;
+            let _ = tokio::time::timeout(self.cfg.op_timeout, ch.close(200, "OK".into())).await;
+            Ok::<_, TransportError>(())
+        }
+        .await;
+        if let Err(e) = declared {
+            let _ =
+                tokio::time::timeout(self.cfg.op_timeout, link.conn.close(200, "OK".into())).await;
+            return Err(e);
+        }
+        self.current.store(node, Ordering::SeqCst);
+        tracing::info!(url = %self.nodes[node].redacted, generation, "connected to RabbitMQ");
         Ok(link)
+    }
+
+    /// The URL (without password) of the node of the live connection, if it is up.
+    pub(super) fn connected_node(&self) -> Option<String> {
+        match &*self.slot.borrow() {
+            Slot::Up(l) if l.is_up() => Some(self.nodes[l.node].redacted.clone()),
+            _ => None,
+        }
     }
 
     pub(super) fn health(&self) -> Health {
@@ -202,7 +305,11 @@ impl Inner {
             // Another task may have reconnected already.
             let up = matches!(&*this.slot.borrow(), Slot::Up(l) if l.is_up());
             if !up {
-                tracing::warn!(url = %this.redacted_url, "connection to RabbitMQ lost; reconnecting");
+                // Start with the node after the one lost: it is likely down, and in a
+                // cluster any node serves every queue.
+                let lost = this.current.load(Ordering::SeqCst);
+                let mut start = (lost + 1) % this.nodes.len();
+                tracing::warn!(url = %this.nodes[lost].redacted, "connection to RabbitMQ lost; reconnecting");
                 let mut backoff = backon::ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(100))
                     .with_max_delay(this.cfg.max_reconnect_delay)
@@ -213,7 +320,7 @@ impl Inner {
                     if this.closed.is_cancelled() {
                         break;
                     }
-                    match this.connect_once().await {
+                    match this.connect_any(start).await {
                         Ok(link) => {
                             let conn = link.conn.clone();
                             let mut link = Some(link);
@@ -242,6 +349,8 @@ impl Inner {
                             break;
                         }
                         Err(e) => {
+                            // The next round starts where the list was left off.
+                            start = (start + 1) % this.nodes.len();
                             let wait = backoff.next().unwrap_or(this.cfg.max_reconnect_delay);
                             tracing::warn!(error = %e, retry_in = ?wait, "reconnect to RabbitMQ failed");
                             *this.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -312,8 +421,8 @@ impl Inner {
             _ => TransportErrorKind::Connection,
         };
         let mut text = e.to_string();
-        if !self.password.is_empty() {
-            text = text.replace(&self.password, "***");
+        for password in &self.passwords {
+            text = crate::redact::scrub(&text, Some(password));
         }
         TransportError::new(kind, format!("RabbitMQ `{what}` failed: {text}"))
     }

@@ -87,11 +87,11 @@ async fn start_session(
     declare: bool,
 ) -> Result<Session, TransportError> {
     let link = inner.link_bounded().await?;
+    if declare {
+        topology::declare_or_reuse(inner, &link, topo).await?;
+    }
     let channel = inner.open_channel(&link).await?;
     let r = async {
-        if declare {
-            topology::declare(inner, &channel, topo).await?;
-        }
         inner
             .bounded(
                 "basic.qos",

@@ -1,8 +1,10 @@
 //! Reading a dead-letter queue without changing it: `basic.get` with manual ack up to
 //! `limit` messages on a channel of its own, then close that channel without acking. The
-//! broker puts every message back where it was (classic queues keep the position of
-//! requeued messages), so nothing is lost or reordered; they only gain the
-//! `redelivered` flag.
+//! broker puts every message back, so nothing is lost; they only gain the `redelivered`
+//! flag. A quorum dead-letter queue (the default) puts returned messages at its back
+//! and counts the return as a delivery, so it is declared with a delivery limit that is
+//! never reached (decision 0104), and what one read returns is sorted by failure time
+//! (then id), oldest first, whatever the queue's order.
 //!
 //! Replaying and purging work the same way: every message is fetched unacked; a selected
 //! one is republished to the group's work queue and acked only after the broker's
@@ -66,10 +68,13 @@ pub(super) async fn read(
             }
         }
     }
-    // Closing the channel returns every fetched message, in order, to the queue.
+    // Closing the channel returns every fetched message to the queue.
     if ch.status().connected() {
         let _ = tokio::time::timeout(inner.cfg.op_timeout, ch.close(200, "OK".into())).await;
     }
+    out.sort_by(|a, b| {
+        (a.failed_at.as_str(), a.envelope.id).cmp(&(b.failed_at.as_str(), b.envelope.id))
+    });
     result.map(|()| out)
 }
 

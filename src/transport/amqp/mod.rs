@@ -38,26 +38,32 @@ use crate::envelope::Envelope;
 use futures::future::BoxFuture;
 use std::{fmt, sync::Arc, time::Duration};
 
-/// The kind of queue the work queues are.
+/// The kind of queue the work queues (and, separately, the dead-letter queues) are.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QueueType {
-    /// Replicated, durable quorum queues (the default and the safe choice): they enforce
-    /// the delivery limit that stops crash loops, and dead-letter at least once.
+    /// Replicated, durable quorum queues (the default and the safe choice): each has a
+    /// copy on every node of the cluster (or on [`AmqpBuilder::initial_group_size`]
+    /// nodes) and survives the loss of a minority of them; work queues enforce the
+    /// delivery limit that stops crash loops, and dead-letter at least once.
     #[default]
     Quorum,
-    /// Classic durable queues: no delivery limit, so a message that crashes the worker
-    /// every time is redelivered forever. Delay queues stay quorum queues either way.
+    /// Classic durable queues, an explicit opt-in: **not replicated** — one copy on one
+    /// node, unavailable while that node is down and lost with its disk. Classic work
+    /// queues have no delivery limit, so a message that crashes the worker every time is
+    /// redelivered forever. Delay queues stay quorum queues either way.
     Classic,
 }
 
 /// The settings of an [`AmqpTransport`]; see [`AmqpTransport::builder`].
 #[derive(Clone)]
 pub struct AmqpBuilder {
-    url: String,
+    urls: Vec<String>,
     exchange: String,
     queue_prefix: String,
     queue_type: QueueType,
+    dlq_type: QueueType,
+    initial_group_size: Option<u32>,
     delivery_limit: u32,
     queue_expiry: Option<Duration>,
     operation_timeout: Duration,
@@ -69,10 +75,18 @@ pub struct AmqpBuilder {
 impl fmt::Debug for AmqpBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpBuilder")
-            .field("url", &redact_url(&self.url))
+            .field(
+                "urls",
+                &connection::split_nodes(&self.urls)
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("exchange", &self.exchange)
             .field("queue_prefix", &self.queue_prefix)
             .field("queue_type", &self.queue_type)
+            .field("dead_letter_queue_type", &self.dlq_type)
+            .field("initial_group_size", &self.initial_group_size)
             .field("delivery_limit", &self.delivery_limit)
             .field("queue_expiry", &self.queue_expiry)
             .field("operation_timeout", &self.operation_timeout)
@@ -96,10 +110,12 @@ pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 impl AmqpBuilder {
     fn new(url: impl Into<String>) -> Self {
         Self {
-            url: url.into(),
+            urls: vec![url.into()],
             exchange: DEFAULT_EXCHANGE.to_owned(),
             queue_prefix: String::new(),
             queue_type: QueueType::Quorum,
+            dlq_type: QueueType::Quorum,
+            initial_group_size: None,
             delivery_limit: DEFAULT_DELIVERY_LIMIT,
             queue_expiry: None,
             operation_timeout: Duration::from_secs(30),
@@ -107,6 +123,35 @@ impl AmqpBuilder {
             max_reconnect_delay: Duration::from_secs(10),
             consumer_channels: DEFAULT_CONSUMER_CHANNELS,
         }
+    }
+
+    /// More nodes of the same cluster, tried in order after the ones given so far (the
+    /// URL given to [`AmqpTransport::builder`] may itself be a comma-separated list).
+    ///
+    /// The transport connects to the first node that answers; when that connection is
+    /// lost it goes on to the next node in the list (round the list, with the capped,
+    /// jittered backoff between rounds), declares its topology again there and resumes
+    /// every subscription, without a restart. Passwords are never shown, in any form.
+    ///
+    /// ```
+    /// use steadfast::transport::amqp::AmqpTransport;
+    ///
+    /// let builder = AmqpTransport::builder("amqp://app:secret@rabbit-1:5672/%2f")
+    ///     .nodes(["amqp://app:secret@rabbit-2:5672/%2f", "amqp://app:secret@rabbit-3:5672/%2f"]);
+    /// // The same, as one string:
+    /// let same = AmqpTransport::builder(
+    ///     "amqp://app:secret@rabbit-1/%2f,amqp://app:secret@rabbit-2/%2f,amqp://app:secret@rabbit-3/%2f",
+    /// );
+    /// assert!(!format!("{builder:?}{same:?}").contains("secret"));
+    /// ```
+    #[must_use]
+    pub fn nodes<I, S>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.urls.extend(urls.into_iter().map(Into::into));
+        self
     }
 
     /// The durable topic exchange messages are published to, routed by message name
@@ -125,10 +170,44 @@ impl AmqpBuilder {
         self
     }
 
-    /// Quorum (default) or classic work queues.
+    /// Quorum (default, replicated) or classic (one copy) work queues.
     #[must_use]
     pub fn queue_type(mut self, t: QueueType) -> Self {
         self.queue_type = t;
+        self
+    }
+
+    /// Quorum (default, replicated) or classic (one copy) dead-letter queues.
+    ///
+    /// A quorum dead-letter queue is declared with a delivery limit too high to reach
+    /// (reading dead letters hands them out and puts them back), so dead letters are
+    /// never dropped however often they are listed, on RabbitMQ 3.x and 4.x alike.
+    /// [`QueueType::Classic`] keeps a dead-letter queue that an earlier steadfast
+    /// declared as a classic queue (see `docs/rabbitmq.md`, "Upgrading").
+    #[must_use]
+    pub fn dead_letter_queue_type(mut self, t: QueueType) -> Self {
+        self.dlq_type = t;
+        self
+    }
+
+    /// How many nodes hold a copy of each new quorum queue
+    /// (`x-quorum-initial-group-size`); unset (the default), RabbitMQ puts one on every
+    /// node of the cluster, up to its own cap. Leaders are spread over the nodes either
+    /// way (`x-queue-leader-locator = balanced`). Both are read only when a queue is
+    /// created: an existing queue keeps its replicas (`rabbitmq-queues grow`/`shrink`
+    /// change them).
+    ///
+    /// ```
+    /// use steadfast::transport::amqp::AmqpTransport;
+    ///
+    /// // A five-node cluster, three copies of each queue.
+    /// let builder = AmqpTransport::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+    ///     .initial_group_size(3);
+    /// # let _ = builder;
+    /// ```
+    #[must_use]
+    pub fn initial_group_size(mut self, n: u32) -> Self {
+        self.initial_group_size = Some(n);
         self
     }
 
@@ -230,6 +309,9 @@ impl AmqpBuilder {
         if self.consumer_channels == 0 {
             p.push("a subscription needs at least 1 consumer channel".to_owned());
         }
+        if self.initial_group_size == Some(0) {
+            p.push("the initial group size must be at least 1".to_owned());
+        }
         if self.delivery_limit == 0 {
             p.push("the delivery limit must be at least 1".to_owned());
         }
@@ -276,9 +358,17 @@ impl AmqpTransport {
     }
 
     /// Starts configuring a transport for the broker at `url`
-    /// (`amqp://user:password@host:5672/vhost`, or `amqps://`).
+    /// (`amqp://user:password@host:5672/vhost`, or `amqps://`), or for the nodes of a
+    /// cluster as a comma-separated list of such URLs (see [`AmqpBuilder::nodes`]; a comma
+    /// in a password is written `%2C`).
     pub fn builder(url: impl Into<String>) -> AmqpBuilder {
         AmqpBuilder::new(url)
+    }
+
+    /// The URL, without its password, of the node the transport is connected to right
+    /// now; `None` while it reconnects.
+    pub fn connected_node(&self) -> Option<String> {
+        self.inner.connected_node()
     }
 
     /// Whether the connection to the broker is up right now.
@@ -317,7 +407,7 @@ impl Transport for AmqpTransport {
         Box::pin(async move {
             let topo = topology::GroupTopology::new(&self.inner.cfg, sub)?;
             let link = self.inner.link().await?;
-            topology::declare_on_new_channel(&self.inner, &link, &topo).await
+            topology::declare(&self.inner, &link, &topo).await
         })
     }
 
@@ -407,6 +497,37 @@ mod tests {
         assert_eq!(redact_url("::s3cret::"), "(unparseable url)");
         let b = AmqpTransport::builder("amqp://u:s3cret@h/");
         assert!(!format!("{b:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn several_nodes_in_one_string_or_a_list_keep_their_passwords_hidden() {
+        let b = AmqpTransport::builder("amqp://u:s3cret@h1/%2f, amqp://u:t0p%2Csecret@h2/%2f,")
+            .nodes(["amqps://v:an0ther@h3:5671/%2f"]);
+        let shown = format!("{b:?}");
+        for secret in ["s3cret", "t0p", "an0ther"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert_eq!(
+            connection::split_nodes(&b.urls),
+            [
+                "amqp://u:s3cret@h1/%2f",
+                "amqp://u:t0p%2Csecret@h2/%2f",
+                "amqps://v:an0ther@h3:5671/%2f"
+            ]
+        );
+        assert!(shown.contains("amqp://u:***@h1/%2f"), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_url_among_the_nodes_is_refused_without_its_password() {
+        let e = AmqpTransport::builder("amqp://u:s3cret@127.0.0.1:1/%2f,nope://u:s3cret@h:x")
+            .connect()
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), TransportErrorKind::Config);
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = AmqpTransport::builder(" , ").connect().await.unwrap_err();
+        assert_eq!(e.kind(), TransportErrorKind::Config);
     }
     #[test]
     fn zero_consumer_channels_is_refused_with_the_other_problems() {

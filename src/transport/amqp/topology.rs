@@ -119,18 +119,43 @@ fn common(cfg: &Config, t: &mut FieldTable) {
     }
 }
 
+/// The delivery limit of quorum dead-letter queues: none in effect. Reading dead letters
+/// returns them to the queue, which counts as a delivery; RabbitMQ 4 gives quorum queues
+/// a limit of 20 unless told otherwise, and `-1` (unlimited on 4.x) means "drop at the
+/// first return" on 3.x, so the one value that reads the same on every version is the
+/// largest (decision 0104).
+pub(super) const DLQ_DELIVERY_LIMIT: i64 = i32::MAX as i64;
+
+/// Where a new quorum queue's replicas and leader go: leaders spread over the cluster
+/// (`balanced`) and, when the user set one, the number of replicas. RabbitMQ reads
+/// these only when it creates the queue; see [`declare_queue`] for existing ones.
+fn placement(cfg: &Config, t: &mut FieldTable) {
+    put(t, "x-queue-leader-locator", text("balanced"));
+    if let Some(n) = cfg.initial_group_size {
+        put(
+            t,
+            "x-quorum-initial-group-size",
+            AMQPValue::LongLongInt(i64::from(n)),
+        );
+    }
+}
+
+/// The arguments that only place a new queue.
+const PLACEMENT_ARGS: [&str; 2] = ["x-queue-leader-locator", "x-quorum-initial-group-size"];
+
 /// Quorum settings under which the broker's own dead-lettering is at-least-once.
-fn at_least_once(t: &mut FieldTable) {
+fn at_least_once(cfg: &Config, t: &mut FieldTable) {
     put(t, "x-queue-type", text("quorum"));
     put(t, "x-dead-letter-strategy", text("at-least-once"));
     put(t, "x-overflow", text("reject-publish"));
+    placement(cfg, t);
 }
 
 pub(super) fn work_queue_args(cfg: &Config, topo: &GroupTopology) -> FieldTable {
     let mut t = FieldTable::default();
     match cfg.queue_type {
         super::QueueType::Quorum => {
-            at_least_once(&mut t);
+            at_least_once(cfg, &mut t);
             put(
                 &mut t,
                 "x-delivery-limit",
@@ -147,7 +172,7 @@ pub(super) fn work_queue_args(cfg: &Config, topo: &GroupTopology) -> FieldTable 
 
 pub(super) fn delay_queue_args(cfg: &Config, topo: &GroupTopology, ttl: Duration) -> FieldTable {
     let mut t = FieldTable::default();
-    at_least_once(&mut t);
+    at_least_once(cfg, &mut t);
     put(&mut t, "x-message-ttl", millis(ttl));
     put(&mut t, "x-dead-letter-exchange", text(""));
     put(
@@ -161,9 +186,21 @@ pub(super) fn delay_queue_args(cfg: &Config, topo: &GroupTopology, ttl: Duration
 
 pub(super) fn dlq_args(cfg: &Config) -> FieldTable {
     let mut t = FieldTable::default();
-    // Classic on purpose: no delivery limit (RabbitMQ 4 gives quorum queues one of 20,
-    // which would drop dead letters read 20 times) and requeued messages keep their place.
-    put(&mut t, "x-queue-type", text("classic"));
+    match cfg.dlq_type {
+        super::QueueType::Quorum => {
+            // Replicated, and read any number of times without being dropped. Nothing
+            // is dead-lettered out of it, so it needs no dead-letter strategy.
+            put(&mut t, "x-queue-type", text("quorum"));
+            put(
+                &mut t,
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(DLQ_DELIVERY_LIMIT),
+            );
+            placement(cfg, &mut t);
+        }
+        // The explicit opt-in: one copy, on one node.
+        super::QueueType::Classic => put(&mut t, "x-queue-type", text("classic")),
+    }
     common(cfg, &mut t);
     t
 }
@@ -188,22 +225,89 @@ pub(super) async fn declare_exchange(inner: &Inner, ch: &Channel) -> Result<(), 
 }
 
 fn explain_precondition(e: TransportError, what: &str) -> TransportError {
-    if e.kind() == TransportErrorKind::Config {
-        TransportError::new(
-            TransportErrorKind::Config,
-            format!("cannot declare {what}; if it exists with other settings, delete it or use the same settings"),
-        )
-        .with_source(e)
+    if e.kind() != TransportErrorKind::Config {
+        return e;
+    }
+    let text = e.to_string();
+    let advice = if text.contains("'x-queue-type'") && what.ends_with(".dlq`") {
+        "; a dead-letter queue declared by steadfast before 0.2 is a classic queue: move its \
+         dead letters (replay them) and delete it so that it is declared again as a replicated \
+         quorum queue, or keep it with `dead_letter_queue_type(QueueType::Classic)` \
+         (see docs/rabbitmq.md, \"Upgrading\")"
     } else {
-        e
+        "; if it exists with other settings, delete it or use the same settings"
+    };
+    TransportError::new(
+        TransportErrorKind::Config,
+        format!("cannot declare {what}{advice}"),
+    )
+    .with_source(e)
+}
+
+fn names_a_placement_arg(e: &TransportError) -> bool {
+    let text = e.to_string();
+    PLACEMENT_ARGS
+        .iter()
+        .any(|a| text.contains(&format!("'{a}'")))
+}
+
+/// Declares a durable queue on `ch`. A queue that already exists with other placement
+/// arguments (declared before steadfast set them, or with another initial group size)
+/// is kept as it is: those arguments only place a new queue, so the declaration is
+/// repeated without them, and if the broker still names one, the queue is only checked
+/// to exist. A refused declaration closes its channel: `ch` is replaced by a new one.
+async fn declare_queue(
+    inner: &Inner,
+    link: &Link,
+    ch: &mut Channel,
+    name: &ShortString,
+    args: FieldTable,
+) -> Result<(), TransportError> {
+    let what = format!("queue `{name}`");
+    match queue_declare(inner, ch, name, args.clone(), false).await {
+        Ok(()) => return Ok(()),
+        Err(e) if has_placement(&args) && names_a_placement_arg(&e) => {}
+        Err(e) => return Err(explain_precondition(e, &what)),
+    }
+    *ch = inner.open_channel(link).await?;
+    let mut plain = FieldTable::default();
+    for (k, v) in args.inner() {
+        if !PLACEMENT_ARGS.contains(&k.as_str()) {
+            plain.insert(k.clone(), v.clone());
+        }
+    }
+    match queue_declare(inner, ch, name, plain, false).await {
+        Ok(()) => {}
+        Err(e) if names_a_placement_arg(&e) => {
+            *ch = inner.open_channel(link).await?;
+            queue_declare(inner, ch, name, FieldTable::default(), true)
+                .await
+                .map_err(|e| explain_precondition(e, &what))?;
+        }
+        Err(e) => return Err(explain_precondition(e, &what)),
+    }
+    tracing::info!(queue = %name, "queue exists with other placement settings (leader locator, initial group size); kept as it is");
+    Ok(())
+}
+
+fn has_placement(args: &FieldTable) -> bool {
+    args.inner()
+        .keys()
+        .any(|k| PLACEMENT_ARGS.contains(&k.as_str()))
+}
+
+async fn close_quietly(inner: &Inner, ch: &Channel) {
+    if ch.status().connected() {
+        let _ = tokio::time::timeout(inner.cfg.op_timeout, ch.close(200, "OK".into())).await;
     }
 }
 
-async fn declare_queue(
+async fn queue_declare(
     inner: &Inner,
     ch: &Channel,
     name: &ShortString,
     args: FieldTable,
+    passive: bool,
 ) -> Result<(), TransportError> {
     inner
         .bounded(
@@ -212,6 +316,7 @@ async fn declare_queue(
                 name.clone(),
                 QueueDeclareOptions {
                     durable: true,
+                    passive,
                     ..QueueDeclareOptions::default()
                 },
                 args,
@@ -219,20 +324,59 @@ async fn declare_queue(
         )
         .await
         .map(|_| ())
-        .map_err(|e| explain_precondition(e, &format!("queue `{name}`")))
 }
 
-/// Declares the whole topology of a group on `ch`: DLQ first (the work queue
-/// dead-letters into it), then the work queue and its bindings, then the delay tiers.
+/// Declares the whole topology of a group on a channel of its own, closed afterwards:
+/// DLQ first (the work queue dead-letters into it), then the work queue and its
+/// bindings, then the delay tiers.
 pub(super) async fn declare(
     inner: &Inner,
-    ch: &Channel,
+    link: &Link,
+    topo: &GroupTopology,
+) -> Result<(), TransportError> {
+    let mut ch = inner.open_channel(link).await?;
+    let r = declare_all(inner, link, &mut ch, topo).await;
+    close_quietly(inner, &ch).await;
+    r
+}
+
+/// [`declare`], for a subscription (re)starting: when the broker does not answer in time
+/// but the work queue exists, its topology is taken as it is and consuming goes on. A
+/// cluster changes bindings and queues in a transaction over every node it still counts
+/// as up, so while one node is paused (not yet declared down) a `queue.bind` waits, even
+/// though consuming from a quorum queue whose majority is up works.
+pub(super) async fn declare_or_reuse(
+    inner: &Inner,
+    link: &Link,
+    topo: &GroupTopology,
+) -> Result<(), TransportError> {
+    let e = match declare(inner, link, topo).await {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == TransportErrorKind::Timeout => e,
+        Err(e) => return Err(e),
+    };
+    let ch = inner.open_channel(link).await?;
+    let exists = queue_declare(inner, &ch, &topo.queue, FieldTable::default(), true).await;
+    close_quietly(inner, &ch).await;
+    match exists {
+        Ok(()) => {
+            tracing::warn!(queue = %topo.queue, error = %e, "topology not redeclared (the broker is slow to change it: a cluster node may be unreachable); consuming from the existing queue");
+            Ok(())
+        }
+        Err(_) => Err(e),
+    }
+}
+
+async fn declare_all(
+    inner: &Inner,
+    link: &Link,
+    ch: &mut Channel,
     topo: &GroupTopology,
 ) -> Result<(), TransportError> {
     let cfg = &inner.cfg;
     declare_exchange(inner, ch).await?;
-    declare_queue(inner, ch, &topo.dlq, dlq_args(cfg)).await?;
-    declare_queue(inner, ch, &topo.queue, work_queue_args(cfg, topo)).await?;
+    declare_queue(inner, link, ch, &topo.dlq, dlq_args(cfg)).await?;
+    declare_queue(inner, link, ch, &topo.queue, work_queue_args(cfg, topo)).await?;
     for name in &topo.names {
         inner
             .bounded(
@@ -248,24 +392,9 @@ pub(super) async fn declare(
             .await?;
     }
     for (ttl, name) in &topo.tiers {
-        declare_queue(inner, ch, name, delay_queue_args(cfg, topo, *ttl)).await?;
+        declare_queue(inner, link, ch, name, delay_queue_args(cfg, topo, *ttl)).await?;
     }
     Ok(())
-}
-
-/// Declares on a channel of its own, closed afterwards (a failed declaration closes
-/// its channel).
-pub(super) async fn declare_on_new_channel(
-    inner: &Inner,
-    link: &Link,
-    topo: &GroupTopology,
-) -> Result<(), TransportError> {
-    let ch = inner.open_channel(link).await?;
-    let r = declare(inner, &ch, topo).await;
-    if ch.status().connected() {
-        let _ = tokio::time::timeout(inner.cfg.op_timeout, ch.close(200, "OK".into())).await;
-    }
-    r
 }
 
 #[cfg(test)]
@@ -277,6 +406,8 @@ mod tests {
             exchange: "ex".into(),
             queue_prefix: "p-".into(),
             queue_type: super::super::QueueType::Quorum,
+            dlq_type: super::super::QueueType::Quorum,
+            initial_group_size: None,
             delivery_limit: 20,
             queue_expiry: None,
             op_timeout: Duration::from_secs(1),
@@ -312,6 +443,61 @@ mod tests {
         let t = GroupTopology::new(&cfg(), &sub).unwrap();
         assert_eq!(t.tiers.len(), 1);
         assert_eq!(t.tiers[0].0, Duration::from_millis(1));
+    }
+
+    fn arg(t: &FieldTable, k: &str) -> Option<AMQPValue> {
+        t.inner().get(k).cloned()
+    }
+
+    #[test]
+    fn every_queue_is_replicated_with_balanced_leaders_by_default() {
+        let mut c = cfg();
+        let t = GroupTopology::new(&c, &Subscription::new("g", ["a"])).unwrap();
+        let quorum = Some(text("quorum"));
+        let balanced = Some(text("balanced"));
+        for args in [
+            dlq_args(&c),
+            work_queue_args(&c, &t),
+            delay_queue_args(&c, &t, Duration::from_secs(1)),
+        ] {
+            assert_eq!(arg(&args, "x-queue-type"), quorum);
+            assert_eq!(arg(&args, "x-queue-leader-locator"), balanced);
+            assert_eq!(arg(&args, "x-quorum-initial-group-size"), None);
+        }
+        // Dead letters are never dropped for being read too often, on 3.x or 4.x.
+        assert_eq!(
+            arg(&dlq_args(&c), "x-delivery-limit"),
+            Some(AMQPValue::LongLongInt(i64::from(i32::MAX)))
+        );
+        c.initial_group_size = Some(3);
+        assert_eq!(
+            arg(&dlq_args(&c), "x-quorum-initial-group-size"),
+            Some(AMQPValue::LongLongInt(3))
+        );
+        // Classic only when asked for, and then without quorum-only arguments.
+        c.dlq_type = super::super::QueueType::Classic;
+        c.queue_type = super::super::QueueType::Classic;
+        for args in [dlq_args(&c), work_queue_args(&c, &t)] {
+            assert_eq!(arg(&args, "x-queue-type"), Some(text("classic")));
+            assert!(!has_placement(&args));
+        }
+        // Delay queues stay quorum queues.
+        let delay = delay_queue_args(&c, &t, Duration::from_secs(1));
+        assert_eq!(arg(&delay, "x-queue-type"), quorum);
+    }
+
+    #[test]
+    fn a_refusal_naming_a_placement_argument_is_recognised() {
+        let e = TransportError::new(
+            TransportErrorKind::Config,
+            "RabbitMQ `queue.declare` failed: PRECONDITION_FAILED - inequivalent arg 'x-queue-leader-locator' for queue 'q'",
+        );
+        assert!(names_a_placement_arg(&e));
+        let e = TransportError::new(
+            TransportErrorKind::Config,
+            "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q'",
+        );
+        assert!(!names_a_placement_arg(&e));
     }
 
     #[test]
