@@ -16,10 +16,18 @@ cd "$(dirname "$0")/.."
 nats_brokers_stop() {
   scripts/brokers.sh nats-versions stop >/dev/null 2>&1 || true
   scripts/brokers.sh nats-cluster stop >/dev/null 2>&1 || true
+  scripts/brokers.sh rabbitmq-4 stop >/dev/null 2>&1 || true
+  scripts/brokers.sh rabbitmq-cluster stop >/dev/null 2>&1 || true
 }
 trap nats_brokers_stop EXIT
 scripts/brokers.sh nats-versions start
 scripts/brokers.sh nats-cluster start
+# RabbitMQ 4.0.5 (127.0.0.1:5710, from a Debian trixie root) for the version run below,
+# and the three-node RabbitMQ cluster (5701-5703) of rabbitmq_cluster_faults.
+scripts/brokers.sh rabbitmq-4 start
+scripts/brokers.sh rabbitmq-cluster start
+export CLUSTER_N="${CLUSTER_N:-2000}"
+AMQP_4_URL="amqp://guest:guest@127.0.0.1:5710/%2f"
 # The NATS transport tests and the conformance suite run again on each current server
 # (the silent-server test, which waits out pings, only on the machine's).
 nats_versions=(2.12.8 2.15.1)
@@ -39,6 +47,8 @@ if cargo nextest --version >/dev/null 2>&1; then
     for v in "${nats_versions[@]}"; do
       env $(nats_env "$v") cargo nextest run --all-features --test nats -E 'not test(/silent/)'
     done
+    # The RabbitMQ tests and the conformance suite again, on RabbitMQ 4.0.5.
+    AMQP_URL="$AMQP_4_URL" cargo nextest run --all-features --test amqp
     cargo nextest run --workspace --all-features --no-tests=pass -E 'binary(/_faults$/)' --test-threads 1
   else
     cargo nextest run --workspace --all-features --no-tests=pass
@@ -53,6 +63,7 @@ else
   for v in "${nats_versions[@]}"; do
     env $(nats_env "$v") cargo test --all-features --test nats -- --skip silent
   done
+  AMQP_URL="$AMQP_4_URL" cargo test --all-features --test amqp
   cargo test --all-features -p steadfast-macros
   cargo test --all-features -p steadfast-fault --lib --bins
   for f in $faults; do cargo test --all-features --test "$f" -- --test-threads 1; done
