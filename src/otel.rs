@@ -98,3 +98,18 @@ pub(crate) fn ids_of(id: &tracing::span::Id) -> Option<(String, String)> {
 pub(crate) fn tracer_provider() -> opentelemetry_sdk::trace::SdkTracerProvider {
     opentelemetry_sdk::trace::SdkTracerProvider::builder().build()
 }
+
+/// Adds to `span` (a relay's `send` span) a link to the context each envelope carries.
+pub(crate) fn link_to_senders(span: &tracing::Span, envelopes: &[crate::Envelope]) {
+    for e in envelopes {
+        if e.headers.get(header::TRACEPARENT).is_none() {
+            continue;
+        }
+        let cx =
+            opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extract(&e.headers)));
+        let sc = cx.span().span_context().clone();
+        if sc.is_valid() {
+            span.add_link(sc);
+        }
+    }
+}

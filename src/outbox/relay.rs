@@ -2,6 +2,7 @@
 //! confirmation, marks them sent; parks rows that keep failing.
 
 use super::{Claimed, FailedRow, HeldBatch, OutboxSource};
+use crate::worker::send::{self, SendKind};
 use crate::{
     envelope::{Envelope, MessageId},
     sql::StoreError,
@@ -361,8 +362,31 @@ impl Relay {
         let results = if batch.is_empty() {
             Vec::new()
         } else {
-            match tokio::time::timeout(cfg.publish_timeout, self.transport.publish_batch(&batch))
-                .await
+            // One `send` span per batch, linked to the context each row was enqueued in
+            // (the handler or request that wrote it), which the message itself carries on.
+            let system = self.transport.system();
+            let span = send::span(
+                system,
+                &self.transport.publish_destination(&batch[0].name),
+                SendKind::Relay,
+                batch.len(),
+            );
+            #[cfg(feature = "otel")]
+            crate::otel::link_to_senders(&span, &batch);
+            let publish =
+                tokio::time::timeout(cfg.publish_timeout, self.transport.publish_batch(&batch));
+            match send::traced(
+                span,
+                system,
+                SendKind::Relay,
+                batch.len(),
+                publish,
+                |r| match r {
+                    Ok(r) => send::batch_error(r),
+                    Err(_) => Some("timeout"),
+                },
+            )
+            .await
             {
                 Ok(r) if r.len() == batch.len() => r
                     .into_iter()

@@ -197,6 +197,18 @@ pub trait Transport: Send + Sync + 'static {
         sub: &'a Subscription,
     ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>>;
 
+    /// The `messaging.destination.name` of what `sub` consumes, for spans: the queue or
+    /// stream the worker reads (by default the consumer group's name).
+    fn destination(&self, sub: &Subscription) -> String {
+        sub.group.clone()
+    }
+
+    /// The `messaging.destination.name` a message called `name` is published to, for
+    /// spans: the exchange or subject (by default the name itself).
+    fn publish_destination(&self, name: &str) -> String {
+        name.to_owned()
+    }
+
     /// Publishes `envelope` to its name's destination; returns once the broker confirmed.
     fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), TransportError>>;
 

@@ -343,6 +343,7 @@ impl WorkerBuilder {
             .map(|k| Arc::new(Breaker::new(k, self.transport.system(), &self.group)));
         let shared = Shared {
             metrics,
+            destination: Arc::from(self.transport.destination(&subscription)),
             group: Arc::from(self.group.as_str()),
             transport: self.transport,
             routes,

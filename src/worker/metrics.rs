@@ -141,4 +141,5 @@ fn describe() {
         "Fate deliveries by outcome: acked, duplicate, retried, deferred, dead_lettered, not_settled."
     );
     metrics::describe_gauge!(IN_FLIGHT, Unit::Count, "Deliveries being processed now.");
+    super::send::describe();
 }

@@ -6,6 +6,7 @@ mod breaker;
 mod builder;
 pub mod metrics;
 mod pipeline;
+pub mod send;
 
 pub use breaker::{
     KillSwitch, OPEN as KILL_SWITCH_OPEN, TRIPS as KILL_SWITCH_TRIPS, env as kill_switch_env,

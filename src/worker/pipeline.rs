@@ -2,6 +2,7 @@
 //! call (timeout, panic), outgoing messages, the decision and the settle.
 
 use super::metrics::{Fate, WorkerMetrics};
+use super::send::{self, SendKind};
 use crate::{
     context::Context,
     envelope::{Envelope, MessageId, truncate},
@@ -67,6 +68,8 @@ pub enum Outcome {
 
 pub(super) struct Shared {
     pub(super) group: Arc<str>,
+    /// The queue or stream consumed: the `messaging.destination.name` of `process` spans.
+    pub(super) destination: Arc<str>,
     pub(super) transport: Arc<dyn Transport>,
     pub(super) routes: HashMap<String, Arc<dyn Route>>,
     pub(super) policy: RetryPolicy,
@@ -148,11 +151,15 @@ pub(super) fn process(shared: &Shared, delivery: Delivery) -> impl Future<Output
     }
     let span = tracing::info_span!(
         "process",
-        otel.name = %ProcessName(&envelope.name),
+        otel.name = %ProcessName(&shared.destination),
         otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
         messaging.system = shared.transport.system(),
+        messaging.operation.name = "process",
         messaging.operation.type = "process",
-        messaging.destination.name = %envelope.name,
+        messaging.destination.name = %shared.destination,
+        steadfast.message.name = %envelope.name,
+        error.type = tracing::field::Empty,
         messaging.consumer.group.name = %shared.group,
         messaging.message.id = %envelope.id,
         messaging.message.body.size = envelope.payload.len(),
@@ -316,13 +323,23 @@ async fn run_typed<M: Message, H: Handler<M>>(
 
     if result.is_ok() && !outgoing.is_empty() {
         let n = outgoing.len();
-        if let Some(e) = shared
-            .transport
-            .publish_batch(&outgoing)
-            .await
-            .into_iter()
-            .find_map(Result::err)
-        {
+        let system = shared.transport.system();
+        let span = send::span(
+            system,
+            &shared.transport.publish_destination(&outgoing[0].name),
+            SendKind::Publish,
+            n,
+        );
+        let results = send::traced(
+            span,
+            system,
+            SendKind::Publish,
+            n,
+            shared.transport.publish_batch(&outgoing),
+            |r| send::batch_error(r),
+        )
+        .await;
+        if let Some(e) = results.into_iter().find_map(Result::err) {
             result = Err(HandlerError::transient(e));
             tracing::warn!(
                 outgoing = n,
@@ -360,7 +377,8 @@ async fn run_typed<M: Message, H: Handler<M>>(
 
     let disposition = shared.policy.decide(&result, attempt, id);
     if let Err(e) = &result {
-        tracing::info!(error = %e, "handler failed");
+        mark_failed(e.kind());
+        tracing::warn!(error = %e, error.type = e.kind().as_str(), "handler failed");
     }
     settle(shared, envelope, acker, disposition).await
 }
@@ -453,13 +471,31 @@ async fn settle_as(
 ) -> Fate {
     let (id, attempt) = (envelope.id, envelope.attempt);
     let name = shared.hook.as_ref().map(|_| envelope.name.clone());
-    if let Disposition::DeadLetter(f) = &d {
-        tracing::warn!(kind = %f.kind, reason = %f.reason, "dead-lettered");
-    }
+    let sends = match &d {
+        Disposition::DeadLetter(f) => {
+            mark_failed(f.kind);
+            tracing::warn!(kind = %f.kind, reason = %f.reason, "dead-lettered");
+            Some(SendKind::DeadLetter)
+        }
+        Disposition::Retry { .. } => Some(SendKind::Retry),
+        _ => None,
+    };
     // Crash window: the handler's transaction committed (or its failure was decided),
     // nothing settled with the broker yet.
     failpoint!("steadfast::worker::before_settle");
-    if let Err(e) = acker.settle(envelope, d).await {
+    let settled = match sends {
+        // A retry copy or a dead letter is a message sent: a `send` span of its own.
+        Some(kind) => {
+            let system = shared.transport.system();
+            let span = send::span(system, &shared.destination, kind, 1);
+            send::traced(span, system, kind, 1, acker.settle(envelope, d), |r| {
+                r.as_ref().err().map(send::error_type)
+            })
+            .await
+        }
+        None => acker.settle(envelope, d).await,
+    };
+    if let Err(e) = settled {
         tracing::warn!(error = %e, "delivery not settled; the broker will redeliver it");
         outcome = Outcome::NotSettled(e.to_string());
     }
@@ -476,4 +512,11 @@ async fn settle_as(
         });
     }
     settled
+}
+
+/// Marks the current `process` span as failed: error status and `error.type`.
+fn mark_failed(kind: crate::ErrorKind) {
+    let span = tracing::Span::current();
+    span.record("otel.status_code", "ERROR");
+    span.record("error.type", kind.as_str());
 }

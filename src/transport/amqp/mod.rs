@@ -403,6 +403,14 @@ impl Transport for AmqpTransport {
         "rabbitmq"
     }
 
+    fn destination(&self, sub: &Subscription) -> String {
+        self.queue_name(&sub.group)
+    }
+
+    fn publish_destination(&self, _name: &str) -> String {
+        self.inner.cfg.exchange.clone()
+    }
+
     fn declare<'a>(&'a self, sub: &'a Subscription) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
             let topo = topology::GroupTopology::new(&self.inner.cfg, sub)?;

@@ -261,6 +261,14 @@ impl Transport for NatsTransport {
         "nats"
     }
 
+    fn destination(&self, _sub: &Subscription) -> String {
+        self.stream_name().to_owned()
+    }
+
+    fn publish_destination(&self, name: &str) -> String {
+        self.subject_for(name)
+    }
+
     fn declare<'a>(&'a self, sub: &'a Subscription) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
             self.inner.check_open()?;
