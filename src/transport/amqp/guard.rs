@@ -20,7 +20,7 @@
 //!
 //! and adds a [`DEFECT`] header that says what it did, which the consumer turns into a
 //! dead letter with that reason (see `wire::envelope`). Every other frame passes through
-//! untouched, body frames without being buffered. See decision 0104.
+//! untouched, body frames without being buffered. See decision 0106.
 
 use bytes::{Buf, BytesMut};
 use futures::io::{AsyncRead, AsyncWrite};
