@@ -230,6 +230,10 @@ async fn raw_bad_input_is_dead_lettered_with_its_reason() {
     for (case, _, body, _, needle) in &cases {
         assert_dead_at_once(by_case.get(*case).copied(), case, needle, body);
     }
+    // Dead letters of messages without a usable id get one of their own.
+    for case in ["missing-id", "invalid-id", "int-id"] {
+        assert_ne!(by_case[case].id(), MessageId::nil(), "{case}");
+    }
     let forged = by_case
         .get("forged")
         .expect("forged message dead-lettered after its retries");

@@ -176,6 +176,12 @@ async fn raw_bad_input_is_dead_lettered_at_once() {
     };
     let id = || steadfast::MessageId::new().to_string();
     let (id_json, id_unknown, id_big, id_forged) = (id(), id(), id(), id());
+    // 5,000 headers: over steadfast's count limit, within JetStream's 64 KiB of headers.
+    let id_wide = id();
+    let mut wide = headers(&[("ce-id", &id_wide), ("ce-type", Job::NAME)]);
+    for i in 0..5_000 {
+        wide.insert(format!("h{i:04}").as_str(), "v");
+    }
     let cases: Vec<(async_nats::HeaderMap, Vec<u8>, &str)> = vec![
         (
             headers(&[("ce-id", &id_json), ("ce-type", Job::NAME)]),
@@ -207,7 +213,29 @@ async fn raw_bad_input_is_dead_lettered_at_once() {
             br#"{"n":9,"fail_first":false,"sleep_ms":0}"#.to_vec(),
             "missing message id",
         ),
+        (
+            wide,
+            br#"{"n":9,"fail_first":false,"sleep_ms":1}"#.to_vec(),
+            "5002 header entries (limit 1000)",
+        ),
     ];
+    // A 100 KiB header value never reaches a consumer: JetStream refuses headers over
+    // 64 KiB at publish (10,000 headers too), so steadfast's byte limit is its own.
+    let big = "x".repeat(100 * 1024);
+    let refused = js
+        .publish_with_headers(
+            subject.clone(),
+            headers(&[("ce-id", &id()), ("ce-type", Job::NAME), ("big", &big)]),
+            b"{}".to_vec().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .expect_err("JetStream refuses a 100 KiB header");
+    assert!(
+        refused.to_string().contains("header size exceeds maximum"),
+        "{refused}"
+    );
     for (h, body, _) in &cases {
         js.publish_with_headers(subject.clone(), h.clone(), body.clone().into())
             .await
@@ -256,6 +284,10 @@ async fn raw_bad_input_is_dead_lettered_at_once() {
         assert_eq!(d.attempts, 1);
         assert_eq!(d.original_destination, subject);
     }
+    // Every dead letter can be picked by id, those of messages without one too.
+    let ids: std::collections::HashSet<_> = dl.iter().map(|d| d.id()).collect();
+    assert_eq!(ids.len(), dl.len(), "distinct ids: {ids:?}");
+    assert!(!ids.contains(&steadfast::MessageId::nil()));
     assert!(
         seen.calls_of(9).is_empty(),
         "no malformed delivery reached the handler"
