@@ -62,6 +62,14 @@ pub enum Fault {
     ConnectionClose,
     /// Every TCP connection between workers and broker cut, new ones refused for 2 s.
     CutBroker,
+    /// For `for_`, every connection between workers and broker is cut once it carried
+    /// `after_bytes` bytes (mid-frame): many cuts a second under load.
+    Flapping {
+        /// Bytes a connection carries before it is cut.
+        after_bytes: usize,
+        /// How long the flapping lasts.
+        for_: Duration,
+    },
     /// Every TCP connection between relay and database cut, new ones refused for 2 s.
     CutRelayDatabase,
     /// PostgreSQL restarted while the relay and the workers run.
@@ -134,6 +142,8 @@ pub struct Scenario {
     pub deadline: Duration,
     /// Workers built with `.inbox(store)` instead of `.idempotency(store)`.
     pub inbox_mode: bool,
+    /// Broker prefetch per worker (at least the concurrency, 32).
+    pub prefetch: usize,
 }
 
 impl Scenario {
@@ -150,6 +160,7 @@ impl Scenario {
             delivery_limit: 20,
             deadline: Duration::from_secs(120),
             inbox_mode: false,
+            prefetch: 32,
         }
     }
 
@@ -239,6 +250,10 @@ pub struct Row {
     pub drained: bool,
     /// Every worker stopped with SIGTERM exited 0 within its grace period.
     pub clean_exits: bool,
+    /// The reasons of the poison messages' dead letters.
+    pub poison_reasons: Vec<String>,
+    /// The reasons of healthy messages' dead letters (the first few).
+    pub wrong_reasons: Vec<String>,
     /// What went wrong, if anything.
     pub problems: Vec<String>,
 }
@@ -602,7 +617,8 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     let mut spec = Spec::new(s.broker, broker_url.clone(), env.db_url.clone(), &tag);
     spec.delivery_limit = s.delivery_limit;
     spec.inbox_mode = s.inbox_mode;
-    let broker_proxy = if s.fault == Fault::CutBroker {
+    spec.prefetch = s.prefetch;
+    let broker_proxy = if matches!(s.fault, Fault::CutBroker | Fault::Flapping { .. }) {
         Some(
             Proxy::start(servers::addr_of(&broker_url)?)
                 .await
@@ -878,6 +894,23 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
         peak_rss_kib: fleet.peak_rss_kib,
         drained,
         clean_exits: fleet.clean_exits,
+        poison_reasons: dead
+            .iter()
+            .filter(|d| {
+                serde_json::from_slice::<Work>(&d.envelope.payload)
+                    .is_ok_and(|w| poison_ok.contains(&w.n))
+            })
+            .map(|d| d.reason.clone())
+            .collect(),
+        wrong_reasons: dead
+            .iter()
+            .filter(|d| {
+                serde_json::from_slice::<Work>(&d.envelope.payload)
+                    .is_ok_and(|w| healthy_ok.contains(&w.n))
+            })
+            .map(|d| d.reason.clone())
+            .take(3)
+            .collect(),
         problems: Vec::new(),
     };
     let t = fleet.totals();
@@ -1166,6 +1199,14 @@ async fn inject(
         Fault::CutBroker => {
             let p = broker_proxy.ok_or("no proxy")?;
             p.cut(Duration::from_secs(2)).await;
+            Ok(Some(Instant::now()))
+        }
+        Fault::Flapping { after_bytes, for_ } => {
+            let p = broker_proxy.ok_or("no proxy")?;
+            p.cut_after(Some(*after_bytes));
+            sleep_supervised(fleet, *for_).await;
+            p.cut_after(None);
+            eprintln!("flapping: {} connections cut", p.cuts());
             Ok(Some(Instant::now()))
         }
         Fault::CutRelayDatabase => {

@@ -248,7 +248,7 @@ pub async fn amqp_queue_depth(spec: &Spec) -> Res<u64> {
     use lapin::{options::QueueDeclareOptions, types::FieldTable};
     let conn = amqp_connect(&spec.broker_url).await?;
     let work = format!("{}.{}", spec.name, spec.group);
-    let mut queues = vec![work.clone()];
+    let mut queues = vec![work.clone(), format!("{work}.suspects")];
     for d in spec.retry_policy().delay_tiers() {
         queues.push(format!("{work}.delay.{}ms", d.as_millis()));
     }
@@ -287,7 +287,11 @@ pub async fn amqp_delete_topology(spec: &Spec) -> Res<()> {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     let conn = amqp_connect(&spec.broker_url).await?;
     let work = format!("{}.{}", spec.name, spec.group);
-    let mut queues = vec![work.clone(), format!("{work}.dlq")];
+    let mut queues = vec![
+        work.clone(),
+        format!("{work}.dlq"),
+        format!("{work}.suspects"),
+    ];
     for d in spec.retry_policy().delay_tiers() {
         queues.push(format!("{work}.delay.{}ms", d.as_millis()));
     }

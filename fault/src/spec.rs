@@ -83,8 +83,10 @@ pub struct Spec {
     pub db_url: String,
     /// The run's schema: `effects`, `inbox`, `outbox` tables.
     pub schema: String,
-    /// Concurrent handlers (and prefetch).
+    /// Concurrent handlers.
     pub concurrency: usize,
+    /// Broker prefetch (AMQP `basic.qos`; NATS pulls), at least the concurrency.
+    pub prefetch: usize,
     /// Handler timeout.
     pub handler_timeout: Duration,
     /// Drain timeout on SIGTERM.
@@ -125,6 +127,7 @@ impl Spec {
             db_url,
             schema: name.replace('-', "_"),
             concurrency: 32,
+            prefetch: 32,
             handler_timeout: Duration::from_millis(1000),
             drain_timeout: Duration::from_secs(10),
             max_payload_bytes: 64 * 1024,
@@ -166,6 +169,7 @@ impl Spec {
             db_url: var("FW_DB_URL")?,
             schema: var("FW_SCHEMA")?,
             concurrency: num("FW_CONCURRENCY", 32)?,
+            prefetch: num("FW_PREFETCH", 32)?,
             handler_timeout: Duration::from_millis(num("FW_HANDLER_TIMEOUT_MS", 1000)?),
             drain_timeout: Duration::from_millis(num("FW_DRAIN_MS", 10_000)?),
             max_payload_bytes: num("FW_MAX_PAYLOAD", 64 * 1024)?,
@@ -206,6 +210,7 @@ impl Spec {
             ("FW_DB_URL", self.db_url.clone()),
             ("FW_SCHEMA", self.schema.clone()),
             ("FW_CONCURRENCY", self.concurrency.to_string()),
+            ("FW_PREFETCH", self.prefetch.to_string()),
             (
                 "FW_HANDLER_TIMEOUT_MS",
                 self.handler_timeout.as_millis().to_string(),

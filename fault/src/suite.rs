@@ -159,9 +159,46 @@ pub fn scenario(name: &str, broker: Broker, n: u64) -> Option<Scenario> {
             s
         }
         "crash-loop" => {
-            let mut s = sc("crash-loop message", broker, n, Fault::None);
+            // Several messages that abort the process, among healthy ones at full
+            // concurrency with a deep prefetch: each crash returns everything in flight.
+            let mut s = sc(
+                "crash-loop messages at concurrency 32",
+                broker,
+                n,
+                Fault::None,
+            );
+            s.special = vec![((n / 4).max(2), Mode::Abort)];
+            s.prefetch = 100;
+            s.delivery_limit = 12;
+            s
+        }
+        "crash-loop-one" => {
+            // One message that aborts the process among n - 1 healthy ones.
+            let mut s = sc(
+                "one crash-loop message at concurrency 32",
+                broker,
+                n,
+                Fault::None,
+            );
             s.special = vec![(n, Mode::Abort)];
-            s.delivery_limit = 4;
+            s.prefetch = 100;
+            s.delivery_limit = 12;
+            s
+        }
+        "flapping" => {
+            let s = sc(
+                "flapping connection (cut after 6 KB, 15 s)",
+                broker,
+                n,
+                Fault::Flapping {
+                    after_bytes: 6 * 1024,
+                    for_: Duration::from_secs(15),
+                },
+            );
+            // The default prefetch (the concurrency, 32). A connection cut every 6 KB
+            // delivers a dozen messages before it dies: with a prefetch of 100 the rest
+            // of each batch dies in the socket, unseen, and RabbitMQ counts every such
+            // return against the work queue's delivery limit (see docs/rabbitmq.md).
             s
         }
         "bad-input" => sc("raw bad input", broker, n, Fault::BadInput),
@@ -260,6 +297,8 @@ pub const ALL: &[&str] = &[
     "cut-broker",
     "misbehaving",
     "crash-loop",
+    "crash-loop-one",
+    "flapping",
     "bad-input",
     "duplicates",
     "relay-window",
@@ -269,6 +308,8 @@ pub const ALL: &[&str] = &[
     "sigkill+inbox",
     "before-settle+inbox",
     "duplicates+inbox",
+    "crash-loop+inbox",
+    "flapping+inbox",
     // The three-node RabbitMQ cluster (scripts/brokers.sh rabbitmq-cluster).
     "cluster-node-kill",
     "cluster-leader-restart",

@@ -86,6 +86,7 @@ pub fn build_worker(
     builder
         .retry(spec.retry_policy())
         .concurrency(spec.concurrency)
+        .prefetch(spec.prefetch.max(spec.concurrency))
         .handler_timeout(spec.handler_timeout)
         .drain_timeout(spec.drain_timeout)
         .max_payload_bytes(spec.max_payload_bytes)

@@ -16,6 +16,7 @@
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+pub mod crash;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
@@ -68,6 +69,9 @@ pub struct Subscription {
     pub handler_timeout: Duration,
     /// Payloads larger than this are dead-lettered without being decoded.
     pub max_payload_bytes: usize,
+    /// Crashes while running alone that dead-letter a message as a crash loop (see
+    /// [`crash`]); the broker's own delivery limit is a backstop above it.
+    pub crash_limit: u32,
 }
 
 impl Subscription {
@@ -84,6 +88,7 @@ impl Subscription {
             retry_delays: vec![Duration::from_secs(1)],
             handler_timeout: Duration::from_secs(30),
             max_payload_bytes: 1 << 20,
+            crash_limit: crash::DEFAULT_CRASH_LIMIT,
         }
     }
 }
@@ -135,6 +140,9 @@ pub struct Delivery {
     /// What is wrong with the delivery's headers, if anything; such deliveries are
     /// dead-lettered without reaching a handler.
     pub defect: Option<String>,
+    /// Set on a suspect that the worker runs alone: how often it already crashed its
+    /// worker while running alone (see [`crash`]).
+    pub crashes: Option<u32>,
     pub(crate) acker: Box<dyn Acker>,
 }
 
@@ -143,6 +151,7 @@ impl fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("envelope", &self.envelope)
             .field("defect", &self.defect)
+            .field("crashes", &self.crashes)
             .finish_non_exhaustive()
     }
 }
@@ -153,8 +162,17 @@ impl Delivery {
         Self {
             envelope,
             defect: None,
+            crashes: None,
             acker: Box::new(acker),
         }
+    }
+
+    /// Marks the delivery as a suspect to run alone, which crashed its worker `crashes`
+    /// times already while running alone (builder style).
+    #[must_use]
+    pub fn alone(mut self, crashes: u32) -> Self {
+        self.crashes = Some(crashes);
+        self
     }
 
     /// Marks the delivery as malformed (builder style).
@@ -225,6 +243,26 @@ pub trait Transport: Send + Sync + 'static {
             }
             out
         })
+    }
+
+    /// Whether suspects of `group` wait to be run alone (see [`crash`]): the worker then
+    /// stops starting other messages, and once nothing else runs takes them one by one
+    /// with [`take_suspect`](Self::take_suspect). Cheap: called on every turn of the
+    /// worker's loop.
+    fn suspects_waiting(&self, group: &str) -> bool {
+        let _ = group;
+        false
+    }
+
+    /// The next suspect of `sub`'s group to run alone, marked with
+    /// [`Delivery::alone`]; `None` when there is none. Called only while the worker runs
+    /// nothing else.
+    fn take_suspect<'a>(
+        &'a self,
+        sub: &'a Subscription,
+    ) -> BoxFuture<'a, Result<Option<Delivery>, TransportError>> {
+        let _ = sub;
+        Box::pin(async { Ok(None) })
     }
 
     /// Reads up to `limit` dead letters of `group`, oldest first, without removing them.

@@ -46,6 +46,8 @@ pub struct WorkerBuilder {
     handler_timeout: Duration,
     drain_timeout: Duration,
     max_payload_bytes: usize,
+    prefetch: Option<usize>,
+    crash_limit: u32,
     hook: Option<OutcomeHook>,
     kill_switch: Option<KillSwitch>,
     /// Each routed message's JSON Schema source, for `asyncapi`.
@@ -69,6 +71,8 @@ impl fmt::Debug for WorkerBuilder {
             .field("handler_timeout", &self.handler_timeout)
             .field("drain_timeout", &self.drain_timeout)
             .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("prefetch", &self.prefetch)
+            .field("crash_limit", &self.crash_limit)
             .finish()
     }
 }
@@ -95,6 +99,8 @@ impl WorkerBuilder {
             handler_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(20),
             max_payload_bytes: 1 << 20,
+            prefetch: None,
+            crash_limit: crate::transport::crash::DEFAULT_CRASH_LIMIT,
             hook: None,
             kill_switch: None,
             schemas: Vec::new(),
@@ -231,6 +237,40 @@ impl WorkerBuilder {
         self
     }
 
+    /// How many unsettled messages the broker may hand this worker at once (AMQP
+    /// `basic.qos`; NATS `max_ack_pending` is at least this); at least the concurrency,
+    /// which is the default.
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = Some(n);
+        self
+    }
+
+    /// How many times a message may crash the worker while it runs alone before it is
+    /// dead-lettered as a crash loop (default 3; see `steadfast::transport::crash`).
+    /// Messages that merely shared a crash with it are never counted: after a crash,
+    /// every delivery the broker returns unexplained is a suspect and runs alone once.
+    ///
+    /// ```
+    /// use steadfast::{Context, Message, Worker, transport::memory::MemoryTransport};
+    ///
+    /// #[derive(serde::Serialize, serde::Deserialize, Message)]
+    /// #[message(name = "images.resize")]
+    /// struct Resize { url: String }
+    ///
+    /// let worker = Worker::builder(MemoryTransport::new(), "thumbnails")
+    ///     .handle(|_m: Resize, _cx: Context| async { Ok(()) })
+    ///     .concurrency(32)
+    ///     .prefetch(100) // the broker may hand out 100 unsettled messages
+    ///     .crash_limit(2) // a message that crashes the worker twice alone is dead-lettered
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(worker);
+    /// ```
+    pub fn crash_limit(mut self, n: u32) -> Self {
+        self.crash_limit = n;
+        self
+    }
+
     /// Stops intake when too many messages fail, and tries again after a cooldown (see
     /// [`KillSwitch`]; `KillSwitch::from_env()` reads it from the environment). Off by
     /// default.
@@ -320,6 +360,16 @@ impl WorkerBuilder {
         if self.max_payload_bytes == 0 {
             problems.push("max_payload_bytes must be above zero".into());
         }
+        if self.prefetch.is_some_and(|p| p < self.concurrency) {
+            problems.push(format!(
+                "prefetch must be at least the concurrency ({}), got {}",
+                self.concurrency,
+                self.prefetch.unwrap_or(0)
+            ));
+        }
+        if self.crash_limit == 0 {
+            problems.push("crash_limit must be above zero".into());
+        }
         if let Some(Err(e)) = self.kill_switch.map(|k| k.problems()) {
             problems.push(e);
         }
@@ -332,7 +382,8 @@ impl WorkerBuilder {
         let mut names: Vec<String> = routes.keys().cloned().collect();
         names.sort();
         let mut subscription = Subscription::new(self.group.clone(), names);
-        subscription.prefetch = self.concurrency;
+        subscription.prefetch = self.prefetch.unwrap_or(self.concurrency);
+        subscription.crash_limit = self.crash_limit;
         subscription.max_attempts = self.policy.attempts();
         subscription.retry_delays = self.policy.delay_tiers();
         subscription.handler_timeout = self.handler_timeout;
@@ -356,6 +407,7 @@ impl WorkerBuilder {
             // handler that is still legitimately running.
             lease: self.handler_timeout * 2 + Duration::from_secs(5),
             max_payload_bytes: self.max_payload_bytes,
+            crash_limit: self.crash_limit,
             hook: self.hook,
             breaker,
         };

@@ -279,6 +279,7 @@ impl Worker {
             shared.metrics.in_flight.set(in_flight as f64);
         };
         let mut turns: u32 = 0;
+        let mut suspects_pause_until = Instant::now();
         loop {
             turns = turns.wrapping_add(1);
             if turns.is_multiple_of(1024) {
@@ -297,10 +298,28 @@ impl Worker {
                 _ => None,
             };
             let admits = breaker.is_none_or(breaker::Breaker::admits);
+            // Suspects wait (see `transport::crash`): start nothing else, and once nothing
+            // runs, take them one at a time, so a crash during one is its own.
+            let isolate = stream.is_some()
+                && Instant::now() >= suspects_pause_until
+                && shared.transport.suspects_waiting(&group);
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                () = std::future::ready(()), if isolate && in_flight.is_empty() => {
+                    match shared.transport.take_suspect(&self.subscription).await {
+                        Ok(Some(delivery)) => {
+                            tracing::info!(group = %group, id = %delivery.envelope.id, crashes = ?delivery.crashes, "running a suspect alone");
+                            in_flight.push(guard(pipeline::process(shared, delivery)));
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(group = %group, error = %e, "could not take a suspect; trying again in a second");
+                            suspects_pause_until = Instant::now() + Duration::from_secs(1);
+                        }
+                    }
+                }
                 () = sleep_until(reopen_at), if reopen_at.is_some() => {
                     if let Some(b) = breaker {
                         b.half_open();
@@ -317,7 +336,7 @@ impl Worker {
                         }
                     }
                 }
-                next = next_of(&mut stream), if stream.is_some() && admits && in_flight.len() < self.concurrency => match next {
+                next = next_of(&mut stream), if stream.is_some() && admits && !isolate && in_flight.len() < self.concurrency => match next {
                     Some(Ok(delivery)) => {
                         if let Some(b) = breaker {
                             b.admitted();

@@ -11,7 +11,7 @@ use crate::{
     idempotency::{Begin, Fingerprint, IdempotencyStore, Key, Lease, OnMismatch, payload_mismatch},
     message::Message,
     retry::{Disposition, Failure, RetryPolicy},
-    transport::{Acker, Delivery, Transport},
+    transport::{Acker, Delivery, Transport, crash},
 };
 use futures::{
     FutureExt,
@@ -80,6 +80,7 @@ pub(super) struct Shared {
     pub(super) handler_timeout: Duration,
     pub(super) lease: Duration,
     pub(super) max_payload_bytes: usize,
+    pub(super) crash_limit: u32,
     pub(super) hook: Option<OutcomeHook>,
     pub(super) metrics: WorkerMetrics,
     pub(super) breaker: Option<Arc<super::breaker::Breaker>>,
@@ -101,6 +102,7 @@ pub(super) trait Route: Send + Sync + 'static {
         shared: &'a Shared,
         envelope: Envelope,
         acker: Box<dyn Acker>,
+        crashes: Option<u32>,
     ) -> BoxFuture<'a, Fate>;
 }
 
@@ -124,8 +126,15 @@ impl<M: Message, H: Handler<M>> Route for TypedRoute<M, H> {
         shared: &'a Shared,
         envelope: Envelope,
         acker: Box<dyn Acker>,
+        crashes: Option<u32>,
     ) -> BoxFuture<'a, Fate> {
-        Box::pin(run_typed::<M, H>(&self.handler, shared, envelope, acker))
+        Box::pin(run_typed::<M, H>(
+            &self.handler,
+            shared,
+            envelope,
+            acker,
+            crashes,
+        ))
     }
 }
 
@@ -141,6 +150,7 @@ pub(super) fn process(shared: &Shared, delivery: Delivery) -> impl Future<Output
     let Delivery {
         mut envelope,
         defect,
+        crashes,
         acker,
     } = delivery;
     // The attempt header is ours, but anyone can forge it: a value past the policy's
@@ -186,7 +196,7 @@ pub(super) fn process(shared: &Shared, delivery: Delivery) -> impl Future<Output
             return Box::pin(dead_letter_now(shared, envelope, acker, reason)).await;
         }
         match shared.routes.get(envelope.name.as_str()) {
-            Some(route) => route.run(shared, envelope, acker).await,
+            Some(route) => route.run(shared, envelope, acker, crashes).await,
             None => {
                 let reason = format!(
                     "no handler for message name `{}` in group `{}`",
@@ -230,6 +240,7 @@ async fn run_typed<M: Message, H: Handler<M>>(
     shared: &Shared,
     envelope: Envelope,
     acker: Box<dyn Acker>,
+    crashes: Option<u32>,
 ) -> Fate {
     let msg: M = match serde_json::from_slice(&envelope.payload) {
         Ok(m) => m,
@@ -303,6 +314,25 @@ async fn run_typed<M: Message, H: Handler<M>>(
                 return Box::pin(settle(shared, envelope, acker, d)).await;
             }
         }
+    }
+
+    // A suspect that crashed its worker too often while running alone: dead-lettered
+    // without a handler. Only after the store was asked, so a message whose effect is
+    // recorded is acked above whatever its crashes.
+    if let Some(failure) = crashes.and_then(|c| crash::crash_loop(c, shared.crash_limit)) {
+        if let (Some(store), Some(l), Some(key)) = (&shared.store, &lease, key.as_deref()) {
+            let k = Key::new(&shared.group, M::NAME, key).with_fingerprint(fingerprint);
+            if let Err(e) = bounded(store.release(k, l)).await {
+                tracing::warn!(error = %e, "could not release the idempotency key; it frees itself when the lease ends");
+            }
+        }
+        return Box::pin(settle(
+            shared,
+            envelope,
+            acker,
+            Disposition::DeadLetter(failure),
+        ))
+        .await;
     }
 
     let attempt = envelope.attempt;

@@ -272,32 +272,32 @@ async fn raw_bad_input_is_dead_lettered_with_its_reason() {
     t.close().await;
 }
 
-/// A deferred copy carries how often the message was returned unsettled (`x-delivery-count`
-/// starts again on every copy). Past the delivery limit it is dead-lettered with that
-/// reason and never reaches the handler — so a message that crashes the worker, and is
-/// deferred between crashes while its dead holder's idempotency lease runs out, still
-/// ends in the dead-letter queue (found by the fault suite's crash-loop scenario).
+/// A copy of a suspect (retried or deferred) carries the crashes it caused while running
+/// alone in `steadfast-crashes` (`x-delivery-count` starts again on every copy). At the
+/// crash limit it is dead-lettered with the crash-loop reason and never reaches the
+/// handler — so a message that crashes the worker, and is deferred between crashes while
+/// its dead holder's idempotency lease runs out, still ends in the dead-letter queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn returns_carried_past_the_delivery_limit_are_dead_lettered() {
+async fn crashes_carried_past_the_crash_limit_are_dead_lettered() {
     let name = support::unique("returns");
     let t = support::transport_named(&name, 5).await;
     let (w, calls) = recording_worker(&t).await;
     let (_conn, ch) = support::raw_channel().await;
     let body = br#"{"mode":"crashy"}"#;
-    // As a deferred copy of a message returned 6 times (limit 5) would arrive.
+    // As a deferred copy of a suspect that crashed its worker 6 times alone (limit 3).
     let over = props(
         "over",
         new_id(),
         "bad.job",
-        &[("steadfast-returns", text("6"))],
+        &[("steadfast-crashes", text("6"))],
     );
     support::raw_publish(&ch, &name, "bad.job", body, over).await;
-    // At the limit it is still handled.
+    // Below the limit it is handled (alone).
     let at = props(
         "at",
         new_id(),
         "bad.job",
-        &[("steadfast-returns", text("5"))],
+        &[("steadfast-crashes", text("2"))],
     );
     support::raw_publish(&ch, &name, "bad.job", br#"{"mode":"at"}"#, at).await;
     support::wait_for(
@@ -312,7 +312,7 @@ async fn returns_carried_past_the_delivery_limit_are_dead_lettered() {
     assert!(
         dls[0]
             .reason
-            .contains("delivery limit reached: returned unsettled 6 times (limit 5)"),
+            .starts_with("crash loop: the worker stopped (crashed, aborted or was killed) 6 times"),
         "{}",
         dls[0].reason
     );

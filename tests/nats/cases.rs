@@ -376,7 +376,9 @@ async fn max_deliveries_advisory_dead_letters_a_crash_loop() {
     assert_eq!(dl.len(), 1);
     assert_eq!(dl[0].id(), env.id);
     assert!(
-        dl[0].reason.contains("delivery limit reached"),
+        dl[0]
+            .reason
+            .starts_with("crash loop: delivery limit reached"),
         "{}",
         dl[0].reason
     );

@@ -42,20 +42,26 @@ struct State {
     queue: Vec<Op>,
     /// No new deliveries will arrive on this channel.
     retired: bool,
+    /// Message ids of the latest deliveries handed out (at most `recent_cap`): when the
+    /// channel dies, these are the ones the broker may hand out again.
+    recent: std::collections::VecDeque<String>,
 }
 
 pub(super) struct ChannelAcks {
     channel: Channel,
+    recent_cap: usize,
     state: Mutex<State>,
     wake: Notify,
     timeout: Duration,
 }
 
 impl ChannelAcks {
-    /// Starts the flusher of `channel`.
-    pub(super) fn start(channel: Channel, timeout: Duration) -> Arc<Self> {
+    /// Starts the flusher of `channel`, which remembers the ids of its latest
+    /// `recent_cap` deliveries.
+    pub(super) fn start(channel: Channel, timeout: Duration, recent_cap: usize) -> Arc<Self> {
         let acks = Arc::new(Self {
             channel,
+            recent_cap,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             timeout,
@@ -74,9 +80,27 @@ impl ChannelAcks {
         st.in_flight.is_empty() && st.queue.is_empty()
     }
 
-    /// Records a tag handed out to the worker.
-    pub(super) fn register(&self, tag: u64) {
-        self.lock().in_flight.insert(tag);
+    /// Records a tag handed out to the worker, with its message id.
+    pub(super) fn register(&self, tag: u64, id: Option<&str>) {
+        let mut st = self.lock();
+        st.in_flight.insert(tag);
+        if let Some(id) = id {
+            if st.recent.len() >= self.recent_cap {
+                st.recent.pop_front();
+            }
+            st.recent.push_back(id.to_owned());
+        }
+    }
+
+    /// The channel died: the ids of its latest deliveries, which the broker hands out
+    /// again unless their acks got through (a return this process explains).
+    pub(super) fn lost(&self) -> Vec<String> {
+        std::mem::take(&mut self.lock().recent).into()
+    }
+
+    /// Whether the channel is still open.
+    pub(super) fn is_open(&self) -> bool {
+        self.channel.status().connected()
     }
 
     /// No more deliveries come on this channel; the flusher ends once every delivery

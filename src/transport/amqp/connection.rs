@@ -1,7 +1,9 @@
 //! The connection: connect with heartbeats, reconnect with capped jittered backoff, the
 //! shared publisher-confirm channel, and health.
 
-use super::{AmqpBuilder, QueueType, acks::ChannelAcks, guard, redact_url, topology};
+use super::{
+    AmqpBuilder, QueueType, acks::ChannelAcks, guard, redact_url, suspects::Suspects, topology,
+};
 use crate::transport::{Health, TransportError, TransportErrorKind};
 use backon::BackoffBuilder;
 use lapin::{
@@ -88,6 +90,8 @@ pub(super) struct Inner {
     /// The acknowledgers of consumer channels, so `close` can wait for in-flight settles.
     consumers: Mutex<Vec<Weak<ChannelAcks>>>,
     pub(super) closed: CancellationToken,
+    /// Suspects of crash loops and the returns this process explains.
+    pub(super) suspects: Suspects,
     last_error: Mutex<Option<String>>,
 }
 
@@ -152,6 +156,7 @@ impl Inner {
             publisher: tokio::sync::Mutex::new(None),
             consumers: Mutex::new(Vec::new()),
             closed: CancellationToken::new(),
+            suspects: Suspects::default(),
             last_error: Mutex::new(None),
         })
     }

@@ -5,19 +5,15 @@
 //! and requeues what was prefetched but not handed out; a channel stays open until every
 //! delivery it handed out is settled or dropped.
 
-use super::QueueType;
 use super::{
     acks::ChannelAcks,
     connection::Inner,
     settle::{AmqpAcker, Origin},
+    suspects,
     topology::{self, GroupTopology},
     wire,
 };
-use crate::{
-    error::ErrorKind,
-    retry::{Disposition, Failure},
-    transport::{Delivery, DeliveryStream, Subscription, TransportError},
-};
+use crate::transport::{Delivery, DeliveryStream, Subscription, TransportError};
 use backon::BackoffBuilder;
 use futures::StreamExt;
 use lapin::{
@@ -74,6 +70,12 @@ pub(super) async fn subscribe(
             tx.clone(),
         ));
     }
+    let watcher = tx.clone();
+    tokio::spawn(suspects::poll(
+        inner.clone(),
+        inner.suspects.group(&topo),
+        async move { watcher.closed().await },
+    ));
     let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|d| d.map(Ok)));
     Ok(Box::pin(stream))
 }
@@ -113,7 +115,11 @@ async fn start_session(
     .await;
     match r {
         Ok(consumer) => {
-            let acks = ChannelAcks::start(channel.clone(), inner.cfg.op_timeout);
+            let acks = ChannelAcks::start(
+                channel.clone(),
+                inner.cfg.op_timeout,
+                usize::from(prefetch) * 2 + 64,
+            );
             inner.track(&acks);
             Ok(Session {
                 channel,
@@ -184,26 +190,23 @@ async fn pump(
         };
         match next {
             Some(Ok(d)) => {
-                let returns = wire::returns(&d.properties);
-                let delivery = to_delivery(inner, topo, &s.acks, d);
-                if inner.cfg.queue_type == QueueType::Quorum && returns > inner.cfg.delivery_limit {
-                    // Returned unsettled more often than the limit across deferred
-                    // copies (the broker counts only this copy's): a crash loop. Dead-letter
-                    // it here, without a handler.
-                    let reason = format!(
-                        "delivery limit reached: returned unsettled {returns} times (limit {}); the handler may be crashing the worker",
-                        inner.cfg.delivery_limit
-                    );
-                    let failure = Failure::new(ErrorKind::Permanent, reason);
+                if suspects::is_suspect(inner, topo, &d.properties) {
+                    // Moved to the suspects queue, to run alone (see `suspects.rs`).
+                    let gs = inner.suspects.group(topo);
+                    let payload = d.data.clone();
+                    let acker = acker_of(inner, topo, &s.acks, d, None);
                     let group = topo.group.clone();
                     tokio::spawn(async move {
-                        // Not settled: the original stays in the queue and comes back.
-                        if let Err(e) = delivery.settle(Disposition::DeadLetter(failure)).await {
-                            tracing::warn!(%group, error = %e, "crash-loop message not dead-lettered; the broker will redeliver it");
+                        match acker.move_to_suspects(&payload).await {
+                            Ok(()) => gs.moved(),
+                            Err(e) => {
+                                tracing::warn!(%group, error = %e, "suspect not moved; the broker will redeliver it");
+                            }
                         }
                     });
                     continue;
                 }
+                let delivery = to_delivery(inner, topo, &s.acks, d);
                 if tx.send(delivery).await.is_err() {
                     // The stream was dropped; the delivery was dropped with the error and
                     // requeued itself.
@@ -215,6 +218,10 @@ async fn pump(
                 tracing::warn!(group = %topo.group, error = %inner.error("consume", &e), "consumer failed");
             }
             None => {
+                // Everything handed out on this channel comes back: not a crash.
+                for id in s.acks.lost() {
+                    inner.suspects.explain(Some(&id));
+                }
                 s.acks.retire();
                 return Ended::Lost;
             }
@@ -222,15 +229,18 @@ async fn pump(
     }
 }
 
-fn to_delivery(
+fn acker_of(
     inner: &Arc<Inner>,
     topo: &Arc<GroupTopology>,
     acks: &Arc<ChannelAcks>,
     d: lapin::message::Delivery,
-) -> Delivery {
-    let (envelope, defect) = wire::envelope(&d.properties, d.data);
-    acks.register(d.delivery_tag);
-    let acker = AmqpAcker {
+    crashes: Option<u32>,
+) -> AmqpAcker {
+    acks.register(
+        d.delivery_tag,
+        d.properties.message_id().as_ref().map(|s| s.as_str()),
+    );
+    AmqpAcker {
         tag: d.delivery_tag,
         acks: acks.clone(),
         topo: topo.clone(),
@@ -240,9 +250,20 @@ fn to_delivery(
             routing_key: d.routing_key,
             properties: d.properties,
         },
+        crashes,
         settled: false,
-    };
-    Delivery::new(envelope, acker).with_defect(defect)
+    }
+}
+
+fn to_delivery(
+    inner: &Arc<Inner>,
+    topo: &Arc<GroupTopology>,
+    acks: &Arc<ChannelAcks>,
+    mut d: lapin::message::Delivery,
+) -> Delivery {
+    let body = std::mem::take(&mut d.data);
+    let (envelope, defect) = wire::envelope(&d.properties, body);
+    Delivery::new(envelope, acker_of(inner, topo, acks, d, None)).with_defect(defect)
 }
 
 /// Cancels the consumer, requeues what it had prefetched, and lets the channel close
@@ -259,7 +280,10 @@ async fn stop(inner: &Arc<Inner>, mut s: Session) {
         // Deliveries already on their way arrive before the consumer's end.
         let drain = async {
             while let Some(Ok(d)) = s.consumer.next().await {
-                s.acks.register(d.delivery_tag);
+                // Requeued by us: a return that is not a crash.
+                let id = d.properties.message_id().as_ref().map(|s| s.as_str());
+                inner.suspects.explain(id);
+                s.acks.register(d.delivery_tag, id);
                 s.acks.requeue(d.delivery_tag);
             }
         };

@@ -272,7 +272,8 @@ fn dead_letter(props: &BasicProperties, body: Vec<u8>) -> DeadLetter {
     {
         dl.reason = b.reason;
         if dl.original_destination.is_empty() {
-            dl.original_destination = b.destination;
+            dl.original_destination =
+                wire::header_text(props, wire::MOVED_FROM).unwrap_or(b.destination);
         }
         if dl.failed_at.is_empty() {
             dl.failed_at = b.time;
@@ -295,7 +296,7 @@ fn get_text(t: &FieldTable, k: &str) -> Option<String> {
 }
 
 /// Reads RabbitMQ's own dead-lettering record. `delivery_limit` is reported as
-/// "delivery limit reached ...".
+/// "crash loop: delivery limit reached ..." (`transport::crash`).
 fn broker_death(h: &FieldTable) -> Option<BrokerDeath> {
     let reason = get_text(h, "x-first-death-reason")?;
     let queue = get_text(h, "x-first-death-queue").unwrap_or_default();
@@ -327,12 +328,14 @@ fn broker_death(h: &FieldTable) -> Option<BrokerDeath> {
             _ => None,
         })
         .unwrap_or_default();
-    let reason = match reason.as_str() {
-        "delivery_limit" => format!(
-            "delivery limit reached: queue `{queue}` handed the message out too many times without it being settled (the worker crashed, was killed or lost its connection while handling it each time)"
-        ),
-        other => format!("dead-lettered by RabbitMQ from queue `{queue}`: {other}"),
-    };
+    let reason =
+        match reason.as_str() {
+            "delivery_limit" => crate::transport::crash::delivery_limit_reached(format_args!(
+                "queue `{queue}` handed it out `x-delivery-limit` times without it being settled"
+            ))
+            .reason,
+            other => format!("dead-lettered by RabbitMQ from queue `{queue}`: {other}"),
+        };
     Some(BrokerDeath {
         reason,
         destination: format!("{exchange}/{routing_key}"),

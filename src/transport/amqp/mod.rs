@@ -27,11 +27,12 @@ mod dead_letters;
 mod guard;
 mod publish;
 mod settle;
+mod suspects;
 mod topology;
 mod wire;
 
 use super::{
-    DeadLetter, DeadLetterFilter, DeadLetterReport, DeliveryStream, Health, Subscription,
+    DeadLetter, DeadLetterFilter, DeadLetterReport, Delivery, DeliveryStream, Health, Subscription,
     Transport, TransportError, TransportErrorKind,
 };
 use crate::envelope::Envelope;
@@ -443,6 +444,17 @@ impl Transport for AmqpTransport {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>, TransportError>> {
         Box::pin(dead_letters::read(&self.inner, group, limit))
+    }
+
+    fn suspects_waiting(&self, group: &str) -> bool {
+        self.inner.suspects.waiting(group)
+    }
+
+    fn take_suspect<'a>(
+        &'a self,
+        sub: &'a Subscription,
+    ) -> BoxFuture<'a, Result<Option<Delivery>, TransportError>> {
+        Box::pin(suspects::take(&self.inner, &sub.group))
     }
 
     /// Republishes each selected dead letter straight to `group`'s work queue (through

@@ -17,6 +17,11 @@ pub(super) fn dlq_name(queue: &str) -> String {
     format!("{queue}.dlq")
 }
 
+/// The suspects queue of work queue `queue` (see `suspects.rs`).
+pub(super) fn suspects_name(queue: &str) -> String {
+    format!("{queue}.suspects")
+}
+
 /// Everything a subscription's topology needs, named.
 #[derive(Debug, Clone)]
 pub(super) struct GroupTopology {
@@ -24,6 +29,7 @@ pub(super) struct GroupTopology {
     pub(super) exchange: ShortString,
     pub(super) queue: ShortString,
     pub(super) dlq: ShortString,
+    pub(super) suspects: ShortString,
     pub(super) names: Vec<ShortString>,
     /// Ascending delay tiers with their queue names.
     pub(super) tiers: Vec<(Duration, ShortString)>,
@@ -79,6 +85,7 @@ impl GroupTopology {
             group: sub.group.clone(),
             exchange: short("the exchange name", cfg.exchange.clone())?,
             dlq: short("the dead-letter queue name", dlq_name(&queue))?,
+            suspects: short("the suspects queue name", suspects_name(&queue))?,
             queue: short("the queue name", queue)?,
             names: sub
                 .names
@@ -126,6 +133,19 @@ fn common(cfg: &Config, t: &mut FieldTable) {
 /// largest (decision 0104).
 pub(super) const DLQ_DELIVERY_LIMIT: i64 = i32::MAX as i64;
 
+/// The work queue's delivery limit when the user's `delivery_limit` is lower: a backstop
+/// only, far above the crash limit (decision 0009). RabbitMQ counts every delivery a
+/// dead connection held, prefetched ones the client never received included, so under
+/// connection churn a healthy message can gain counts here without steadfast ever
+/// seeing it; only the suspects queue, read one message at a time, counts crashes.
+pub(super) const WORK_QUEUE_DELIVERY_LIMIT: u32 = 1_000;
+
+/// The work queue's `x-delivery-limit`: [`WORK_QUEUE_DELIVERY_LIMIT`], or the user's
+/// `delivery_limit` if that is higher.
+pub(super) fn work_delivery_limit(cfg: &Config) -> u32 {
+    cfg.delivery_limit.max(WORK_QUEUE_DELIVERY_LIMIT)
+}
+
 /// Where a new quorum queue's replicas and leader go: leaders spread over the cluster
 /// (`balanced`) and, when the user set one, the number of replicas. RabbitMQ reads
 /// these only when it creates the queue; see [`declare_queue`] for existing ones.
@@ -159,11 +179,29 @@ pub(super) fn work_queue_args(cfg: &Config, topo: &GroupTopology) -> FieldTable 
             put(
                 &mut t,
                 "x-delivery-limit",
-                AMQPValue::LongLongInt(i64::from(cfg.delivery_limit)),
+                AMQPValue::LongLongInt(i64::from(work_delivery_limit(cfg))),
             );
         }
         super::QueueType::Classic => put(&mut t, "x-queue-type", text("classic")),
     }
+    put(&mut t, "x-dead-letter-exchange", text(""));
+    put(&mut t, "x-dead-letter-routing-key", text(topo.dlq.as_str()));
+    common(cfg, &mut t);
+    t
+}
+
+/// The suspects queue: a quorum queue whatever the work queue's type (its delivery count
+/// is the crash count), with the user's `delivery_limit` as a backstop into the DLQ. It
+/// is read with `basic.get`, one message at a time, so a dead connection returns at most
+/// the one suspect it held, never a prefetch.
+pub(super) fn suspects_queue_args(cfg: &Config, topo: &GroupTopology) -> FieldTable {
+    let mut t = FieldTable::default();
+    at_least_once(cfg, &mut t);
+    put(
+        &mut t,
+        "x-delivery-limit",
+        AMQPValue::LongLongInt(i64::from(cfg.delivery_limit)),
+    );
     put(&mut t, "x-dead-letter-exchange", text(""));
     put(&mut t, "x-dead-letter-routing-key", text(topo.dlq.as_str()));
     common(cfg, &mut t);
@@ -367,6 +405,40 @@ pub(super) async fn declare_or_reuse(
     }
 }
 
+/// Declares the work queue. One declared by steadfast before crash attribution has the
+/// user's `delivery_limit` (default 20) as its `x-delivery-limit`, which RabbitMQ will
+/// not change: it is kept as it is, with a warning, and suspects are moved out of it
+/// half-way to that limit (the suspects' `refresh_at`).
+async fn declare_work_queue(
+    inner: &Inner,
+    link: &Link,
+    ch: &mut Channel,
+    topo: &GroupTopology,
+) -> Result<(), TransportError> {
+    let cfg = &inner.cfg;
+    let args = work_queue_args(cfg, topo);
+    match declare_queue(inner, link, ch, &topo.queue, args).await {
+        Err(e) if e.to_string().contains("'x-delivery-limit'") => {
+            *ch = inner.open_channel(link).await?;
+            queue_declare(inner, ch, &topo.queue, FieldTable::default(), true)
+                .await
+                .map_err(|_| e)?;
+            inner
+                .suspects
+                .set_work_limit(topo.queue.as_str(), cfg.delivery_limit);
+            tracing::warn!(
+                queue = %topo.queue,
+                "work queue declared by an earlier version with another x-delivery-limit; kept as it is. \
+                 Connection churn can dead-letter healthy messages through that limit: drain and delete \
+                 the queue while no worker runs to have it declared with {} (docs/rabbitmq.md, \"Upgrading\")",
+                work_delivery_limit(cfg)
+            );
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 async fn declare_all(
     inner: &Inner,
     link: &Link,
@@ -376,7 +448,15 @@ async fn declare_all(
     let cfg = &inner.cfg;
     declare_exchange(inner, ch).await?;
     declare_queue(inner, link, ch, &topo.dlq, dlq_args(cfg)).await?;
-    declare_queue(inner, link, ch, &topo.queue, work_queue_args(cfg, topo)).await?;
+    declare_work_queue(inner, link, ch, topo).await?;
+    declare_queue(
+        inner,
+        link,
+        ch,
+        &topo.suspects,
+        suspects_queue_args(cfg, topo),
+    )
+    .await?;
     for name in &topo.names {
         inner
             .bounded(
@@ -423,6 +503,7 @@ mod tests {
         let t = GroupTopology::new(&cfg(), &sub).unwrap();
         assert_eq!(t.queue.as_str(), "p-g");
         assert_eq!(t.dlq.as_str(), "p-g.dlq");
+        assert_eq!(t.suspects.as_str(), "p-g.suspects");
         let tier = |ms| t.tier_for(Duration::from_millis(ms)).as_str().to_owned();
         assert_eq!(tier(0), "p-g.delay.300ms");
         assert_eq!(tier(240), "p-g.delay.300ms");

@@ -142,34 +142,57 @@ fn write_value(out: &mut String, v: &AMQPValue, depth: usize) {
     };
 }
 
-/// Headers the broker writes, which a copy published by us must not carry (a text
-/// `x-death` would confuse the broker's own dead-lettering).
-/// The header in which a deferred copy carries how often the message was returned
-/// unsettled before it was copied (RabbitMQ's `x-delivery-count` starts again at zero on
-/// a copy, so without it a message that crashes the worker would never reach the
-/// delivery limit when it is deferred between crashes).
-pub(super) const RETURNS: &str = "steadfast-returns";
+/// The header in which a copy carries the crashes attributed to the message so far
+/// (see `transport::crash`): RabbitMQ's `x-delivery-count` starts again at zero on a
+/// copy, so a retried or deferred suspect would otherwise lose its crash count.
+pub(super) const CRASHES: &str = "steadfast-crashes";
 
-/// How often this message has been returned unsettled (a worker died or dropped it):
-/// this copy's `x-delivery-count` plus what earlier copies carried in [`RETURNS`].
-pub(super) fn returns(props: &BasicProperties) -> u32 {
-    let Some(t) = props.headers().as_ref() else {
-        return 0;
-    };
-    let get = |name: &str| {
-        t.inner()
-            .iter()
-            .find(|(k, _)| k.as_str().eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| value_text(v).trim().parse::<u32>().ok())
-            .unwrap_or(0)
-    };
-    get("x-delivery-count").saturating_add(get(RETURNS))
+/// The header in which a suspect moved to the suspects queue keeps where it was first
+/// delivered from (`exchange/routing key`), for its dead letter.
+pub(super) const MOVED_FROM: &str = "steadfast-moved-from";
+
+/// A header's value as text.
+pub(super) fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
+    props
+        .headers()
+        .as_ref()?
+        .inner()
+        .iter()
+        .find(|(k, _)| k.as_str().eq_ignore_ascii_case(name))
+        .map(|(_, v)| value_text(v).into_owned())
 }
 
+fn header_number(props: &BasicProperties, name: &str) -> Option<u32> {
+    props
+        .headers()
+        .as_ref()?
+        .inner()
+        .iter()
+        .find(|(k, _)| k.as_str().eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| value_text(v).trim().parse::<u32>().ok())
+}
+
+/// How often the broker handed this copy out before without it being settled: quorum
+/// queues' `x-delivery-count`, or `x-acquired-count` where the broker counts every
+/// acquisition there (RabbitMQ 4.3 and later); the larger of the two.
+pub(super) fn returned(props: &BasicProperties) -> u32 {
+    let count = |name| header_number(props, name).unwrap_or(0);
+    count("x-delivery-count").max(count("x-acquired-count"))
+}
+
+/// The crashes earlier copies carried in [`CRASHES`]; `Some` (perhaps 0) marks a copy
+/// of a suspect, which stays one.
+pub(super) fn crashes(props: &BasicProperties) -> Option<u32> {
+    header_number(props, CRASHES)
+}
+
+/// Headers the broker writes, which a copy published by us must not carry (a text
+/// `x-death` would confuse the broker's own dead-lettering).
 pub(super) fn is_broker_header(k: &str) -> bool {
     let k = k.to_ascii_lowercase();
     k == "x-death"
         || k == "x-delivery-count"
+        || k == "x-acquired-count"
         || k.starts_with("x-first-death-")
         || k.starts_with("x-last-death-")
 }
@@ -187,6 +210,7 @@ pub(super) fn copy_properties(
     if let Some(t) = original.headers() {
         for (k, v) in t.inner() {
             if k.as_str().eq_ignore_ascii_case(header::ATTEMPT)
+                || k.as_str().eq_ignore_ascii_case(CRASHES)
                 || (!keep_broker_headers && is_broker_header(k.as_str()))
             {
                 continue;

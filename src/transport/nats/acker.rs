@@ -6,6 +6,7 @@
 use super::{
     Inner,
     publish::{self, DeadLetterCopy},
+    suspects,
 };
 use crate::{
     envelope::{Envelope, header},
@@ -31,6 +32,9 @@ pub(crate) struct AckTarget {
     /// The headers as they arrived (kept for the dead letter).
     pub(crate) headers: Option<HeaderMap>,
     pub(crate) ack_wait: Duration,
+    /// Set while a suspect runs alone: its crash-ledger entry, restored when the run
+    /// ends in this process.
+    pub(crate) ledger: Option<suspects::Entry>,
 }
 
 pub(crate) struct NatsAcker {
@@ -57,6 +61,8 @@ impl Drop for NatsAcker {
         // Dropped unsettled (the worker abandoned it or stopped before handing it to a
         // handler): give it back now rather than after `ack_wait`.
         let Some(t) = self.target.take() else { return };
+        // Going back to the server for a reason that is not a crash.
+        t.inner.suspects.explain(&t.consumer, t.seq);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             tracing::debug!(
                 seq = t.seq,
@@ -65,6 +71,11 @@ impl Drop for NatsAcker {
             return;
         };
         tracing::debug!(seq = t.seq, "delivery dropped unsettled; sending -NAK");
+        if let Some(entry) = t.ledger.clone() {
+            let inner = t.inner.clone();
+            let _guard = rt.enter();
+            suspects::restore(inner, entry, false);
+        }
         rt.spawn(async move {
             let r = tokio::time::timeout(
                 t.inner.settings.op_timeout,
@@ -180,11 +191,28 @@ impl Acker for NatsAcker {
                 ));
             };
             let seq = t.seq;
+            let finished = matches!(disposition, Disposition::Ack | Disposition::DeadLetter(_));
+            let returns = matches!(
+                disposition,
+                Disposition::Retry { .. } | Disposition::Defer { .. }
+            );
             let result = settle(&t, envelope, disposition).await;
             tracing::trace!(seq, ?result, "settled");
             if result.is_err() {
-                // Not settled: make sure it comes back promptly.
+                // Not settled: make sure it comes back promptly (the drop explains the
+                // return and restores the ledger).
                 let _ = NatsAcker::new(t);
+                return result;
+            }
+            // This process's own Nak is not a crash (but a suspect's is left unexplained,
+            // so it stays a suspect); a finished message is forgotten.
+            if returns && t.ledger.is_none() {
+                t.inner.suspects.explain(&t.consumer, t.seq);
+            } else if !returns {
+                t.inner.suspects.forget(&t.consumer, t.seq);
+            }
+            if let Some(entry) = t.ledger.clone() {
+                suspects::restore(t.inner.clone(), entry, finished);
             }
             result
         })

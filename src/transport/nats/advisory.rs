@@ -13,11 +13,7 @@ use super::{
     publish::{self, DeadLetterCopy},
     topology::GroupConsumer,
 };
-use crate::{
-    error::ErrorKind,
-    retry::Failure,
-    transport::{TransportError, TransportErrorKind},
-};
+use crate::transport::{TransportError, TransportErrorKind, crash};
 use futures::StreamExt;
 use std::{collections::HashSet, sync::Arc, time::Duration};
 use tokio::task::JoinHandle;
@@ -143,13 +139,10 @@ async fn move_to_dead_letters(
         return Ok(());
     };
     let deliveries = u32::try_from(adv.deliveries).unwrap_or(u32::MAX);
-    let failure = Failure::new(
-        ErrorKind::Transient,
-        format!(
-            "delivery limit reached: delivered {} times to consumer `{}` without being settled (max_deliver); the handler may be crashing the worker",
-            adv.deliveries, adv.consumer
-        ),
-    );
+    let failure = crash::delivery_limit_reached(format_args!(
+        "delivered {} times to consumer `{}` without being settled (max_deliver)",
+        adv.deliveries, adv.consumer
+    ));
     publish::publish_dead_letter(
         inner,
         DeadLetterCopy {

@@ -442,6 +442,7 @@ impl NatsBuilder {
                 jetstream_unavailable: std::sync::atomic::AtomicU64::new(0),
                 started: std::time::Instant::now(),
                 deferrals: Mutex::new(HashMap::new()),
+                suspects: super::suspects::Suspects::default(),
             }),
         })
     }

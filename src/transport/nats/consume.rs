@@ -7,10 +7,12 @@ use super::{
     acker::{AckTarget, NatsAcker},
     advisory,
     publish::{MSG_ID, get, pairs},
+    suspects::Held,
     topology,
 };
 use crate::{
     envelope::Envelope,
+    transport::crash,
     transport::{Delivery, DeliveryStream, Subscription, TransportError, TransportErrorKind},
 };
 use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
@@ -181,6 +183,10 @@ fn to_delivery(st: &PullState, msg: async_nats::jetstream::Message) -> Option<De
         st.sub.max_attempts,
     );
     tracing::trace!(consumer = %st.consumer, seq, delivered, attempt = env.attempt, reply = %reply, id = %env.id, "delivery");
+    let suspect = crash::is_suspect(
+        delivered.saturating_sub(1),
+        u64::from(st.inner.suspects.explained(&st.consumer, seq)),
+    );
     let target = AckTarget {
         inner: st.inner.clone(),
         reply,
@@ -190,7 +196,23 @@ fn to_delivery(st: &PullState, msg: async_nats::jetstream::Message) -> Option<De
         seq,
         headers: message.headers,
         ack_wait: st.ack_wait,
+        ledger: None,
     };
+    if suspect {
+        // Held back, to run alone when the worker takes it (see `suspects.rs`).
+        let held = Held {
+            envelope: env,
+            defect,
+            target,
+        };
+        return match st.inner.suspects.hold(&st.group, held) {
+            Ok(()) => None,
+            Err(h) => {
+                let h = *h;
+                Some(Delivery::new(h.envelope, NatsAcker::new(h.target)).with_defect(h.defect))
+            }
+        };
+    }
     Some(Delivery::new(env, NatsAcker::new(target)).with_defect(defect))
 }
 

@@ -23,6 +23,7 @@ mod config;
 mod consume;
 mod dead_letters;
 mod publish;
+mod suspects;
 mod topology;
 
 pub use config::NatsBuilder;
@@ -30,8 +31,8 @@ pub use config::NatsBuilder;
 use crate::{
     envelope::Envelope,
     transport::{
-        DeadLetter, DeadLetterFilter, DeadLetterReport, DeliveryStream, Health, Subscription,
-        Transport, TransportError, TransportErrorKind,
+        DeadLetter, DeadLetterFilter, DeadLetterReport, Delivery, DeliveryStream, Health,
+        Subscription, Transport, TransportError, TransportErrorKind,
     },
 };
 use config::Settings;
@@ -74,6 +75,8 @@ pub(crate) struct Inner {
     /// Deferrals made by this process, per (consumer, stream sequence): subtracted from
     /// the server's delivery count so a deferral does not use an attempt.
     deferrals: Mutex<HashMap<(Arc<str>, u64), u32>>,
+    /// Suspects of crash loops, their ledger and the returns this process explains.
+    suspects: suspects::Suspects,
 }
 
 impl fmt::Debug for NatsTransport {
@@ -323,6 +326,17 @@ impl Transport for NatsTransport {
             self.inner.check_open()?;
             dead_letters::read(&self.inner, group, limit).await
         })
+    }
+
+    fn suspects_waiting(&self, group: &str) -> bool {
+        self.inner.suspects.waiting(group)
+    }
+
+    fn take_suspect<'a>(
+        &'a self,
+        sub: &'a Subscription,
+    ) -> BoxFuture<'a, Result<Option<Delivery>, TransportError>> {
+        Box::pin(suspects::take(&self.inner, &sub.group))
     }
 
     /// Publishes each selected dead letter to its original subject (every group that
