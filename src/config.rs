@@ -521,6 +521,36 @@ impl WorkerConfig {
         }
     }
 
+    /// Only the database URL (`STEADFAST_DATABASE_URL` or its `_FILE`, with
+    /// `STEADFAST_DATABASE_PASSWORD` applied), read the way
+    /// [`from_lookup`](Self::from_lookup) reads it, for tools that need no broker.
+    ///
+    /// ```
+    /// use steadfast::config::WorkerConfig;
+    /// let url = WorkerConfig::database_url_from_lookup(|n| {
+    ///     (n == "STEADFAST_DATABASE_URL").then(|| "postgres://app:pw@db/app".to_string())
+    /// })
+    /// .unwrap()
+    /// .unwrap();
+    /// assert_eq!(url.to_string(), "postgres://app:***@db/app");
+    /// ```
+    pub fn database_url_from_lookup(
+        lookup: impl FnMut(&str) -> Option<String>,
+    ) -> Result<Option<SecretUrl>, ConfigError> {
+        let mut r = Reader {
+            lookup,
+            problems: Vec::new(),
+        };
+        let url = r.url(DATABASE_URL, DATABASE_PASSWORD, false);
+        if r.problems.is_empty() {
+            Ok(url)
+        } else {
+            Err(ConfigError {
+                problems: r.problems,
+            })
+        }
+    }
+
     /// The consumer group: `STEADFAST_GROUP` if set, else `default`.
     pub fn group_or(&self, default: &str) -> String {
         self.group.clone().unwrap_or_else(|| default.to_owned())

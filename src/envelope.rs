@@ -40,6 +40,12 @@ pub mod header {
     /// The id a dead letter gets when the message had none (or one that is not a UUID),
     /// so that it can still be picked by id (`steadfast dlq show --id`).
     pub const DEAD_LETTER_ID: &str = "steadfast-dead-letter-id";
+    /// On a dead letter corrected and sent again with a new id: the original's id.
+    pub const REPLAY_OF: &str = "steadfast-replay-of";
+    /// Who replayed or corrected the message (the operator tool's actor).
+    pub const REPLAYED_BY: &str = "steadfast-replayed-by";
+    /// The id of the audit record of the replay or correction that sent the message.
+    pub const AUDIT_ID: &str = "steadfast-audit-id";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
     /// W3C trace state.

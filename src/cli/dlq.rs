@@ -1,6 +1,12 @@
-//! `steadfast dlq ...`: list, show, replay and purge the dead letters of a group.
+//! `steadfast dlq ...`: list, group, show, replay, purge and edit the dead letters of a
+//! group. Every command takes every selector; replay, purge and edit are recorded in the
+//! audit trail (`audit.rs`).
 
-use super::CliError;
+use super::{
+    CliError, Common, audit,
+    print::{self, Groups, Summary},
+    progress::Progress,
+};
 use crate::{
     MessageId,
     envelope::header,
@@ -8,17 +14,11 @@ use crate::{
 };
 use clap::{Args, Subcommand};
 use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
     io::{BufRead, IsTerminal, Write},
     process::ExitCode,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::Mutex,
     time::SystemTime,
 };
-
-/// Test hook: after this many dead letters are done, the tool stops making progress
-/// (without exiting) so a test can kill it mid-replay. Not for operators.
-const STALL_ENV: &str = "STEADFAST_TEST_STALL_AFTER";
 
 #[derive(Debug, Subcommand)]
 pub(super) enum DlqCommand {
@@ -26,23 +26,24 @@ pub(super) enum DlqCommand {
     List {
         /// The consumer group.
         group: String,
-        /// Print JSON for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        filter: FilterArgs,
     },
-    /// Dead letters of GROUP in full: headers, reason, attempts, body.
+    /// Failure groups of GROUP: dead letters with the same error kind, message name and
+    /// reason (numbers, ids and quoted values masked), with count, first and last failure.
+    Groups {
+        /// The consumer group.
+        group: String,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Dead letters of GROUP in full: headers, reason, attempts, body (at most --limit,
+    /// default 10; reading stops once there are enough).
     Show {
         /// The consumer group.
         group: String,
-        /// Only the message with this id.
-        #[arg(long)]
-        id: Option<MessageId>,
-        /// At most this many (default 10).
-        #[arg(long, default_value_t = 10)]
-        limit: usize,
-        /// Print JSON for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        filter: FilterArgs,
     },
     /// Puts the selected dead letters of GROUP back on its work queue (RabbitMQ) or
     /// original subject (NATS): id kept, attempt reset, removed after the broker confirmed.
@@ -51,7 +52,7 @@ pub(super) enum DlqCommand {
         group: String,
         #[command(flatten)]
         filter: FilterArgs,
-        /// Show what would be replayed; change nothing.
+        /// List the ids that would be replayed; change nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -61,21 +62,31 @@ pub(super) enum DlqCommand {
         group: String,
         #[command(flatten)]
         filter: FilterArgs,
-        /// Show what would be deleted; change nothing.
+        /// List the ids that would be deleted; change nothing.
         #[arg(long)]
         dry_run: bool,
         /// Do not ask.
         #[arg(long, short)]
         yes: bool,
     },
+    /// Corrects one dead letter's body or headers and sends it again with a new id whose
+    /// `steadfast-replay-of` header names the original; the original is removed only
+    /// after the broker confirmed the copy. Without --body or --header, opens $EDITOR.
+    Edit(EditArgs),
+    /// The audit trail: every replay, purge and edit, newest first.
+    History(audit::HistoryArgs),
 }
 
 /// Which dead letters: every condition given must hold.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Default, Args)]
 pub(super) struct FilterArgs {
     /// Only this message id (repeatable).
     #[arg(long = "id")]
     ids: Vec<MessageId>,
+    /// Only this failure group: its fingerprint from `dlq groups`, or the start of it
+    /// (repeatable).
+    #[arg(long = "group-id")]
+    group_ids: Vec<String>,
     /// Only dead letters whose reason contains this text (case ignored).
     #[arg(long)]
     reason: Option<String>,
@@ -96,14 +107,65 @@ pub(super) struct FilterArgs {
 
 impl FilterArgs {
     fn filter(&self) -> DeadLetterFilter {
-        DeadLetterFilter {
-            ids: self.ids.clone(),
-            reason: self.reason.clone(),
-            name: self.name.clone(),
-            since: self.since,
-            until: self.until,
-            limit: self.limit,
+        let mut f = DeadLetterFilter::default();
+        f.ids.clone_from(&self.ids);
+        f.fingerprints.clone_from(&self.group_ids);
+        f.reason.clone_from(&self.reason);
+        f.name.clone_from(&self.name);
+        f.since = self.since;
+        f.until = self.until;
+        f.limit = self.limit;
+        if !self.ids.is_empty() {
+            // Ids are unique: once each is found, the rest need not be read.
+            f.ids.sort_unstable();
+            f.ids.dedup();
+            f.limit = Some(f.limit.unwrap_or(usize::MAX).min(f.ids.len()));
         }
+        f
+    }
+
+    /// The selection as recorded in the audit trail and printed by --json.
+    fn json(&self) -> serde_json::Value {
+        let time =
+            |t: &Option<SystemTime>| t.map(|t| humantime::format_rfc3339_seconds(t).to_string());
+        serde_json::json!({
+            "ids": self.ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "group_ids": self.group_ids,
+            "reason": self.reason,
+            "name": self.name,
+            "since": time(&self.since),
+            "until": time(&self.until),
+            "limit": self.limit,
+        })
+    }
+}
+
+/// `dlq edit`: what to change.
+#[derive(Debug, Clone, Args)]
+pub(super) struct EditArgs {
+    /// The consumer group.
+    pub(super) group: String,
+    /// The dead letter to correct.
+    #[arg(long)]
+    pub(super) id: MessageId,
+    /// The new body, from this file (`-` for standard input).
+    #[arg(long)]
+    pub(super) body: Option<std::path::PathBuf>,
+    /// Sets a header: `name=value` (repeatable).
+    #[arg(long = "header", value_parser = parse_header)]
+    pub(super) headers: Vec<(String, String)>,
+    /// Removes a header (repeatable).
+    #[arg(long = "remove-header")]
+    pub(super) remove_headers: Vec<String>,
+    /// Show the corrected message; send nothing.
+    #[arg(long)]
+    pub(super) dry_run: bool,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}` is not `name=value`")),
     }
 }
 
@@ -122,19 +184,45 @@ fn parse_time(s: &str) -> Result<SystemTime, String> {
     }
 }
 
-pub(super) async fn run(t: &dyn Transport, cmd: DlqCommand) -> Result<ExitCode, CliError> {
-    let read_all = |group: &str| {
-        let group = group.to_owned();
-        async move {
-            t.dead_letters(&group, usize::MAX)
-                .await
-                .map_err(|e| CliError(format!("reading the dead letters of `{group}`: {e}")))
+/// The selected dead letters of `group`, in order; reading stops at the filter's limit.
+pub(super) async fn select(
+    t: &dyn Transport,
+    group: &str,
+    f: &DeadLetterFilter,
+    mut each: impl FnMut(DeadLetter) + Send,
+) -> Result<(), CliError> {
+    let mut n = 0usize;
+    let mut visit = |d: DeadLetter| {
+        if f.matches(&d) {
+            n += 1;
+            each(d);
         }
+        f.wants_more(n)
+    };
+    if !f.wants_more(0) {
+        return Ok(());
+    }
+    t.scan_dead_letters(group, &mut visit)
+        .await
+        .map_err(|e| CliError(format!("reading the dead letters of `{group}`: {e}")))
+}
+
+pub(super) async fn run(
+    t: &dyn Transport,
+    common: &Common,
+    cmd: DlqCommand,
+) -> Result<ExitCode, CliError> {
+    let json = common.json;
+    let depth = |group: String| async move {
+        t.dead_letter_count(&group)
+            .await
+            .map_err(|e| CliError(format!("group `{group}`: {e}")))
     };
     match cmd {
-        DlqCommand::List { group, json } => {
-            let all = read_all(&group).await?;
-            let s = Summary::of(&all);
+        DlqCommand::List { group, filter } => {
+            depth(group.clone()).await?;
+            let mut s = Summary::default();
+            select(t, &group, &filter.filter(), |d| s.add(&d)).await?;
             if json {
                 println!("{}", s.json(&group));
             } else {
@@ -142,26 +230,34 @@ pub(super) async fn run(t: &dyn Transport, cmd: DlqCommand) -> Result<ExitCode, 
             }
             Ok(ExitCode::SUCCESS)
         }
-        DlqCommand::Show {
-            group,
-            id,
-            limit,
-            json,
-        } => {
-            let mut all = read_all(&group).await?;
-            if let Some(id) = id {
-                all.retain(|d| d.id() == id);
-                if all.is_empty() {
-                    return Err(CliError(format!("no dead letter of `{group}` has id {id}")));
-                }
-            }
-            all.truncate(limit);
+        DlqCommand::Groups { group, filter } => {
+            depth(group.clone()).await?;
+            let mut g = Groups::default();
+            select(t, &group, &filter.filter(), |d| g.add(&d)).await?;
             if json {
-                let v: Vec<_> = all.iter().map(show_json).collect();
+                println!("{}", g.json(&group));
+            } else {
+                print!("{}", g.text(&group));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show { group, filter } => {
+            depth(group.clone()).await?;
+            let mut f = filter.filter();
+            f.limit = Some(filter.limit.unwrap_or(10));
+            let mut all = Vec::new();
+            select(t, &group, &f, |d| all.push(d)).await?;
+            if all.is_empty() && !filter.ids.is_empty() {
+                return Err(CliError(format!(
+                    "no dead letter of `{group}` has the id(s) given"
+                )));
+            }
+            if json {
+                let v: Vec<_> = all.iter().map(print::show_json).collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 for d in &all {
-                    println!("{}", show_text(d));
+                    println!("{}", print::show_text(d));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -171,17 +267,38 @@ pub(super) async fn run(t: &dyn Transport, cmd: DlqCommand) -> Result<ExitCode, 
             filter,
             dry_run,
         } => {
+            let total = depth(group.clone()).await?;
             let f = filter.filter();
             if dry_run {
-                return dry_run_report(&read_all(&group).await?, &f, &group, "replay");
+                return dry_run_report(t, &group, &f, "replay", json).await;
             }
-            let p = Progress::new("replayed");
-            let tick = |_: &DeadLetter| p.tick();
-            let report = t.replay_dead_letters(&group, &f, &tick).await;
+            let audit = audit::begin(
+                &common.db,
+                "replay",
+                &format!("{}:{group}", t.system()),
+                filter.json(),
+            )
+            .await?;
+            let (actor, audit_id) = (audit.actor().to_owned(), audit.id().to_string());
+            let rewrite = move |d: &DeadLetter| {
+                let mut e = d.replay_envelope();
+                e.headers.insert(header::REPLAYED_BY, actor.as_str());
+                e.headers.insert(header::AUDIT_ID, audit_id.as_str());
+                e
+            };
+            let done = Mutex::new(Vec::new());
+            let p = Progress::new("replayed", f.limit.map_or(total, |l| total.min(l as u64)));
+            let tick = |d: &DeadLetter| {
+                done.lock().unwrap_or_else(|e| e.into_inner()).push(d.id());
+                p.tick();
+            };
+            let report = t.replay_dead_letters_as(&group, &f, &rewrite, &tick).await;
             p.done();
+            let ids = done.into_inner().unwrap_or_else(|e| e.into_inner());
+            audit.finish(&ids, outcome(&report)).await?;
             let report = report
                 .map_err(|e| CliError(format!("replaying dead letters of `{group}`: {e}")))?;
-            Ok(finish(&report, "replayed", &group))
+            Ok(finish(&report, &ids, "replayed", &group, json))
         }
         DlqCommand::Purge {
             group,
@@ -189,63 +306,119 @@ pub(super) async fn run(t: &dyn Transport, cmd: DlqCommand) -> Result<ExitCode, 
             dry_run,
             yes,
         } => {
+            let total = depth(group.clone()).await?;
             let f = filter.filter();
-            let all = read_all(&group).await?;
             if dry_run {
-                return dry_run_report(&all, &f, &group, "purge");
-            }
-            let n = selected(&all, &f).len();
-            if n == 0 {
-                println!("no dead letter of `{group}` matches; nothing to purge");
-                return Ok(ExitCode::SUCCESS);
+                return dry_run_report(t, &group, &f, "purge", json).await;
             }
             if !yes {
+                refuse_without_terminal()?;
+                let mut n = 0usize;
+                select(t, &group, &f, |_| n += 1).await?;
+                if n == 0 {
+                    println!("no dead letter of `{group}` matches; nothing to purge");
+                    return Ok(ExitCode::SUCCESS);
+                }
                 confirm(&format!(
                     "delete {n} dead letter(s) of `{group}` for good? [y/N] "
                 ))
                 .await?;
             }
-            let p = Progress::new("purged");
-            let tick = |_: &DeadLetter| p.tick();
+            let audit = audit::begin(
+                &common.db,
+                "purge",
+                &format!("{}:{group}", t.system()),
+                filter.json(),
+            )
+            .await?;
+            let done = Mutex::new(Vec::new());
+            let p = Progress::new("purged", f.limit.map_or(total, |l| total.min(l as u64)));
+            let tick = |d: &DeadLetter| {
+                done.lock().unwrap_or_else(|e| e.into_inner()).push(d.id());
+                p.tick();
+            };
             let report = t.purge_dead_letters(&group, &f, &tick).await;
             p.done();
+            let ids = done.into_inner().unwrap_or_else(|e| e.into_inner());
+            audit.finish(&ids, outcome(&report)).await?;
             let report =
                 report.map_err(|e| CliError(format!("purging dead letters of `{group}`: {e}")))?;
-            Ok(finish(&report, "purged", &group))
+            Ok(finish(&report, &ids, "purged", &group, json))
         }
+        DlqCommand::Edit(e) => {
+            depth(e.group.clone()).await?;
+            super::edit::run(t, common, e).await
+        }
+        DlqCommand::History(_) => Err(CliError::new("history is served without a broker")),
     }
 }
 
-fn selected<'a>(all: &'a [DeadLetter], f: &DeadLetterFilter) -> Vec<&'a DeadLetter> {
-    all.iter()
-        .filter(|d| f.matches(d))
-        .take(f.limit.unwrap_or(usize::MAX))
-        .collect()
+fn outcome(r: &Result<DeadLetterReport, crate::transport::TransportError>) -> serde_json::Value {
+    match r {
+        Ok(r) => serde_json::json!({
+            "scanned": r.scanned,
+            "selected": r.selected,
+            "done": r.done,
+            "failed": r.failed,
+            "first_error": r.first_error,
+        }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    }
 }
 
-fn dry_run_report(
-    all: &[DeadLetter],
-    f: &DeadLetterFilter,
+async fn dry_run_report(
+    t: &dyn Transport,
     group: &str,
+    f: &DeadLetterFilter,
     verb: &str,
+    json: bool,
 ) -> Result<ExitCode, CliError> {
-    let sel: Vec<DeadLetter> = selected(all, f).into_iter().cloned().collect();
-    println!(
-        "dry run: would {verb} {} of {} dead letter(s) of `{group}`; nothing changed",
-        sel.len(),
-        all.len()
-    );
-    print!("{}", Summary::of(&sel).breakdown());
+    let mut ids = Vec::new();
+    let mut s = Summary::default();
+    select(t, group, f, |d| {
+        ids.push(d.id());
+        s.add(&d);
+    })
+    .await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "dry_run": true,
+                "action": verb,
+                "group": group,
+                "count": ids.len(),
+                "ids": ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        println!(
+            "dry run: would {verb} {} dead letter(s) of `{group}`; nothing changed",
+            ids.len()
+        );
+        print!("{}", s.breakdown());
+        println!("ids:");
+        for id in &ids {
+            println!("  {id}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Asks on the terminal; refuses when there is none.
-async fn confirm(question: &str) -> Result<(), CliError> {
-    if !std::io::stdin().is_terminal() {
-        return Err(CliError::new(
-            "refusing to purge without confirmation: no terminal to ask on; pass --yes to delete",
-        ));
+/// Deleting needs --yes or a terminal to ask on.
+pub(super) fn refuse_without_terminal() -> Result<(), CliError> {
+    if std::io::stdin().is_terminal() {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            "refusing to delete without confirmation: no terminal to ask on; pass --yes to delete",
+        ))
     }
+}
+
+/// Asks on the terminal; refuses when there is none.
+pub(super) async fn confirm(question: &str) -> Result<(), CliError> {
+    refuse_without_terminal()?;
     let q = question.to_owned();
     let answer = tokio::task::spawn_blocking(move || {
         eprint!("{q}");
@@ -263,53 +436,35 @@ async fn confirm(question: &str) -> Result<(), CliError> {
     }
 }
 
-/// A progress line on stderr when stderr is a terminal.
-struct Progress {
-    verb: &'static str,
-    tty: bool,
-    stall_after: Option<usize>,
-    count: AtomicUsize,
-}
-
-impl Progress {
-    fn new(verb: &'static str) -> Self {
-        Self {
-            verb,
-            tty: std::io::stderr().is_terminal(),
-            stall_after: std::env::var(STALL_ENV).ok().and_then(|v| v.parse().ok()),
-            count: AtomicUsize::new(0),
+fn finish(
+    r: &DeadLetterReport,
+    ids: &[MessageId],
+    verb: &str,
+    group: &str,
+    json: bool,
+) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "action": verb,
+                "group": group,
+                "scanned": r.scanned,
+                "selected": r.selected,
+                "done": r.done,
+                "failed": r.failed,
+                "first_error": r.first_error,
+                "ids": ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        println!(
+            "{verb} {} of {} selected dead letter(s) of `{group}` ({} looked at); {} failed",
+            r.done, r.selected, r.scanned, r.failed
+        );
+        if let Some(e) = &r.first_error {
+            println!("first failure: {e}");
         }
-    }
-
-    fn tick(&self) {
-        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.tty && (n < 25 || n.is_multiple_of(25)) {
-            eprint!("\r{} {n}", self.verb);
-        }
-        if self.stall_after == Some(n) {
-            eprintln!("\nstalled after {n} ({STALL_ENV})");
-            // Test hook only: block this thread for good, so a test can SIGKILL the
-            // process with some dead letters done and others in flight.
-            loop {
-                std::thread::park();
-            }
-        }
-    }
-
-    fn done(&self) {
-        if self.tty && self.count.load(Ordering::Relaxed) > 0 {
-            eprintln!();
-        }
-    }
-}
-
-fn finish(r: &DeadLetterReport, verb: &str, group: &str) -> ExitCode {
-    println!(
-        "{verb} {} of {} selected dead letter(s) of `{group}` ({} looked at); {} failed",
-        r.done, r.selected, r.scanned, r.failed
-    );
-    if let Some(e) = &r.first_error {
-        println!("first failure: {e}");
     }
     if r.failed > 0 {
         ExitCode::FAILURE
@@ -318,241 +473,41 @@ fn finish(r: &DeadLetterReport, verb: &str, group: &str) -> ExitCode {
     }
 }
 
-/// Counts for `dlq list`.
-#[derive(Debug, Default)]
-struct Summary {
-    total: usize,
-    by_reason: BTreeMap<String, usize>,
-    by_name: BTreeMap<String, usize>,
-    by_kind: BTreeMap<String, usize>,
-    oldest: Option<(SystemTime, String)>,
-    newest: Option<(SystemTime, String)>,
-}
-
-impl Summary {
-    fn of(all: &[DeadLetter]) -> Self {
-        let mut s = Summary {
-            total: all.len(),
-            ..Summary::default()
-        };
-        for d in all {
-            *s.by_reason.entry(first_line(&d.reason)).or_default() += 1;
-            *s.by_name.entry(d.envelope.name.clone()).or_default() += 1;
-            let kind = d
-                .kind
-                .map_or("unknown".to_owned(), |k| k.as_str().to_owned());
-            *s.by_kind.entry(kind).or_default() += 1;
-            if let Some(t) = d.failed_at_time() {
-                if s.oldest.as_ref().is_none_or(|(o, _)| t < *o) {
-                    s.oldest = Some((t, d.failed_at.clone()));
-                }
-                if s.newest.as_ref().is_none_or(|(n, _)| t > *n) {
-                    s.newest = Some((t, d.failed_at.clone()));
-                }
-            }
-        }
-        s
-    }
-
-    fn text(&self, group: &str) -> String {
-        let mut out = format!("{} dead letter(s) in group `{group}`\n", self.total);
-        if let (Some(o), Some(n)) = (&self.oldest, &self.newest) {
-            let _ = writeln!(out, "oldest failed at {}, newest at {}", o.1, n.1);
-        }
-        out.push_str(&self.breakdown());
-        out
-    }
-
-    fn breakdown(&self) -> String {
-        let mut out = String::new();
-        for (title, map) in [
-            ("by reason", &self.by_reason),
-            ("by message name", &self.by_name),
-            ("by error kind", &self.by_kind),
-        ] {
-            if map.is_empty() {
-                continue;
-            }
-            let _ = writeln!(out, "{title}:");
-            let mut rows: Vec<_> = map.iter().collect();
-            rows.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            for (k, n) in rows {
-                let _ = writeln!(out, "  {n:>8}  {k}");
-            }
-        }
-        out
-    }
-
-    fn json(&self, group: &str) -> serde_json::Value {
-        serde_json::json!({
-            "group": group,
-            "total": self.total,
-            "oldest": self.oldest.as_ref().map(|o| &o.1),
-            "newest": self.newest.as_ref().map(|n| &n.1),
-            "by_reason": self.by_reason,
-            "by_name": self.by_name,
-            "by_kind": self.by_kind,
-        })
-    }
-}
-
-fn first_line(s: &str) -> String {
-    let line = s.lines().next().unwrap_or_default();
-    crate::envelope::truncate(line, 200).to_owned()
-}
-
-/// Header names whose values are shown as `***`.
-fn is_secret_header(k: &str) -> bool {
-    let k = k.to_ascii_lowercase();
-    [
-        "authorization",
-        "password",
-        "secret",
-        "token",
-        "cookie",
-        "api-key",
-        "apikey",
-    ]
-    .iter()
-    .any(|s| k.contains(s))
-}
-
-fn headers_of(d: &DeadLetter) -> Vec<(String, String)> {
-    d.envelope
-        .headers
-        .iter()
-        .map(|(k, v)| {
-            let v = if is_secret_header(k) { "***" } else { v };
-            (k.to_owned(), v.to_owned())
-        })
-        .collect()
-}
-
-/// The body as pretty JSON, or hex when it is not JSON.
-fn body_text(bytes: &[u8]) -> String {
-    match serde_json::from_slice::<serde_json::Value>(bytes) {
-        Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
-        Err(_) => hex(bytes),
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 3);
-    for (i, chunk) in bytes.chunks(16).enumerate() {
-        let _ = write!(out, "{:08x} ", i * 16);
-        for b in chunk {
-            let _ = write!(out, " {b:02x}");
-        }
-        out.push('\n');
-    }
-    out
-}
-
-fn show_text(d: &DeadLetter) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "id:                   {}", d.id());
-    let _ = writeln!(out, "name:                 {}", d.envelope.name);
-    let _ = writeln!(out, "reason:               {}", d.reason);
-    let _ = writeln!(
-        out,
-        "error kind:           {}",
-        d.kind.map_or("unknown", |k| k.as_str())
-    );
-    let _ = writeln!(out, "attempts:             {}", d.attempts);
-    let _ = writeln!(out, "original destination: {}", d.original_destination);
-    let _ = writeln!(out, "group:                {}", d.original_group);
-    let _ = writeln!(out, "failed at:            {}", d.failed_at);
-    if let Some(t) = &d.envelope.time {
-        let _ = writeln!(out, "published at:         {t}");
-    }
-    if let Some(n) = d.envelope.headers.get(header::REPLAY_COUNT) {
-        let _ = writeln!(out, "replayed before:      {n} time(s)");
-    }
-    let _ = writeln!(out, "headers:");
-    for (k, v) in headers_of(d) {
-        let _ = writeln!(out, "  {k}: {v}");
-    }
-    let _ = writeln!(out, "body ({} bytes):", d.envelope.payload.len());
-    out.push_str(&body_text(&d.envelope.payload));
-    out.push('\n');
-    out
-}
-
-fn show_json(d: &DeadLetter) -> serde_json::Value {
-    let body = match serde_json::from_slice::<serde_json::Value>(&d.envelope.payload) {
-        Ok(v) => serde_json::json!({ "json": v }),
-        Err(_) => serde_json::json!({ "hex": hex(&d.envelope.payload).replace('\n', " ") }),
-    };
-    serde_json::json!({
-        "id": d.id().to_string(),
-        "name": d.envelope.name,
-        "reason": d.reason,
-        "kind": d.kind.map(|k| k.as_str()),
-        "attempts": d.attempts,
-        "original_destination": d.original_destination,
-        "group": d.original_group,
-        "failed_at": d.failed_at,
-        "headers": headers_of(d),
-        "body": body,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Envelope, ErrorKind};
-
-    fn dl(name: &str, reason: &str, at: &str) -> DeadLetter {
-        let mut e = Envelope::new(name, &b"{\"a\":1}"[..]);
-        e.headers.insert(header::DEAD_LETTER_REASON, reason);
-        e.headers
-            .insert(header::ERROR_KIND, ErrorKind::Permanent.as_str());
-        e.headers.insert(header::FAILED_AT, at);
-        e.headers.insert("authorization", "Bearer s3cret");
-        DeadLetter::from_envelope(e)
-    }
+    use crate::{cli::print::tests::dl, transport::memory::MemoryTransport};
 
     #[test]
-    fn summary_counts_and_orders() {
-        let all = vec![
-            dl("a", "boom\nstack", "2026-11-23T01:00:00Z"),
-            dl("a", "boom", "2026-11-23T03:00:00Z"),
-            dl("b", "other", "2026-11-23T02:00:00Z"),
-        ];
-        let s = Summary::of(&all);
-        assert_eq!(s.total, 3);
-        assert_eq!(s.by_reason.get("boom"), Some(&2));
-        assert_eq!(s.by_name.get("b"), Some(&1));
-        assert_eq!(s.by_kind.get("permanent"), Some(&3));
-        let j = s.json("g");
-        assert_eq!(j["oldest"], "2026-11-23T01:00:00Z");
-        assert_eq!(j["newest"], "2026-11-23T03:00:00Z");
-        assert!(s.text("g").contains("3 dead letter(s) in group `g`"));
-    }
-
-    #[test]
-    fn show_hides_secret_headers_and_formats_bodies() {
-        let d = dl("a", "boom", "2026-11-23T01:00:00Z");
-        let t = show_text(&d);
-        assert!(!t.contains("s3cret"), "{t}");
-        assert!(t.contains("\"a\": 1"), "{t}");
-        assert!(body_text(&[0xff, 0x00]).contains("ff 00"));
-    }
-
-    #[test]
-    fn filters_select_by_time_and_limit() {
-        let all = vec![
-            dl("a", "boom", "2026-11-23T01:00:00Z"),
-            dl("a", "boom", "2026-11-23T03:00:00Z"),
+    fn filters_select_by_time_limit_and_group() {
+        let all = [
+            dl("a", "order 1 missing", "2026-11-23T01:00:00Z"),
+            dl("a", "order 2 missing", "2026-11-23T03:00:00Z"),
             dl("b", "boom", "not a time"),
         ];
-        let f = DeadLetterFilter {
+        let f = FilterArgs {
             since: Some(parse_time("2026-11-23T02:00:00Z").unwrap()),
-            ..DeadLetterFilter::default()
-        };
-        assert_eq!(selected(&all, &f).len(), 1);
-        let f = DeadLetterFilter::default().reason("BOOM").limit(2);
-        assert_eq!(selected(&all, &f).len(), 2);
+            ..FilterArgs::default()
+        }
+        .filter();
+        assert_eq!(all.iter().filter(|d| f.matches(d)).count(), 1);
+        let f = FilterArgs {
+            group_ids: vec![all[0].fingerprint()[..6].to_owned()],
+            ..FilterArgs::default()
+        }
+        .filter();
+        assert_eq!(all.iter().filter(|d| f.matches(d)).count(), 2);
         assert!(parse_time("90m").is_ok());
+        assert!(parse_header("a=b=c").unwrap().1 == "b=c");
+        assert!(parse_header("=x").is_err());
+    }
+
+    #[tokio::test]
+    async fn select_stops_reading_at_the_limit() {
+        let t = MemoryTransport::new();
+        let f = DeadLetterFilter::default().limit(0);
+        let mut n = 0;
+        select(&t, "g", &f, |_| n += 1).await.unwrap();
+        assert_eq!(n, 0);
     }
 }

@@ -1,12 +1,16 @@
 //! The `steadfast` command-line tool (feature `cli`): dead letters on RabbitMQ and NATS
-//! JetStream (`dlq list | show | replay | purge`) and outboxes in PostgreSQL and SQLite
-//! (`outbox status | retry-parked`). The binary `src/bin/steadfast.rs` only calls
-//! [`main`]; everything is here so it can be tested. See `docs/dead-letters.md`.
+//! JetStream (`dlq list | groups | show | replay | purge | edit | history`) and outboxes
+//! in PostgreSQL and SQLite (`outbox status | parked | retry-parked | delete-parked`).
+//! The binary `src/bin/steadfast.rs` only calls [`main`]; everything is here so it can
+//! be tested. See `docs/dead-letters.md`.
 //!
-//! The broker is chosen by `--url`, else `AMQP_URL` or `NATS_URL` (set exactly one);
-//! for NATS it may be a comma-separated list of a cluster's servers. Passwords and tokens
-//! are replaced by `***` in everything the tool prints, its logs included (`RUST_LOG`,
-//! for example `RUST_LOG=debug`, turns logs on, on standard error).
+//! One configuration: the tool reads the worker's `STEADFAST_*` variables (and their
+//! `_FILE` forms) through [`WorkerConfig`](crate::config::WorkerConfig), so it runs
+//! beside a worker with the worker's settings; flags win over variables, and without
+//! `STEADFAST_BROKER_URL` it takes `AMQP_URL` or `NATS_URL`; for NATS the URL may be a
+//! comma-separated list of a cluster's servers. Passwords and tokens are replaced by
+//! `***` in everything the tool prints, its logs included (`RUST_LOG`, for example
+//! `RUST_LOG=debug`, turns logs on, on standard error).
 //!
 //! ```
 //! use clap::Parser;
@@ -15,19 +19,20 @@
 //! assert!(cli.is_ok());
 //! ```
 
+mod audit;
 mod dlq;
+mod edit;
 mod outbox;
+mod print;
+mod progress;
 
 use crate::{
+    config::{self, WorkerConfig},
     redact,
-    transport::{
-        Transport, TransportError,
-        amqp::{AmqpTransport, DEFAULT_EXCHANGE},
-        nats::NatsTransport,
-    },
+    transport::{Transport, TransportError},
 };
-use clap::{Args, Parser, Subcommand};
-use std::{fmt, process::ExitCode, sync::Arc, time::Duration};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use std::{fmt, process::ExitCode, sync::Arc};
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -37,55 +42,86 @@ use std::{fmt, process::ExitCode, sync::Arc, time::Duration};
     about = "Dead letters and outboxes of steadfast consumers on RabbitMQ and NATS JetStream"
 )]
 pub struct Cli {
+    /// Print JSON for scripts (every command).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(flatten)]
+    db: DbArgs,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Dead letters of a consumer group: list, show, replay, purge.
+    /// Dead letters of a consumer group: list, groups, show, replay, purge, edit, history.
     Dlq {
         #[command(flatten)]
         broker: Box<BrokerArgs>,
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
-    /// A transactional outbox in PostgreSQL or SQLite: status, retry parked rows.
+    /// A transactional outbox in PostgreSQL or SQLite: status, parked rows, retry, delete.
     Outbox {
-        #[command(flatten)]
-        db: outbox::DbArgs,
+        /// The outbox table (`name` or `schema.name`).
+        #[arg(long, global = true, default_value = "steadfast_outbox")]
+        table: String,
         #[command(subcommand)]
         command: outbox::OutboxCommand,
     },
+    /// Prints a shell completion script: `steadfast completions bash > /etc/bash_completion.d/steadfast`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
-/// How to reach the broker; the names must match the worker's transport settings.
-#[derive(Debug, Clone, Args)]
+/// How to reach the broker; the names must match the worker's transport settings. Each
+/// flag defaults to the worker's `STEADFAST_*` variable.
+#[derive(Debug, Clone, Default, Args)]
 struct BrokerArgs {
     /// Broker URL: `amqp://`/`amqps://` for RabbitMQ, `nats://`/`tls://` for NATS; for a
-    /// cluster, every node's URL, comma-separated. Default: `AMQP_URL` or `NATS_URL`,
-    /// whichever is set.
+    /// cluster, every node's URL, comma-separated. Default: `STEADFAST_BROKER_URL`, else
+    /// `AMQP_URL` or `NATS_URL`, whichever is set.
     #[arg(long, global = true)]
     url: Option<String>,
-    /// RabbitMQ: the exchange the workers use.
-    #[arg(long, global = true, default_value = DEFAULT_EXCHANGE)]
-    exchange: String,
-    /// RabbitMQ: the queue prefix the workers use.
-    #[arg(long, global = true, default_value = "")]
-    queue_prefix: String,
-    /// NATS: the subject prefix the workers use.
-    #[arg(long, global = true, default_value = "steadfast")]
-    subject_prefix: String,
-    /// NATS: the work stream's name (default: from the subject prefix, `STEADFAST`);
-    /// dead letters are in `{stream}_DLQ`.
+    /// RabbitMQ: the exchange the workers use (default: `STEADFAST_AMQP_EXCHANGE`, `steadfast`).
+    #[arg(long, global = true)]
+    exchange: Option<String>,
+    /// RabbitMQ: the queue prefix the workers use (default: `STEADFAST_AMQP_QUEUE_PREFIX`).
+    #[arg(long, global = true)]
+    queue_prefix: Option<String>,
+    /// NATS: the subject prefix the workers use (default: `STEADFAST_NATS_SUBJECT_PREFIX`,
+    /// `steadfast`).
+    #[arg(long, global = true)]
+    subject_prefix: Option<String>,
+    /// NATS: the work stream's name (default: `STEADFAST_NATS_STREAM`, else from the
+    /// subject prefix, `STEADFAST`); dead letters are in `{stream}_DLQ`.
     #[arg(long, global = true)]
     stream: Option<String>,
-    /// NATS: a credentials file.
+    /// NATS: a credentials file (default: `STEADFAST_NATS_CREDENTIALS_FILE`).
     #[arg(long, global = true, env = "NATS_CREDS")]
     nats_creds: Option<std::path::PathBuf>,
-    /// NATS: a file holding an NKey seed.
+    /// NATS: a file holding an NKey seed (default: `STEADFAST_NATS_NKEY_FILE`).
     #[arg(long, global = true, env = "NATS_NKEY_FILE")]
     nats_nkey_file: Option<std::path::PathBuf>,
+}
+
+/// The database of the outbox and of the audit trail.
+#[derive(Debug, Clone, Args)]
+struct DbArgs {
+    /// PostgreSQL: the database URL (default: `DATABASE_URL`, else
+    /// `STEADFAST_DATABASE_URL`).
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// SQLite: the database file (wins over a PostgreSQL URL).
+    #[arg(long, global = true)]
+    sqlite: Option<std::path::PathBuf>,
+    /// The audit trail's table (`name` or `schema.name`), created when missing.
+    #[arg(long, global = true, default_value = "steadfast_audit")]
+    audit_table: String,
+    /// Who is acting, for the audit trail (default: `STEADFAST_ACTOR`, else user@host).
+    #[arg(long, global = true, env = "STEADFAST_ACTOR")]
+    actor: Option<String>,
 }
 
 /// A failure of the tool, its text free of secrets.
@@ -149,58 +185,104 @@ where
     }
 }
 
+/// Options every command shares.
+#[derive(Debug, Clone)]
+struct Common {
+    json: bool,
+    db: DbArgs,
+}
+
 /// Runs a parsed command line.
 async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let common = Common {
+        json: cli.json,
+        db: cli.db,
+    };
     match cli.command {
         Command::Dlq { broker, command } => {
-            let (transport, secret) = connect(&broker).await?;
-            let r = dlq::run(transport.as_ref(), command).await;
+            if let dlq::DlqCommand::History(h) = command {
+                return audit::history(&common, h).await;
+            }
+            let cfg = worker_config(&broker, |k| std::env::var(k).ok())?;
+            let secret = url_secret(cfg.broker_url.expose_secret());
+            let scrub =
+                |e: TransportError| CliError(redact::scrub(&e.to_string(), secret.as_deref()));
+            let transport: Arc<dyn Transport> = cfg.connect().await.map_err(scrub)?;
+            let r = dlq::run(transport.as_ref(), &common, command).await;
             transport.close().await;
             r.map_err(|e| CliError(redact::scrub(&e.0, secret.as_deref())))
         }
-        Command::Outbox { db, command } => outbox::run(db, command).await,
-    }
-}
-
-/// The URL to use: `--url`, else the one of `AMQP_URL` / `NATS_URL` that is set.
-fn broker_url(args: &BrokerArgs) -> Result<String, CliError> {
-    if let Some(u) = &args.url {
-        return Ok(u.clone());
-    }
-    let amqp = std::env::var("AMQP_URL").ok().filter(|s| !s.is_empty());
-    let nats = std::env::var("NATS_URL").ok().filter(|s| !s.is_empty());
-    match (amqp, nats) {
-        (Some(a), None) => Ok(a),
-        (None, Some(n)) => Ok(n),
-        (Some(_), Some(_)) => Err(CliError::new(
-            "both AMQP_URL and NATS_URL are set: say which broker with --url",
-        )),
-        (None, None) => Err(CliError::new(
-            "no broker: pass --url, or set AMQP_URL (RabbitMQ) or NATS_URL (NATS)",
-        )),
-    }
-}
-
-/// `url` (or each URL of a comma-separated list) for display: the password and any
-/// token or user name in it replaced by `***`.
-pub(crate) fn display_url(url: &str) -> String {
-    url.split(',')
-        .map(|one| display_one_url(one.trim()))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn display_one_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if !u.username().is_empty() && u.password().is_none() {
-                // nats://TOKEN@host: the user part is the secret.
-                let _ = u.set_username("***");
-            }
-            redact::redact_url(u.as_str())
+        Command::Outbox { table, command } => outbox::run(&common, &table, command).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "steadfast",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
         }
-        Err(_) => "(unparseable url)".to_owned(),
     }
+}
+
+/// The worker's configuration as the tool sees it: flags, then the worker's
+/// `STEADFAST_*` variables through [`WorkerConfig::from_lookup`] (the code the worker
+/// runs), then `AMQP_URL` / `NATS_URL` for the broker.
+fn worker_config(
+    args: &BrokerArgs,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<WorkerConfig, CliError> {
+    let set = |k: &str| env(k).filter(|v| !v.is_empty());
+    let fallback_url = if args.url.is_none()
+        && set(config::BROKER_URL).is_none()
+        && set(&format!("{}_FILE", config::BROKER_URL)).is_none()
+    {
+        match (set("AMQP_URL"), set("NATS_URL")) {
+            (Some(a), None) => Some(a),
+            (None, Some(n)) => Some(n),
+            (Some(_), Some(_)) => {
+                return Err(CliError::new(
+                    "both AMQP_URL and NATS_URL are set: say which broker with --url",
+                ));
+            }
+            (None, None) => {
+                return Err(CliError::new(
+                    "no broker: pass --url, or set STEADFAST_BROKER_URL (as the worker does), AMQP_URL or NATS_URL",
+                ));
+            }
+        }
+    } else {
+        None
+    };
+    let path =
+        |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+    let nkey_file = format!("{}_FILE", config::NATS_NKEY);
+    let flags: [(&str, Option<String>); 7] = [
+        (config::BROKER_URL, args.url.clone().or(fallback_url)),
+        (config::AMQP_EXCHANGE, args.exchange.clone()),
+        (config::AMQP_QUEUE_PREFIX, args.queue_prefix.clone()),
+        (config::NATS_SUBJECT_PREFIX, args.subject_prefix.clone()),
+        (config::NATS_STREAM, args.stream.clone()),
+        (config::NATS_CREDENTIALS_FILE, path(&args.nats_creds)),
+        // The seed's own variable, given as its `_FILE` form.
+        (&nkey_file, path(&args.nats_nkey_file)),
+    ];
+    WorkerConfig::from_lookup(|name| {
+        for (var, value) in &flags {
+            if let Some(v) = value {
+                if name == *var {
+                    return Some(v.clone());
+                }
+                if name.strip_suffix("_FILE") == Some(var)
+                    || var.strip_suffix("_FILE") == Some(name)
+                {
+                    return None;
+                }
+            }
+        }
+        env(name)
+    })
+    .map_err(|e| CliError(e.to_string()))
 }
 
 /// The secret in `url` (password, or a token in the user part; the first URL's of a
@@ -215,79 +297,62 @@ fn url_secret(url: &str) -> Option<String> {
     })
 }
 
-async fn connect(args: &BrokerArgs) -> Result<(Arc<dyn Transport>, Option<String>), CliError> {
-    let url = broker_url(args)?;
-    let secret = url_secret(&url);
-    let scheme = url
-        .split("://")
-        .next()
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    let fail = |e: TransportError| CliError(redact::scrub(&e.to_string(), secret.as_deref()));
-    let t: Arc<dyn Transport> = match scheme.as_str() {
-        "amqp" | "amqps" => Arc::new(
-            AmqpTransport::builder(url.clone())
-                .exchange(args.exchange.clone())
-                .queue_prefix(args.queue_prefix.clone())
-                .operation_timeout(Duration::from_secs(15))
-                .connect()
-                .await
-                .map_err(fail)?,
-        ),
-        "nats" | "tls" | "ws" | "wss" => {
-            let mut b = NatsTransport::builder(&url).subject_prefix(args.subject_prefix.clone());
-            if let Some(s) = &args.stream {
-                b = b.stream(s.clone());
-            }
-            if let Some(c) = &args.nats_creds {
-                b = b.credentials_file(c.clone());
-            }
-            if let Some(path) = &args.nats_nkey_file {
-                let seed = std::fs::read_to_string(path).map_err(|e| {
-                    CliError(format!(
-                        "cannot read the NKey seed file `{}`: {}",
-                        path.display(),
-                        e.kind()
-                    ))
-                })?;
-                b = b.nkey(seed.trim());
-            }
-            Arc::new(b.connect().await.map_err(fail)?)
-        }
-        _ => {
-            return Err(CliError(format!(
-                "cannot tell the broker from `{}`: use amqp://, amqps://, nats:// or tls://",
-                display_url(&url)
-            )));
-        }
-    };
-    Ok((t, secret))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn urls_are_shown_without_secrets() {
+    fn token_urls_have_their_secret_found() {
         assert_eq!(
-            display_url("amqp://guest:s3cret@h:5672/%2f"),
-            "amqp://guest:***@h:5672/%2f"
-        );
-        assert_eq!(display_url("nats://tok3nvalue@h:4222"), "nats://***@h:4222");
-        assert_eq!(display_url("nats://h:4222"), "nats://h:4222");
-        assert_eq!(
-            display_url("nats://u:pw1@h1:4222, nats://u:pw1@h2:4222"),
-            "nats://u:***@h1:4222,nats://u:***@h2:4222"
-        );
-        assert_eq!(
-            url_secret("nats://u:pw1@h1:4222,nats://u:pw1@h2:4222").as_deref(),
-            Some("pw1")
+            url_secret("amqp://guest:s3cret@h/").as_deref(),
+            Some("s3cret")
         );
         assert_eq!(
             url_secret("nats://tok3nvalue@h:4222").as_deref(),
             Some("tok3nvalue")
         );
+    }
+
+    #[test]
+    fn flags_win_over_the_workers_variables_which_win_over_amqp_url() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let vars: &[(&str, &str)] = &[
+            ("STEADFAST_BROKER_URL", "amqp://app:pw@rabbit/%2f"),
+            ("STEADFAST_AMQP_QUEUE_PREFIX", "prod."),
+            ("AMQP_URL", "amqp://other/%2f"),
+        ];
+        let cfg = worker_config(&BrokerArgs::default(), env(vars)).unwrap();
+        assert_eq!(cfg.broker_url.expose_secret(), "amqp://app:pw@rabbit/%2f");
+        assert_eq!(cfg.amqp_queue_prefix, "prod.");
+        let flags = BrokerArgs {
+            url: Some("nats://n:4222".into()),
+            queue_prefix: Some("dev.".into()),
+            ..BrokerArgs::default()
+        };
+        let cfg = worker_config(&flags, env(vars)).unwrap();
+        assert_eq!(cfg.broker_url.expose_secret(), "nats://n:4222");
+        assert_eq!(cfg.amqp_queue_prefix, "dev.");
+        let cfg = worker_config(
+            &BrokerArgs::default(),
+            env(&[("NATS_URL", "nats://x:4222")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.broker, config::BrokerKind::Nats);
+        let e = worker_config(&BrokerArgs::default(), env(&[])).unwrap_err();
+        assert!(e.0.contains("STEADFAST_BROKER_URL"), "{e}");
+        // The worker's own checks apply: a bad variable is named.
+        let e = worker_config(
+            &BrokerArgs::default(),
+            env(&[("STEADFAST_BROKER_URL", "kafka://k:9092")]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("STEADFAST_BROKER_URL"), "{e}");
     }
 
     #[test]
@@ -308,9 +373,19 @@ mod tests {
                 "5",
                 "--reason",
                 "boom",
+                "--group-id",
+                "0123abcd4567",
+                "--json",
             ])
             .is_ok()
         );
+        for cmd in ["list", "groups", "show", "replay", "purge"] {
+            assert!(
+                Cli::try_parse_from(["steadfast", "dlq", cmd, "g", "--name", "a", "--since", "1h"])
+                    .is_ok(),
+                "{cmd}"
+            );
+        }
         assert!(
             Cli::try_parse_from(["steadfast", "dlq", "replay", "g", "--since", "yesterday"])
                 .is_err()
@@ -318,5 +393,6 @@ mod tests {
         assert!(
             Cli::try_parse_from(["steadfast", "dlq", "show", "g", "--id", "not-a-uuid"]).is_err()
         );
+        assert!(Cli::try_parse_from(["steadfast", "completions", "zsh"]).is_ok());
     }
 }

@@ -1,43 +1,86 @@
-//! `steadfast outbox ...`: the state of a PostgreSQL or SQLite outbox, and putting
-//! parked rows back in line.
+//! `steadfast outbox ...`: the state of a PostgreSQL or SQLite outbox, its parked rows
+//! with their errors, and putting them back in line or deleting them by selection, with
+//! the same dry-run, JSON and audit rules as the dead-letter commands.
 
-use super::CliError;
+use super::{
+    CliError, Common,
+    audit::{self, Db, bounded},
+    dlq::confirm,
+};
 use crate::{
     MessageId,
+    idempotency::StoreError,
     outbox::{OutboxStatus, ParkedRow, PostgresOutbox, SqliteOutbox},
-    redact,
 };
 use clap::{Args, Subcommand};
 use std::process::ExitCode;
 
-/// Which outbox.
-#[derive(Debug, Clone, Args)]
-pub(super) struct DbArgs {
-    /// A PostgreSQL outbox: the database URL.
-    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: Option<String>,
-    /// A SQLite outbox: the database file (wins over a PostgreSQL URL).
-    #[arg(long, global = true)]
-    sqlite: Option<std::path::PathBuf>,
-    /// The outbox table (`name` or `schema.name`).
-    #[arg(long, global = true, default_value = "steadfast_outbox")]
-    table: String,
-}
-
 #[derive(Debug, Subcommand)]
 pub(super) enum OutboxCommand {
     /// Pending and parked rows, and how long the oldest pending row has waited.
-    Status {
-        /// Print JSON for scripts.
-        #[arg(long)]
-        json: bool,
+    Status,
+    /// Parked rows (the relay gave up on them) with their attempts and last error.
+    Parked {
+        #[command(flatten)]
+        select: ParkedArgs,
     },
-    /// Puts parked rows back in line for the relay (all of them, or those given).
+    /// Puts the selected parked rows back in line for the relay.
     RetryParked {
-        /// Only this row id (repeatable).
-        #[arg(long = "id")]
-        ids: Vec<MessageId>,
+        #[command(flatten)]
+        select: ParkedArgs,
+        /// List the ids that would be put back; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
+    /// Deletes the selected parked rows (asks first unless --yes).
+    DeleteParked {
+        #[command(flatten)]
+        select: ParkedArgs,
+        /// List the ids that would be deleted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask.
+        #[arg(long, short)]
+        yes: bool,
+    },
+}
+
+/// Which parked rows: every condition given must hold.
+#[derive(Debug, Clone, Args)]
+pub(super) struct ParkedArgs {
+    /// Only this row id (repeatable).
+    #[arg(long = "id")]
+    ids: Vec<MessageId>,
+    /// Only rows of messages with this name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Only rows whose last error contains this text (case ignored).
+    #[arg(long)]
+    error: Option<String>,
+    /// At most this many.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl ParkedArgs {
+    fn matches(&self, r: &ParkedRow) -> bool {
+        (self.ids.is_empty() || self.ids.contains(&r.id))
+            && self.name.as_ref().is_none_or(|n| r.name == *n)
+            && self.error.as_ref().is_none_or(|e| {
+                r.error
+                    .to_ascii_lowercase()
+                    .contains(&e.to_ascii_lowercase())
+            })
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ids": self.ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "name": self.name,
+            "error": self.error,
+            "limit": self.limit,
+        })
+    }
 }
 
 enum Store {
@@ -46,96 +89,125 @@ enum Store {
 }
 
 impl Store {
-    async fn status(&self) -> Result<OutboxStatus, crate::idempotency::StoreError> {
+    async fn status(&self) -> Result<OutboxStatus, StoreError> {
         match self {
             Store::Pg(o, _) => o.status().await,
             Store::Lite(o, _) => o.status().await,
         }
     }
-    async fn parked(&self, limit: i64) -> Result<Vec<ParkedRow>, crate::idempotency::StoreError> {
+    async fn parked(&self) -> Result<Vec<ParkedRow>, StoreError> {
         match self {
-            Store::Pg(o, _) => o.parked(limit).await,
-            Store::Lite(o, _) => o.parked(limit).await,
+            Store::Pg(o, _) => o.parked(i64::MAX).await,
+            Store::Lite(o, _) => o.parked(i64::MAX).await,
         }
     }
-    async fn requeue(&self, id: MessageId) -> Result<bool, crate::idempotency::StoreError> {
+    async fn requeue(&self, id: MessageId) -> Result<bool, StoreError> {
         match self {
             Store::Pg(o, _) => o.requeue(id).await,
             Store::Lite(o, _) => o.requeue(id).await,
         }
     }
-    async fn close(self) {
-        match self {
-            Store::Pg(_, p) => p.close().await,
-            Store::Lite(_, p) => p.close().await,
-        }
+    /// Deletes a row if it is parked (never a pending or sent one).
+    async fn delete_parked(&self, db: &Db, id: MessageId) -> Result<bool, CliError> {
+        let n = match self {
+            Store::Pg(o, pool) => {
+                let q = format!(
+                    "DELETE FROM {} WHERE id = $1 AND state = 'parked'",
+                    o.table()
+                );
+                bounded(
+                    "deleting a parked row",
+                    sqlx::query(sqlx::AssertSqlSafe(q))
+                        .bind(*id.as_uuid())
+                        .execute(pool),
+                )
+                .await?
+                .map(|r| r.rows_affected())
+            }
+            Store::Lite(o, pool) => {
+                let q = format!(
+                    "DELETE FROM {} WHERE id = ?1 AND state = 'parked'",
+                    o.table()
+                );
+                bounded(
+                    "deleting a parked row",
+                    sqlx::query(sqlx::AssertSqlSafe(q))
+                        .bind(id.to_string())
+                        .execute(pool),
+                )
+                .await?
+                .map(|r| r.rows_affected())
+            }
+        };
+        n.map(|n| n == 1)
+            .map_err(|e| db.err("deleting a parked row", &e))
     }
 }
 
-async fn open(db: &DbArgs) -> Result<Store, CliError> {
-    let bad_table = |e: crate::idempotency::StoreError| CliError(e.to_string());
-    if let Some(path) = &db.sqlite {
-        let opts = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(false);
-        let pool = sqlx::SqlitePool::connect_with(opts).await.map_err(|e| {
-            CliError(format!(
-                "cannot open SQLite database `{}`: {e}",
-                path.display()
-            ))
-        })?;
-        let o = SqliteOutbox::new(pool.clone())
-            .with_table(&db.table)
-            .map_err(bad_table)?;
-        return Ok(Store::Lite(o, pool));
-    }
-    let Some(url) = &db.database_url else {
+pub(super) async fn run(
+    common: &Common,
+    table: &str,
+    cmd: OutboxCommand,
+) -> Result<ExitCode, CliError> {
+    let Some(db) = audit::open_db(&common.db).await? else {
         return Err(CliError::new(
-            "no outbox: pass --database-url (or set DATABASE_URL) for PostgreSQL, or --sqlite FILE",
+            "no outbox: pass --database-url (or set DATABASE_URL or STEADFAST_DATABASE_URL) for PostgreSQL, or --sqlite FILE",
         ));
     };
-    let pool = crate::idempotency::postgres::connect(url)
-        .await
-        .map_err(|e| {
-            CliError(redact::scrub(
-                &e.to_string(),
-                redact::password(url).as_deref(),
-            ))
-        })?;
-    let o = PostgresOutbox::new(pool.clone())
-        .with_table(&db.table)
-        .map_err(bad_table)?;
-    Ok(Store::Pg(o, pool))
-}
-
-pub(super) async fn run(db: DbArgs, cmd: OutboxCommand) -> Result<ExitCode, CliError> {
-    let store = open(&db).await?;
-    let r = run_on(&store, &db, cmd).await;
-    store.close().await;
+    let bad_table = |e: StoreError| CliError(e.to_string());
+    let store = match &db {
+        Db::Pg(p, _) => Store::Pg(
+            PostgresOutbox::new(p.clone())
+                .with_table(table)
+                .map_err(bad_table)?,
+            p.clone(),
+        ),
+        Db::Lite(p) => Store::Lite(
+            SqliteOutbox::new(p.clone())
+                .with_table(table)
+                .map_err(bad_table)?,
+            p.clone(),
+        ),
+    };
+    let r = run_on(&store, &db, common, table, cmd).await;
+    db.close().await;
     r
 }
 
-async fn run_on(store: &Store, db: &DbArgs, cmd: OutboxCommand) -> Result<ExitCode, CliError> {
-    let err = |e: crate::idempotency::StoreError| {
-        let secret = db.database_url.as_deref().and_then(redact::password);
-        CliError(redact::scrub(&e.to_string(), secret.as_deref()))
+async fn run_on(
+    store: &Store,
+    db: &Db,
+    common: &Common,
+    table: &str,
+    cmd: OutboxCommand,
+) -> Result<ExitCode, CliError> {
+    let err = |e: StoreError| db.err("outbox", &e);
+    let json = common.json;
+    let selected = |select: &ParkedArgs| {
+        let select = select.clone();
+        async move {
+            let rows = store.parked().await.map_err(err)?;
+            let mut out: Vec<ParkedRow> = rows.into_iter().filter(|r| select.matches(r)).collect();
+            out.truncate(select.limit.unwrap_or(usize::MAX));
+            Ok::<_, CliError>(out)
+        }
     };
     match cmd {
-        OutboxCommand::Status { json } => {
+        OutboxCommand::Status => {
             let s = store.status().await.map_err(err)?;
             let age = s.oldest_pending_age.map(|d| d.as_secs_f64());
             if json {
                 println!(
                     "{}",
                     serde_json::json!({
-                        "table": db.table,
+                        "table": table,
                         "pending": s.pending,
                         "parked": s.parked,
                         "oldest_pending_age_seconds": age,
                     })
                 );
             } else {
-                println!("outbox `{}`", db.table);
+                println!("outbox `{table}`");
                 println!("  pending: {}", s.pending);
                 println!("  parked:  {}", s.parked);
                 match s.oldest_pending_age {
@@ -148,36 +220,185 @@ async fn run_on(store: &Store, db: &DbArgs, cmd: OutboxCommand) -> Result<ExitCo
             }
             Ok(ExitCode::SUCCESS)
         }
-        OutboxCommand::RetryParked { ids } => {
-            let ids = if ids.is_empty() {
-                store
-                    .parked(i64::MAX)
-                    .await
-                    .map_err(err)?
-                    .into_iter()
-                    .map(|r| r.id)
-                    .collect()
+        OutboxCommand::Parked { select } => {
+            let rows = selected(&select).await?;
+            if json {
+                let v: Vec<_> = rows.iter().map(row_json).collect();
+                println!("{}", serde_json::Value::Array(v));
             } else {
-                ids
-            };
-            let mut requeued = 0usize;
-            let mut not_parked = Vec::new();
-            for id in ids {
-                if store.requeue(id).await.map_err(err)? {
-                    requeued += 1;
-                } else {
-                    not_parked.push(id);
+                println!("{} parked row(s) in `{table}`", rows.len());
+                for r in &rows {
+                    println!("{}  {}  {} attempt(s)", r.id, r.name, r.attempts);
+                    println!("    last error: {}", r.error);
                 }
             }
-            println!("requeued {requeued} parked row(s) of `{}`", db.table);
-            for id in &not_parked {
-                println!("not parked (unknown, pending or sent): {id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        OutboxCommand::RetryParked { select, dry_run } => {
+            act(
+                store,
+                db,
+                common,
+                table,
+                &select,
+                dry_run,
+                "retry-parked",
+                false,
+            )
+            .await
+        }
+        OutboxCommand::DeleteParked {
+            select,
+            dry_run,
+            yes,
+        } => {
+            if !dry_run && !yes {
+                super::dlq::refuse_without_terminal()?;
+                let n = selected(&select).await?.len();
+                if n == 0 {
+                    println!("no parked row of `{table}` matches; nothing to delete");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                confirm(&format!(
+                    "delete {n} parked row(s) of `{table}` for good? [y/N] "
+                ))
+                .await?;
             }
-            Ok(if not_parked.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            act(
+                store,
+                db,
+                common,
+                table,
+                &select,
+                dry_run,
+                "delete-parked",
+                true,
+            )
+            .await
         }
     }
+}
+
+fn row_json(r: &ParkedRow) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id.to_string(),
+        "name": r.name,
+        "attempts": r.attempts,
+        "error": r.error,
+    })
+}
+
+/// Retries or deletes the selected parked rows, recorded in the audit trail. Ids given
+/// with --id that are not parked are reported and make the exit code non-zero.
+#[allow(clippy::too_many_arguments)]
+async fn act(
+    store: &Store,
+    db: &Db,
+    common: &Common,
+    table: &str,
+    select: &ParkedArgs,
+    dry_run: bool,
+    action: &str,
+    delete: bool,
+) -> Result<ExitCode, CliError> {
+    let err = |e: StoreError| db.err("outbox", &e);
+    let mut rows: Vec<ParkedRow> = store
+        .parked()
+        .await
+        .map_err(err)?
+        .into_iter()
+        .filter(|r| select.matches(r))
+        .collect();
+    rows.truncate(select.limit.unwrap_or(usize::MAX));
+    let not_parked: Vec<MessageId> = select
+        .ids
+        .iter()
+        .filter(|id| !rows.iter().any(|r| r.id == **id))
+        .copied()
+        .collect();
+    if dry_run {
+        if common.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "dry_run": true,
+                    "action": action,
+                    "table": table,
+                    "count": rows.len(),
+                    "ids": rows.iter().map(|r| r.id.to_string()).collect::<Vec<_>>(),
+                    "not_parked": not_parked.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                })
+            );
+        } else {
+            println!(
+                "dry run: would {action} {} parked row(s) of `{table}`; nothing changed",
+                rows.len()
+            );
+            for r in &rows {
+                println!("  {}  {}  {}", r.id, r.name, r.error);
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let audit = audit::begin(
+        &common.db,
+        action,
+        &format!("outbox:{table}"),
+        select.json(),
+    )
+    .await?;
+    let mut done = Vec::new();
+    let mut missed = not_parked;
+    let mut failure = None;
+    for r in &rows {
+        let ok = if delete {
+            store.delete_parked(db, r.id).await
+        } else {
+            store.requeue(r.id).await.map_err(err)
+        };
+        match ok {
+            Ok(true) => done.push(r.id),
+            Ok(false) => missed.push(r.id),
+            Err(e) => {
+                failure = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    audit
+        .finish(
+            &done,
+            serde_json::json!({
+                "done": done.len(),
+                "not_parked": missed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "error": failure,
+            }),
+        )
+        .await?;
+    if let Some(f) = failure {
+        return Err(CliError(f));
+    }
+    let verb = if delete { "deleted" } else { "requeued" };
+    if common.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "action": action,
+                "table": table,
+                "done": done.len(),
+                "ids": done.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "not_parked": missed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        println!("{verb} {} parked row(s) of `{table}`", done.len());
+        for id in &missed {
+            println!("not parked (unknown, pending or sent): {id}");
+        }
+    }
+    Ok(if missed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

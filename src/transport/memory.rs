@@ -237,7 +237,18 @@ impl Transport for MemoryTransport {
         filter: &'a DeadLetterFilter,
         progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
     ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
-        Box::pin(async move { Ok(self.take_dead_letters(group, filter, progress, true)) })
+        let rewrite = |d: &DeadLetter| d.replay_envelope();
+        Box::pin(async move { Ok(self.take_dead_letters(group, filter, progress, Some(&rewrite))) })
+    }
+
+    fn replay_dead_letters_as<'a>(
+        &'a self,
+        group: &'a str,
+        filter: &'a DeadLetterFilter,
+        rewrite: &'a super::DeadLetterRewrite<'_>,
+        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
+    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
+        Box::pin(async move { Ok(self.take_dead_letters(group, filter, progress, Some(rewrite))) })
     }
 
     fn purge_dead_letters<'a>(
@@ -246,7 +257,7 @@ impl Transport for MemoryTransport {
         filter: &'a DeadLetterFilter,
         progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
     ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
-        Box::pin(async move { Ok(self.take_dead_letters(group, filter, progress, false)) })
+        Box::pin(async move { Ok(self.take_dead_letters(group, filter, progress, None)) })
     }
 }
 
@@ -256,7 +267,7 @@ impl MemoryTransport {
         group: &str,
         filter: &DeadLetterFilter,
         progress: &(dyn Fn(&DeadLetter) + Send + Sync),
-        replay: bool,
+        replay: Option<&super::DeadLetterRewrite<'_>>,
     ) -> DeadLetterReport {
         let mut report = DeadLetterReport::default();
         let taken = {
@@ -276,9 +287,9 @@ impl MemoryTransport {
                 }
             }
             g.dead = kept;
-            if replay {
+            if let Some(rewrite) = replay {
                 for dl in &taken {
-                    g.ready.push_back(dl.replay_envelope());
+                    g.ready.push_back(rewrite(dl));
                 }
                 g.notify.notify_one();
             }

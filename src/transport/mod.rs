@@ -17,6 +17,7 @@
 #[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod crash;
+mod failure_group;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
@@ -36,6 +37,15 @@ use std::{
 /// `steadfast.transport.reconnects` (counter): connections re-established after a loss,
 /// labelled `messaging.system`.
 pub const RECONNECTS: &str = "steadfast.transport.reconnects";
+
+pub use failure_group::normalise_reason;
+
+/// Called with each dead letter a scan reads, oldest first; `false` stops the scan.
+pub type DeadLetterVisitor<'a> = dyn FnMut(DeadLetter) -> bool + Send + 'a;
+
+/// Makes the message a replay publishes from a dead letter (see
+/// [`Transport::replay_dead_letters_as`]).
+pub type DeadLetterRewrite<'a> = dyn Fn(&DeadLetter) -> Envelope + Send + Sync + 'a;
 
 /// Counts one re-established connection (a rare event: the handle is looked up here).
 #[cfg_attr(not(any(feature = "amqp", feature = "nats")), allow(dead_code))]
@@ -275,6 +285,50 @@ pub trait Transport: Send + Sync + 'static {
         Box::pin(async { Err(unsupported("list dead letters")) })
     }
 
+    /// How many dead letters `group` has (its dead-letter queue's depth, or the number
+    /// stored for it in the dead-letter stream). An error of kind
+    /// [`TransportErrorKind::Config`] when the group is unknown: no dead-letter queue of
+    /// that name (RabbitMQ), no consumer of that name and no dead letter for it (NATS).
+    fn dead_letter_count<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<u64, TransportError>> {
+        Box::pin(async move { Ok(self.dead_letters(group, usize::MAX).await?.len() as u64) })
+    }
+
+    /// Reads the dead letters of `group` oldest first, without removing them, handing
+    /// each to `visit` until it returns `false`: a scan reads no more than it needs.
+    /// An unknown group is an error, as for [`dead_letter_count`](Self::dead_letter_count).
+    fn scan_dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        visit: &'a mut DeadLetterVisitor<'_>,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            for d in self.dead_letters(group, usize::MAX).await? {
+                if !visit(d) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// [`replay_dead_letters`](Self::replay_dead_letters), publishing `rewrite(dead
+    /// letter)` in place of [`DeadLetter::replay_envelope`]: a copy with an audit header,
+    /// or an edited message with a new id. The dead letter is removed only after the
+    /// broker confirmed what `rewrite` made.
+    fn replay_dead_letters_as<'a>(
+        &'a self,
+        group: &'a str,
+        filter: &'a DeadLetterFilter,
+        rewrite: &'a DeadLetterRewrite<'_>,
+        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
+    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
+        let _ = (group, filter, rewrite, progress);
+        Box::pin(async { Err(unsupported("replay dead letters")) })
+    }
+
     /// Puts the dead letters of `group` selected by `filter` back on their consumer
     /// group's work queue (RabbitMQ) or original subject (NATS), oldest first: id and
     /// body kept, attempt reset to 1, [`header::REPLAYED_AT`] and
@@ -350,6 +404,9 @@ pub struct DeadLetterFilter {
     pub until: Option<SystemTime>,
     /// At most this many.
     pub limit: Option<usize>,
+    /// Only dead letters of these failure groups (any of them), when not empty: a
+    /// [`DeadLetter::fingerprint`], or the start of one (at least 4 characters).
+    pub fingerprints: Vec<String>,
 }
 
 impl DeadLetterFilter {
@@ -388,6 +445,13 @@ impl DeadLetterFilter {
         self
     }
 
+    /// Adds the failure group `fingerprint` (see [`DeadLetter::fingerprint`]).
+    #[must_use]
+    pub fn fingerprint(mut self, fingerprint: impl Into<String>) -> Self {
+        self.fingerprints.push(fingerprint.into());
+        self
+    }
+
     /// Selects at most `n`.
     #[must_use]
     pub fn limit(mut self, n: usize) -> Self {
@@ -400,6 +464,16 @@ impl DeadLetterFilter {
     pub fn matches(&self, dl: &DeadLetter) -> bool {
         if !self.ids.is_empty() && !self.ids.contains(&dl.id()) {
             return false;
+        }
+        if !self.fingerprints.is_empty() {
+            let fp = dl.fingerprint();
+            if !self
+                .fingerprints
+                .iter()
+                .any(|f| f.len() >= 4 && fp.starts_with(&f.to_ascii_lowercase()))
+            {
+                return false;
+            }
         }
         if let Some(r) = &self.reason
             && !dl

@@ -1,8 +1,10 @@
 //! The `steadfast` binary, run as a process, against the local RabbitMQ and NATS with a
-//! worker whose handler writes through the PostgreSQL inbox: 1,000 messages
-//! dead-lettered by a failing handler, listed, a dry run, a refused purge, a filtered
-//! replay of exactly the selected ones, and a replay killed with SIGKILL halfway then run
-//! again — every message applied exactly once.
+//! worker whose handler writes through the PostgreSQL inbox: 2,000 messages (10,000 with
+//! `STEADFAST_TEST_CLI_TOTAL=10000`)
+//! dead-lettered by a failing handler, grouped, shown by every selector, a dry run that
+//! lists ids, a refused purge, a wrong group refused, a replay by failure group recorded
+//! in the audit trail, a dead letter corrected and handled once, one purged by id, and a
+//! replay killed with SIGKILL halfway then run again — every message applied exactly once.
 
 #[path = "../amqp/raw_frames.rs"]
 mod raw_frames;
@@ -27,9 +29,17 @@ use steadfast::{
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-const TOTAL: usize = 1000;
-const BETAS: usize = 300;
 const GROUP: &str = "g";
+
+/// How many messages the scenario dead-letters, 30% of them betas: 2,000 (within the CI
+/// budget), or `STEADFAST_TEST_CLI_TOTAL` (at least 100; the issue's run is 10,000).
+fn total() -> usize {
+    std::env::var("STEADFAST_TEST_CLI_TOTAL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000)
+        .max(100)
+}
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Message)]
 #[message(name = "cli.alpha")]
@@ -60,7 +70,9 @@ impl Pg {
         let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
         for sql in [
             format!("CREATE SCHEMA {schema}"),
-            format!("CREATE TABLE {schema}.effects (msg_id uuid NOT NULL, name text NOT NULL)"),
+            format!(
+                "CREATE TABLE {schema}.effects (msg_id uuid NOT NULL, name text NOT NULL, n bigint NOT NULL)"
+            ),
         ] {
             sqlx::query(AssertSqlSafe(sql))
                 .execute(&pool)
@@ -90,6 +102,19 @@ impl Pg {
         .unwrap()
     }
 
+    /// The `n` of every effect of message `id`.
+    async fn n_of(&self, id: MessageId) -> Vec<i64> {
+        let rows: Vec<(i64,)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT n FROM {}.effects WHERE msg_id = $1",
+            self.schema
+        )))
+        .bind(*id.as_uuid())
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        rows.into_iter().map(|r| r.0).collect()
+    }
+
     async fn applied_ids(&self) -> HashSet<MessageId> {
         let rows: Vec<(uuid::Uuid,)> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT msg_id FROM {}.effects",
@@ -112,8 +137,8 @@ impl Pg {
     }
 }
 
-/// (attempt, replay count header) of one delivery.
-type Seen = (u32, Option<String>);
+/// (attempt, replay count header, audit id header) of one delivery.
+type Seen = (u32, Option<String>, Option<String>);
 
 /// Fails every message until fixed; then applies it through the inbox, once.
 #[derive(Clone)]
@@ -129,48 +154,53 @@ struct Apply {
 }
 
 impl Apply {
-    async fn apply(&self, cx: &Context) -> Result<(), HandlerError> {
+    async fn apply(&self, n: u32, cx: &Context) -> Result<(), HandlerError> {
         if !self.fixed.load(Ordering::SeqCst) {
-            return Err(HandlerError::msg("handler bug: cannot apply").permanent());
+            // The id makes every reason different; the failure group masks it.
+            return Err(
+                HandlerError::msg(format!("handler bug: cannot apply {}", cx.id())).permanent(),
+            );
         }
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.seen.lock().unwrap().push((
             cx.attempt(),
             cx.headers().get(header::REPLAY_COUNT).map(str::to_owned),
+            cx.headers().get(header::AUDIT_ID).map(str::to_owned),
         ));
         let mut tx = self.pool.begin().await?;
         if !self.inbox.mark(&mut tx, cx).await? {
             return Ok(());
         }
         sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {}.effects (msg_id, name) VALUES ($1, $2)",
+            "INSERT INTO {}.effects (msg_id, name, n) VALUES ($1, $2, $3)",
             self.schema
         )))
         .bind(*cx.id().as_uuid())
         .bind(cx.name())
+        .bind(i64::from(n))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn guarded(&self, cx: &Context) -> Result<(), HandlerError> {
+    async fn guarded(&self, n: u32, cx: &Context) -> Result<(), HandlerError> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let r = self.apply(cx).await;
+        let r = self.apply(n, cx).await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         r
     }
 }
 
 impl Handler<Alpha> for Apply {
-    async fn handle(&self, _m: Alpha, cx: Context) -> Result<(), HandlerError> {
-        self.guarded(&cx).await
+    async fn handle(&self, m: Alpha, cx: Context) -> Result<(), HandlerError> {
+        self.guarded(m.n, &cx).await
     }
 }
 
 impl Handler<Beta> for Apply {
-    async fn handle(&self, _m: Beta, cx: Context) -> Result<(), HandlerError> {
-        self.guarded(&cx).await
+    async fn handle(&self, m: Beta, cx: Context) -> Result<(), HandlerError> {
+        self.guarded(m.n, &cx).await
     }
 }
 
@@ -247,6 +277,13 @@ async fn nats() -> Broker {
     }
 }
 
+/// The binary under test: Cargo's, or `STEADFAST_TEST_BIN` when set (a copy taken right
+/// after the build, where several checkouts share one target directory).
+fn steadfast_bin() -> String {
+    std::env::var("STEADFAST_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_steadfast").to_owned())
+}
+
 /// What a run of the binary printed.
 struct Run {
     ok: bool,
@@ -255,12 +292,14 @@ struct Run {
 }
 
 fn cli(b: &Broker, args: &[&str]) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_steadfast"));
+    let mut c = tokio::process::Command::new(steadfast_bin());
     c.arg("dlq")
         .args(args)
         .args(&b.args)
         .env_remove("AMQP_URL")
         .env_remove("NATS_URL")
+        .env_remove("DATABASE_URL")
+        .env_remove("STEADFAST_DATABASE_URL")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     c
@@ -278,20 +317,69 @@ async fn run(b: &Broker, args: &[&str]) -> Run {
     }
 }
 
+/// Runs a command that prints JSON and must succeed.
+async fn json(b: &Broker, args: &[&str]) -> Value {
+    let r = run(b, args).await;
+    assert!(r.ok, "{args:?} failed: {}\n{}", r.stdout, r.stderr);
+    serde_json::from_str(&r.stdout)
+        .unwrap_or_else(|e| panic!("{args:?} --json prints JSON ({e}): {}", r.stdout))
+}
+
+/// `dlq list GROUP --json`.
 async fn list(b: &Broker) -> Value {
-    let r = run(b, &["list", GROUP, "--json"]).await;
-    assert!(r.ok, "dlq list failed: {}", r.stderr);
-    serde_json::from_str(&r.stdout).expect("dlq list --json prints JSON")
+    json(b, &["list", GROUP, "--json"]).await
+}
+
+/// How many dead letters the group has (the queue's or stream's own count).
+async fn count(b: &Broker) -> u64 {
+    b.transport.dead_letter_count(GROUP).await.expect("count")
+}
+
+fn ids_of(v: &Value) -> HashSet<MessageId> {
+    v.as_array()
+        .expect("an array of ids")
+        .iter()
+        .map(|i| i.as_str().unwrap().parse().unwrap())
+        .collect()
 }
 
 async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
     let start = Instant::now();
     while !cond().await {
         assert!(
-            start.elapsed() < Duration::from_secs(120),
+            start.elapsed() < Duration::from_secs(300),
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("waited {:?} for {what}", start.elapsed());
+}
+
+/// The dead-letter count once the broker has put back what a finished command held.
+/// RabbitMQ returns the messages that a closed channel or a dead connection held unacked
+/// after the command has gone (a quorum queue through its log), so a count read at once
+/// can be short: wait until two reads 300 ms apart agree.
+async fn settled_count(b: &Broker) -> u64 {
+    let start = Instant::now();
+    let first = count(b).await;
+    let mut last = first;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = count(b).await;
+        if now == last {
+            if now != first {
+                eprintln!(
+                    "dead-letter count settled from {first} to {now} in {:?}",
+                    start.elapsed()
+                );
+            }
+            return now;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the dead-letter count does not settle: {first}, then {last}, then {now}"
+        );
+        last = now;
     }
 }
 
@@ -336,42 +424,57 @@ async fn scenario(b: Broker) {
         .expect("valid worker");
     let (stop, running) = start(worker).await;
 
-    // 1,000 messages, 700 alpha and 300 beta, all dead-lettered by the broken handler.
-    let mut envs = Vec::with_capacity(TOTAL);
-    for n in 0..TOTAL as u32 {
-        envs.push(if (n as usize) < BETAS {
+    // The messages, 70% alpha and 30% beta, all dead-lettered by the broken handler.
+    let (n_total, n_betas) = (total(), total() * 3 / 10);
+    let stall = (n_total - n_betas) / 3;
+    let mut envs = Vec::with_capacity(n_total);
+    for n in 0..n_total as u32 {
+        envs.push(if (n as usize) < n_betas {
             Envelope::encode(&Beta { n }).unwrap()
         } else {
             Envelope::encode(&Alpha { n }).unwrap()
         });
     }
-    let betas: HashSet<MessageId> = envs[..BETAS].iter().map(|e| e.id).collect();
+    let betas: HashSet<MessageId> = envs[..n_betas].iter().map(|e| e.id).collect();
     let all: HashSet<MessageId> = envs.iter().map(|e| e.id).collect();
     for chunk in envs.chunks(100) {
         for r in b.transport.publish_batch(chunk).await {
             r.expect("published");
         }
     }
-    wait_for("1,000 dead letters", || {
+    wait_for("every message dead-lettered", || {
         let n = dead.load(Ordering::SeqCst);
-        async move { n == TOTAL as i64 }
+        async move { n == n_total as i64 }
     })
     .await;
 
-    // `dlq list` counts what the test put there.
-    let l = list(&b).await;
-    assert_eq!(l["total"], TOTAL);
-    assert_eq!(l["by_name"]["cli.alpha"], TOTAL - BETAS);
-    assert_eq!(l["by_name"]["cli.beta"], BETAS);
-    assert_eq!(l["by_kind"]["permanent"], TOTAL);
-    let reasons = l["by_reason"].as_object().unwrap();
-    assert_eq!(reasons.len(), 1, "{reasons:?}");
-    let (reason, n) = reasons.iter().next().unwrap();
-    assert!(reason.contains("handler bug"), "{reason}");
-    assert_eq!(n, TOTAL);
-    assert!(l["oldest"].is_string() && l["newest"].is_string(), "{l}");
+    // A wrong group is an error, not "0 dead letters".
+    for cmd in ["list", "groups", "replay"] {
+        let w = run(&b, &[cmd, "no-such-group"]).await;
+        assert!(!w.ok, "{cmd} of a wrong group must fail: {}", w.stdout);
+        assert!(w.stderr.contains("no-such-group"), "{}", w.stderr);
+    }
 
-    // `show` prints the failure facts and the body.
+    // Failure groups: the ids in the reasons are masked, so one group per message name.
+    let g = json(&b, &["groups", GROUP, "--json"]).await;
+    let groups = g["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2, "{g}");
+    let by_name = |name: &str| {
+        groups
+            .iter()
+            .find(|x| x["name"] == name)
+            .unwrap_or_else(|| panic!("no group of {name}: {g}"))
+            .clone()
+    };
+    let (alpha_g, beta_g) = (by_name("cli.alpha"), by_name("cli.beta"));
+    assert_eq!(alpha_g["count"], n_total - n_betas);
+    assert_eq!(beta_g["count"], n_betas);
+    assert_eq!(beta_g["kind"], "permanent");
+    assert_eq!(beta_g["reason"], "handler bug: cannot apply <uuid>");
+    assert!(beta_g["first_failed_at"].is_string() && beta_g["last_failed_at"].is_string());
+    let beta_fp = beta_g["fingerprint"].as_str().unwrap().to_owned();
+
+    // `show` prints the failure facts and the body, and reads only what it shows.
     let s = run(&b, &["show", GROUP, "--limit", "1"]).await;
     assert!(s.ok, "{}", s.stderr);
     for needle in [
@@ -387,51 +490,184 @@ async fn scenario(b: Broker) {
             s.stdout
         );
     }
+    // Every selector, on `show` and `list`.
+    let an_hour_on =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600))
+            .to_string();
+    let beta_id = envs[7].id.to_string();
+    for (args, n, name) in [
+        (
+            vec!["--name", "cli.beta", "--limit", "3"],
+            3,
+            Some("cli.beta"),
+        ),
+        (
+            vec!["--group-id", &beta_fp[..8], "--limit", "2"],
+            2,
+            Some("cli.beta"),
+        ),
+        (vec!["--reason", "HANDLER BUG", "--limit", "4"], 4, None),
+        (
+            vec!["--since", "1h", "--until", &an_hour_on, "--limit", "2"],
+            2,
+            None,
+        ),
+        (vec!["--id", &beta_id], 1, Some("cli.beta")),
+    ] {
+        let v = json(&b, &[&["show", GROUP, "--json"][..], &args].concat()).await;
+        let shown = v.as_array().unwrap();
+        assert_eq!(shown.len(), n, "{args:?}: {v}");
+        if let Some(name) = name {
+            assert!(shown.iter().all(|d| d["name"] == name), "{args:?}: {v}");
+        }
+    }
+    let one = json(&b, &["show", GROUP, "--json", "--id", &beta_id]).await;
+    assert_eq!(one[0]["id"], beta_id);
+    assert!(one[0]["reason"].as_str().unwrap().contains(&beta_id));
+    let l = json(&b, &["list", GROUP, "--json", "--name", "cli.beta"]).await;
+    assert_eq!(l["total"], n_betas);
+    assert_eq!(l["by_kind"]["permanent"], n_betas);
+    assert!(l["oldest"].is_string() && l["newest"].is_string(), "{l}");
 
-    // A dry run changes nothing.
-    let d = run(&b, &["replay", GROUP, "--name", "cli.beta", "--dry-run"]).await;
-    assert!(d.ok, "{}", d.stderr);
-    assert!(
-        d.stdout.contains("would replay 300 of 1000"),
-        "{}",
-        d.stdout
-    );
-    assert_eq!(list(&b).await["total"], TOTAL);
+    // A dry run lists exactly the ids it would touch and changes nothing.
+    let d = json(
+        &b,
+        &[
+            "replay",
+            GROUP,
+            "--group-id",
+            &beta_fp,
+            "--dry-run",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(d["count"], n_betas);
+    assert_eq!(ids_of(&d["ids"]), betas);
+    assert_eq!(settled_count(&b).await, n_total as u64);
 
     // Purge without --yes and without a terminal refuses and deletes nothing.
     let p = run(&b, &["purge", GROUP, "--name", "cli.beta"]).await;
     assert!(!p.ok, "purge without --yes must fail: {}", p.stdout);
     assert!(p.stderr.contains("refusing"), "{}", p.stderr);
-    assert_eq!(list(&b).await["total"], TOTAL);
+    assert_eq!(settled_count(&b).await, n_total as u64);
     assert_eq!(apply.calls.load(Ordering::SeqCst), 0);
 
-    // The fix is deployed; replay only the betas: exactly those are handled, once.
+    // The fix is deployed; replay the betas' failure group: exactly those are handled,
+    // once, and the replay is in the audit trail.
+    let db_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let audit_table = format!("{}.steadfast_audit", pg.schema);
+    let audited = |args: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        v.extend(
+            [
+                "--database-url",
+                &db_url,
+                "--audit-table",
+                &audit_table,
+                "--actor",
+                "tester",
+            ]
+            .map(str::to_owned),
+        );
+        v
+    };
     apply.fixed.store(true, Ordering::SeqCst);
-    let r = run(&b, &["replay", GROUP, "--name", "cli.beta"]).await;
-    assert!(r.ok, "replay failed: {}\n{}", r.stdout, r.stderr);
-    assert!(r.stdout.contains("replayed 300 of 300"), "{}", r.stdout);
-    wait_for("300 betas applied", || async {
-        pg.effects(None).await.1 == BETAS as i64
+    let args = audited(&["replay", GROUP, "--group-id", &beta_fp, "--json"]);
+    let r = json(&b, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_eq!(
+        (r["done"].as_u64(), r["failed"].as_u64()),
+        (Some(n_betas as u64), Some(0))
+    );
+    assert_eq!(ids_of(&r["ids"]), betas);
+    wait_for("the betas applied", || async {
+        pg.effects(None).await.1 == n_betas as i64
     })
     .await;
-    let l = list(&b).await;
-    assert_eq!(l["total"], TOTAL - BETAS);
-    assert_eq!(l["by_name"]["cli.alpha"], TOTAL - BETAS);
-    assert!(l["by_name"].get("cli.beta").is_none(), "{l}");
+    assert_eq!(settled_count(&b).await, (n_total - n_betas) as u64);
     assert_eq!(pg.applied_ids().await, betas);
     assert_eq!(
         pg.effects(Some("cli.beta")).await,
-        (BETAS as i64, BETAS as i64)
+        (n_betas as i64, n_betas as i64)
     );
     assert_eq!(
         apply.calls.load(Ordering::SeqCst),
-        BETAS as i64,
+        n_betas as i64,
         "each beta handled once"
     );
+    let args = audited(&["history", GROUP, "--json"]);
+    let h = json(&b, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let rec = &h[0];
+    assert_eq!(rec["action"], "replay", "{h}");
+    assert_eq!(rec["actor"], "tester");
+    assert_eq!(rec["selection"]["group_ids"][0], beta_fp.as_str());
+    assert_eq!(ids_of(&rec["ids"]), betas);
+    assert_eq!(rec["outcome"]["done"], n_betas);
+    let audit_id = rec["id"].as_str().unwrap().to_owned();
+    assert!(
+        apply
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s.2.as_deref() == Some(audit_id.as_str())),
+        "each replayed copy carries its audit record's id"
+    );
 
-    // Replay the rest, SIGKILL it after 250 are done (more are in flight), run it again.
+    // Edit and retry: one alpha's body corrected; the copy (a new id) is handled once
+    // and the dead letter is gone; the original id is never applied.
+    let edited = envs[n_betas].id;
+    let body = std::env::temp_dir().join(format!("{}.json", unique()));
+    std::fs::write(&body, br#"{"n": 424242}"#).unwrap();
+    let body_arg = body.to_string_lossy().into_owned();
+    let edited_arg = edited.to_string();
+    let args = audited(&[
+        "edit",
+        GROUP,
+        "--id",
+        &edited_arg,
+        "--body",
+        &body_arg,
+        "--json",
+    ]);
+    let e = json(&b, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let _ = std::fs::remove_file(&body);
+    assert_eq!(e["done"], 1, "{e}");
+    let new_id: MessageId = e["new_id"].as_str().unwrap().parse().unwrap();
+    assert_ne!(new_id, edited);
+    wait_for("the corrected copy applied", || async {
+        pg.applied_ids().await.contains(&new_id)
+    })
+    .await;
+    assert_eq!(
+        pg.n_of(new_id).await,
+        vec![424_242],
+        "applied once, with the new body"
+    );
+    assert_eq!(settled_count(&b).await, (n_total - n_betas - 1) as u64);
+    let gone = run(&b, &["show", GROUP, "--id", &edited_arg]).await;
+    assert!(!gone.ok, "the original is gone: {}", gone.stdout);
+    let args = audited(&["history", GROUP, "--json", "--limit", "1"]);
+    let h = json(&b, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_eq!(h[0]["action"], "edit");
+    assert_eq!(h[0]["ids"][0], edited_arg.as_str());
+    assert_eq!(h[0]["outcome"]["new_id"], new_id.to_string());
+
+    // Purge one by id, with JSON: exactly that one.
+    let purged = envs[n_betas + 1].id;
+    let purged_arg = purged.to_string();
+    let p = json(
+        &b,
+        &["purge", GROUP, "--id", &purged_arg, "--yes", "--json"],
+    )
+    .await;
+    assert_eq!(ids_of(&p["ids"]), HashSet::from([purged]));
+    assert_eq!(settled_count(&b).await, (n_total - n_betas - 2) as u64);
+
+    // Replay the rest, SIGKILL it after a third are done (more are in flight), run it again.
     let mut child = cli(&b, &["replay", GROUP])
-        .env("STEADFAST_TEST_STALL_AFTER", "250")
+        .env("STEADFAST_TEST_STALL_AFTER", stall.to_string())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -443,7 +679,7 @@ async fn scenario(b: Broker) {
             .await
             .unwrap()
             .expect("the replay stalls before it ends");
-        if line.contains("stalled after 250") {
+        if line.contains(&format!("stalled after {stall}")) {
             break;
         }
     }
@@ -453,17 +689,21 @@ async fn scenario(b: Broker) {
     // The kill came before the end. (On RabbitMQ's quorum dead-letter queue, acks still
     // on their way when the connection dies may be lost: those dead letters stay and are
     // replayed again below, their duplicates absorbed by the inbox.)
-    let left = list(&b).await["total"].as_u64().unwrap();
+    let left = settled_count(&b).await;
     assert!(
-        left > 0 && left <= (TOTAL - BETAS) as u64,
+        left > 0 && left <= (n_total - n_betas - 2) as u64,
         "the kill came before the end: {left} dead letters left"
     );
     let r = run(&b, &["replay", GROUP]).await;
     assert!(r.ok, "second replay failed: {}\n{}", r.stdout, r.stderr);
 
     // Every message applied exactly once; duplicates of what was in flight absorbed.
+    let mut expected = all.clone();
+    expected.remove(&edited);
+    expected.remove(&purged);
+    expected.insert(new_id);
     wait_for("every message applied", || async {
-        pg.effects(None).await.1 == TOTAL as i64
+        pg.effects(None).await.1 == expected.len() as i64
     })
     .await;
     wait_for("the worker to go quiet", || async {
@@ -472,18 +712,32 @@ async fn scenario(b: Broker) {
         apply.in_flight.load(Ordering::SeqCst) == 0 && apply.calls.load(Ordering::SeqCst) == before
     })
     .await;
-    assert_eq!(list(&b).await["total"], 0);
+    let left = settled_count(&b).await;
+    if left > 0 {
+        let applied = pg.applied_ids().await;
+        for d in b.transport.dead_letters(GROUP, 20).await.expect("read") {
+            eprintln!(
+                "left: {} applied={} reason={:?} attempts={} headers={:?}",
+                d.id(),
+                applied.contains(&d.id()),
+                d.reason,
+                d.attempts,
+                d.envelope.headers
+            );
+        }
+    }
+    assert_eq!(left, 0, "dead letters left after the second replay");
     assert_eq!(
         pg.effects(None).await,
-        (TOTAL as i64, TOTAL as i64),
+        (expected.len() as i64, expected.len() as i64),
         "none applied twice"
     );
-    assert_eq!(pg.applied_ids().await, all, "none lost");
+    assert_eq!(pg.applied_ids().await, expected, "none lost");
     let seen = apply.seen.lock().unwrap().clone();
-    assert!(seen.len() >= TOTAL);
+    assert!(seen.len() >= expected.len());
     assert!(
         seen.iter()
-            .all(|(attempt, count)| *attempt == 1 && count.as_deref() == Some("1")),
+            .all(|(attempt, count, _)| *attempt == 1 && count.as_deref() == Some("1")),
         "replays reset the attempt and record the replay"
     );
 
@@ -510,7 +764,7 @@ async fn outbox_status_and_retry_parked() {
     use steadfast::outbox::{PostgresOutbox, SqliteOutbox};
 
     async fn outbox(args: &[&str]) -> Run {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_steadfast"))
+        let out = tokio::process::Command::new(steadfast_bin())
             .arg("outbox")
             .args(args)
             .env_remove("DATABASE_URL")
@@ -535,6 +789,18 @@ async fn outbox_status_and_retry_parked() {
             "{v}"
         );
         assert!(v["oldest_pending_age_seconds"].as_f64().unwrap() >= 0.0);
+        // Parked rows with their errors, and a dry run that lists their ids.
+        let p = outbox(&[&["parked", "--json", "--error", "NO ROUTE"][..], db].concat()).await;
+        assert!(p.ok, "{}", p.stderr);
+        let v: Value = serde_json::from_str(&p.stdout).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+        assert_eq!(v[0]["id"], parked.to_string());
+        assert_eq!(v[0]["error"], "no route");
+        let p = outbox(&[&["parked", "--json", "--name", "other"][..], db].concat()).await;
+        assert_eq!(p.stdout.trim(), "[]");
+        let d = outbox(&[&["retry-parked", "--dry-run", "--json"][..], db].concat()).await;
+        let v: Value = serde_json::from_str(&d.stdout).unwrap();
+        assert_eq!(v["ids"][0], parked.to_string(), "{v}");
         let r = outbox(&[&["retry-parked"][..], db].concat()).await;
         assert!(r.ok, "{}", r.stderr);
         assert!(r.stdout.contains("requeued 1 parked row"), "{}", r.stdout);
@@ -545,10 +811,42 @@ async fn outbox_status_and_retry_parked() {
             (Some(3), Some(0)),
             "{v}"
         );
-        // Requeueing a row that is not parked is reported and fails.
+        // Requeueing or deleting a row that is not parked is reported and fails.
         let id = parked.to_string();
         let r = outbox(&[&["retry-parked", "--id", id.as_str()][..], db].concat()).await;
         assert!(!r.ok && r.stdout.contains("not parked"), "{}", r.stdout);
+        let r = outbox(&[&["delete-parked", "--yes", "--id", id.as_str()][..], db].concat()).await;
+        assert!(!r.ok && r.stdout.contains("not parked"), "{}", r.stdout);
+        // Each action is in the audit trail.
+        let mut audit_db = Vec::new();
+        let mut it = db.iter();
+        while let Some(a) = it.next() {
+            if *a == "--table" {
+                it.next();
+            } else {
+                audit_db.push(*a);
+            }
+        }
+        let h = tokio::process::Command::new(steadfast_bin())
+            .args([&["dlq", "history", "--json"][..], &audit_db].concat())
+            .env_remove("DATABASE_URL")
+            .output()
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&h.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&h.stderr)));
+        let actions: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            actions,
+            ["delete-parked", "retry-parked", "retry-parked"],
+            "{v}"
+        );
+        assert_eq!(v[2]["ids"][0], id);
     }
 
     // PostgreSQL, in a schema of its own.
@@ -575,7 +873,19 @@ async fn outbox_status_and_retry_parked() {
     .unwrap();
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    check(&["--database-url", &url, "--table", &table], parked).await;
+    let audit = format!("{}.steadfast_audit", pg.schema);
+    check(
+        &[
+            "--database-url",
+            &url,
+            "--table",
+            &table,
+            "--audit-table",
+            &audit,
+        ],
+        parked,
+    )
+    .await;
     pg.drop_schema().await;
 
     // SQLite, in a file of its own.
@@ -602,6 +912,32 @@ async fn outbox_status_and_retry_parked() {
     .unwrap();
     let p = path.to_string_lossy().into_owned();
     check(&["--sqlite", &p], parked).await;
+    // Parked again, then deleted by selection: gone for good, and recorded.
+    sqlx::query(
+        "UPDATE steadfast_outbox SET state = 'parked', last_error = 'no route' WHERE id = ?1",
+    )
+    .bind(parked.to_string())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let r = outbox(&[
+        "delete-parked",
+        "--yes",
+        "--json",
+        "--error",
+        "route",
+        "--sqlite",
+        &p,
+    ])
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["ids"][0], parked.to_string(), "{v}");
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM steadfast_outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "the parked row is deleted, the pending ones stay");
     pool.close().await;
     let _ = std::fs::remove_file(&path);
 }

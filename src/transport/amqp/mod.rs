@@ -32,8 +32,8 @@ mod topology;
 mod wire;
 
 use super::{
-    DeadLetter, DeadLetterFilter, DeadLetterReport, Delivery, DeliveryStream, Health, Subscription,
-    Transport, TransportError, TransportErrorKind,
+    DeadLetter, DeadLetterFilter, DeadLetterReport, DeadLetterRewrite, DeadLetterVisitor, Delivery,
+    DeliveryStream, Health, Subscription, Transport, TransportError, TransportErrorKind,
 };
 use crate::envelope::Envelope;
 use futures::future::BoxFuture;
@@ -466,13 +466,48 @@ impl Transport for AmqpTransport {
         filter: &'a DeadLetterFilter,
         progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
     ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
+        Box::pin(async move {
+            let rewrite = |d: &DeadLetter| d.replay_envelope();
+            dead_letters::settle_selected(
+                &self.inner,
+                group,
+                filter,
+                dead_letters::Action::Replay(&rewrite),
+                progress,
+            )
+            .await
+        })
+    }
+
+    fn replay_dead_letters_as<'a>(
+        &'a self,
+        group: &'a str,
+        filter: &'a DeadLetterFilter,
+        rewrite: &'a DeadLetterRewrite<'_>,
+        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
+    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
         Box::pin(dead_letters::settle_selected(
             &self.inner,
             group,
             filter,
-            dead_letters::Action::Replay,
+            dead_letters::Action::Replay(rewrite),
             progress,
         ))
+    }
+
+    fn dead_letter_count<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<u64, TransportError>> {
+        Box::pin(dead_letters::count(&self.inner, group))
+    }
+
+    fn scan_dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        visit: &'a mut DeadLetterVisitor<'_>,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(dead_letters::scan(&self.inner, group, visit))
     }
 
     fn purge_dead_letters<'a>(

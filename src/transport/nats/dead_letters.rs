@@ -15,19 +15,21 @@ use super::{
 use crate::{
     envelope::Envelope,
     transport::{
-        DeadLetter, DeadLetterFilter, DeadLetterReport, TransportError, TransportErrorKind,
+        DeadLetter, DeadLetterFilter, DeadLetterReport, DeadLetterRewrite, DeadLetterVisitor,
+        TransportError, TransportErrorKind,
     },
 };
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use futures::TryStreamExt;
 
 /// How many selected dead letters are published before their PubAcks are awaited.
 const BATCH: usize = 64;
 
 /// What to do with the selected dead letters.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Action {
-    /// Republish to the original subject, then delete.
-    Replay,
+#[derive(Clone, Copy)]
+pub(crate) enum Action<'a> {
+    /// Republish what the rewrite makes of each to the original subject, then delete.
+    Replay(&'a DeadLetterRewrite<'a>),
     /// Delete.
     Purge,
 }
@@ -82,6 +84,75 @@ async fn next(
     }))
 }
 
+/// How many dead letters `group` has; an error when the work stream has no consumer of
+/// that name and the dead-letter stream nothing for it (a mistyped group).
+pub(crate) async fn count(inner: &Inner, group: &str) -> Result<u64, TransportError> {
+    let st = dlq_stream(inner).await?;
+    let subject = inner.settings.dlq_subject(group);
+    let n = inner
+        .bounded("dead-letter count", async {
+            let mut info = st
+                .info_with_subjects(&subject)
+                .await
+                .map_err(|e| err(TransportErrorKind::Protocol, "dead-letter stream info", e))?;
+            let mut n = 0u64;
+            while let Some((s, c)) = info
+                .try_next()
+                .await
+                .map_err(|e| err(TransportErrorKind::Protocol, "dead-letter stream info", e))?
+            {
+                if s == subject {
+                    n += c as u64;
+                }
+            }
+            Ok(n)
+        })
+        .await?;
+    if n > 0 {
+        return Ok(n);
+    }
+    let s = &inner.settings;
+    let consumer = super::topology::consumer_name(group);
+    let found = inner
+        .bounded("consumer info", async {
+            match inner.js.get_stream(&s.stream).await {
+                Ok(work) => Ok(work.consumer_info(&consumer).await.is_ok()),
+                Err(_) => Ok(false),
+            }
+        })
+        .await?;
+    if found {
+        Ok(0)
+    } else {
+        Err(TransportError::new(
+            TransportErrorKind::Config,
+            format!(
+                "stream `{}` has no consumer `{consumer}` and `{}` no dead letter for it: is the group name (and the subject prefix or stream) right?",
+                s.stream, s.dlq_stream
+            ),
+        ))
+    }
+}
+
+/// Reads the dead letters of `group` oldest first, each to `visit` until it says stop.
+pub(crate) async fn scan(
+    inner: &Inner,
+    group: &str,
+    visit: &mut DeadLetterVisitor<'_>,
+) -> Result<(), TransportError> {
+    count(inner, group).await?;
+    let st = dlq_stream(inner).await?;
+    let subject = inner.settings.dlq_subject(group);
+    let mut seq = 1u64;
+    while let Some((at, dl)) = next(inner, &st, &subject, seq).await? {
+        seq = at + 1;
+        if !visit(dl) {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Reads up to `limit` dead letters of `group`, oldest first, without removing them.
 pub(crate) async fn read(
     inner: &Inner,
@@ -107,7 +178,7 @@ pub(crate) async fn settle_selected(
     inner: &Inner,
     group: &str,
     filter: &DeadLetterFilter,
-    action: Action,
+    action: Action<'_>,
     progress: &(dyn Fn(&DeadLetter) + Send + Sync),
 ) -> Result<DeadLetterReport, TransportError> {
     let st = dlq_stream(inner).await?;
@@ -142,7 +213,7 @@ async fn flush(
     inner: &Inner,
     st: &Stream,
     group: &str,
-    action: Action,
+    action: Action<'_>,
     batch: &mut Vec<(u64, DeadLetter)>,
     report: &mut DeadLetterReport,
     progress: &(dyn Fn(&DeadLetter) + Send + Sync),
@@ -150,11 +221,11 @@ async fn flush(
     let items = std::mem::take(batch);
     let confirmed: Vec<Result<(), TransportError>> = match action {
         Action::Purge => items.iter().map(|_| Ok(())).collect(),
-        Action::Replay => {
+        Action::Replay(rewrite) => {
             let outgoing = items
                 .iter()
                 .map(|(seq, dl)| {
-                    let env = dl.replay_envelope();
+                    let env = rewrite(dl);
                     let mut headers = publish::wire_headers(&env, false);
                     headers.insert(MSG_ID, format!("replay:{group}:{seq}").as_str());
                     Ok((destination(inner, dl), headers, env.payload.clone()))

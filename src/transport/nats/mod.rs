@@ -31,8 +31,9 @@ pub use config::NatsBuilder;
 use crate::{
     envelope::Envelope,
     transport::{
-        DeadLetter, DeadLetterFilter, DeadLetterReport, Delivery, DeliveryStream, Health,
-        Subscription, Transport, TransportError, TransportErrorKind,
+        DeadLetter, DeadLetterFilter, DeadLetterReport, DeadLetterRewrite, DeadLetterVisitor,
+        Delivery, DeliveryStream, Health, Subscription, Transport, TransportError,
+        TransportErrorKind,
     },
 };
 use config::Settings;
@@ -350,14 +351,56 @@ impl Transport for NatsTransport {
     ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
         Box::pin(async move {
             self.inner.check_open()?;
+            let rewrite = |d: &DeadLetter| d.replay_envelope();
             dead_letters::settle_selected(
                 &self.inner,
                 group,
                 filter,
-                dead_letters::Action::Replay,
+                dead_letters::Action::Replay(&rewrite),
                 progress,
             )
             .await
+        })
+    }
+
+    fn replay_dead_letters_as<'a>(
+        &'a self,
+        group: &'a str,
+        filter: &'a DeadLetterFilter,
+        rewrite: &'a DeadLetterRewrite<'_>,
+        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
+    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
+        Box::pin(async move {
+            self.inner.check_open()?;
+            dead_letters::settle_selected(
+                &self.inner,
+                group,
+                filter,
+                dead_letters::Action::Replay(rewrite),
+                progress,
+            )
+            .await
+        })
+    }
+
+    fn dead_letter_count<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<u64, TransportError>> {
+        Box::pin(async move {
+            self.inner.check_open()?;
+            dead_letters::count(&self.inner, group).await
+        })
+    }
+
+    fn scan_dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+        visit: &'a mut DeadLetterVisitor<'_>,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            self.inner.check_open()?;
+            dead_letters::scan(&self.inner, group, visit).await
         })
     }
 
