@@ -353,7 +353,9 @@ pub(super) async fn run(
     }
 }
 
-fn outcome(r: &Result<DeadLetterReport, crate::transport::TransportError>) -> serde_json::Value {
+pub(super) fn outcome(
+    r: &Result<DeadLetterReport, crate::transport::TransportError>,
+) -> serde_json::Value {
     match r {
         Ok(r) => serde_json::json!({
             "scanned": r.scanned,

@@ -20,6 +20,8 @@
 //! ```
 
 mod audit;
+#[cfg(feature = "console")]
+mod console;
 mod dlq;
 mod edit;
 mod outbox;
@@ -67,6 +69,15 @@ enum Command {
         table: String,
         #[command(subcommand)]
         command: outbox::OutboxCommand,
+    },
+    /// Serves the web console (feature `console`): failure groups, dead letters, replay
+    /// and purge with a dry run, behind a token, on loopback by default.
+    #[cfg(feature = "console")]
+    Console {
+        #[command(flatten)]
+        broker: Box<BrokerArgs>,
+        #[command(flatten)]
+        args: console::ConsoleArgs,
     },
     /// Prints a shell completion script: `steadfast completions bash > /etc/bash_completion.d/steadfast`.
     Completions {
@@ -213,6 +224,17 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             r.map_err(|e| CliError(redact::scrub(&e.0, secret.as_deref())))
         }
         Command::Outbox { table, command } => outbox::run(&common, &table, command).await,
+        #[cfg(feature = "console")]
+        Command::Console { broker, args } => {
+            let cfg = worker_config(&broker, |k| std::env::var(k).ok())?;
+            let secret = url_secret(cfg.broker_url.expose_secret());
+            let scrub =
+                |e: TransportError| CliError(redact::scrub(&e.to_string(), secret.as_deref()));
+            let transport: Arc<dyn Transport> = cfg.connect().await.map_err(scrub)?;
+            let r = console::run(transport.clone(), common.db.clone(), args).await;
+            transport.close().await;
+            r.map_err(|e| CliError(redact::scrub(&e.0, secret.as_deref())))
+        }
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -9,6 +9,9 @@
 #[path = "../amqp/raw_frames.rs"]
 mod raw_frames;
 
+#[cfg(feature = "console")]
+mod console;
+
 use futures::future::BoxFuture;
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgPool};

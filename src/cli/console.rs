@@ -1,0 +1,733 @@
+//! `steadfast console` (feature `console`): a small web console over the functions the
+//! `dlq` commands use. Server-rendered HTML, no script, nothing loaded from outside the
+//! machine (decision 0120).
+//!
+//! Secure by default: it listens on loopback unless `--allow-remote`; every page and
+//! action needs the token (`STEADFAST_CONSOLE_TOKEN`, or `--token-file`), given as
+//! `Authorization: Bearer …` or once on the login page, which sets an `HttpOnly`,
+//! `SameSite=Strict` session cookie; every form that changes something carries the
+//! session's CSRF token and is refused without it. The token is never logged or shown;
+//! header values that look like secrets are shown as `***`, and the broker URL is never
+//! rendered. Replay and purge take the same selectors as the CLI, have a dry run that lists
+//! the ids, and are recorded in the audit trail.
+
+use super::{
+    CliError, DbArgs, audit,
+    dlq::{outcome, select},
+    print::{self, Groups},
+};
+use crate::{
+    MessageId,
+    envelope::header,
+    transport::{DeadLetter, DeadLetterFilter, Transport},
+};
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{Path, RawQuery, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header as h},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use clap::Args;
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+/// `steadfast console`: where to listen, which consumer groups, the token.
+#[derive(Debug, Clone, Args)]
+pub(super) struct ConsoleArgs {
+    /// Address to listen on. Loopback unless --allow-remote.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    listen: SocketAddr,
+    /// Listen on an address other than loopback (put TLS in front of it).
+    #[arg(long)]
+    allow_remote: bool,
+    /// A consumer group to show (repeatable; at least one).
+    #[arg(long = "group", required = true)]
+    groups: Vec<String>,
+    /// A file holding the access token (else `STEADFAST_CONSOLE_TOKEN`); at least 16
+    /// characters.
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
+}
+
+/// A login: its CSRF token.
+type Sessions = Mutex<HashMap<String, String>>;
+
+struct Console {
+    transport: Arc<dyn Transport>,
+    db: DbArgs,
+    groups: Vec<String>,
+    token: String,
+    sessions: Sessions,
+}
+
+/// How a request proved it holds the token.
+enum Auth {
+    /// `Authorization: Bearer`: no ambient credential, so no CSRF token needed.
+    Bearer,
+    /// The session cookie: forms must carry this CSRF token.
+    Session(String),
+}
+
+/// Runs the console until Ctrl-C or SIGTERM.
+pub(super) async fn run(
+    transport: Arc<dyn Transport>,
+    db: DbArgs,
+    args: ConsoleArgs,
+) -> Result<std::process::ExitCode, CliError> {
+    let token = match &args.token_file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| CliError::new(format!("reading --token-file: {e}")))?,
+        None => std::env::var("STEADFAST_CONSOLE_TOKEN").unwrap_or_default(),
+    };
+    let token = token.trim().to_owned();
+    if token.len() < 16 {
+        return Err(CliError::new(
+            "the console needs a token of at least 16 characters: set STEADFAST_CONSOLE_TOKEN or pass --token-file",
+        ));
+    }
+    if !args.listen.ip().is_loopback() && !args.allow_remote {
+        return Err(CliError::new(format!(
+            "refusing to listen on {}: not a loopback address (pass --allow-remote, behind TLS)",
+            args.listen
+        )));
+    }
+    for g in &args.groups {
+        transport
+            .dead_letter_count(g)
+            .await
+            .map_err(|e| CliError::new(format!("group `{g}`: {e}")))?;
+    }
+    let state = Arc::new(Console {
+        transport,
+        db,
+        groups: args.groups,
+        token,
+        sessions: Mutex::default(),
+    });
+    let app = Router::new()
+        .route("/", get(index))
+        .route("/login", get(login_form).post(login))
+        .route("/logout", post(logout))
+        .route("/g/{group}", get(group_page))
+        .route("/g/{group}/dl/{id}", get(show))
+        .route("/g/{group}/replay", post(replay))
+        .route("/g/{group}/purge", post(purge))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| CliError::new(format!("listening on {}: {e}", args.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::new(e.to_string()))?;
+    eprintln!("steadfast console on http://{addr}/");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| CliError::new(format!("serving: {e}")))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Equal in time independent of where they differ.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn random_token() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+impl Console {
+    fn auth(&self, headers: &HeaderMap) -> Option<Auth> {
+        if let Some(b) = headers
+            .get(h::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        {
+            return same(b.trim(), &self.token).then_some(Auth::Bearer);
+        }
+        let cookie = headers.get(h::COOKIE).and_then(|v| v.to_str().ok())?;
+        let sid = cookie
+            .split(';')
+            .filter_map(|c| c.trim().strip_prefix("steadfast_session="))
+            .next()?;
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions
+            .iter()
+            .find(|(k, _)| same(k, sid))
+            .map(|(_, csrf)| Auth::Session(csrf.clone()))
+    }
+}
+
+/// A page with the console's security headers.
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t} · steadfast</title>\
+         <style>body{{font-family:sans-serif;margin:2em;max-width:72em}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}}\
+         pre{{background:#f4f4f4;padding:.6em;overflow:auto}}form.inline{{display:inline}}\
+         .warn{{color:#a00}}nav a{{margin-right:1em}}</style></head><body>\
+         <nav><a href=\"/\">Failure groups</a></nav><h1>{t}</h1>{body}</body></html>",
+        t = esc(title)
+    );
+    let mut r = (status, html).into_response();
+    let hd = r.headers_mut();
+    hd.insert(
+        h::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    hd.insert(
+        h::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    hd.insert(h::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    hd.insert(h::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    hd.insert(h::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn redirect(to: &str) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(h::LOCATION, v);
+    }
+    r
+}
+
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+fn pct(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+fn form(body: &[u8]) -> HashMap<String, Vec<String>> {
+    let mut m: HashMap<String, Vec<String>> = HashMap::new();
+    for (k, v) in url::form_urlencoded::parse(body) {
+        m.entry(k.into_owned()).or_default().push(v.into_owned());
+    }
+    m
+}
+
+fn one<'a>(f: &'a HashMap<String, Vec<String>>, k: &str) -> Option<&'a str> {
+    f.get(k)
+        .and_then(|v| v.first())
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// The selectors of a query string or form, as the CLI's flags.
+fn filter(f: &HashMap<String, Vec<String>>) -> Result<DeadLetterFilter, String> {
+    let mut d = DeadLetterFilter::default();
+    for id in f.get("id").into_iter().flatten().filter(|v| !v.is_empty()) {
+        d.ids.push(
+            id.parse::<MessageId>()
+                .map_err(|_| format!("`{id}` is not a message id"))?,
+        );
+    }
+    d.fingerprints = f
+        .get("group_id")
+        .into_iter()
+        .flatten()
+        .filter(|v| !v.is_empty())
+        .cloned()
+        .collect();
+    d.name = one(f, "name").map(str::to_owned);
+    d.reason = one(f, "reason").map(str::to_owned);
+    if let Some(l) = one(f, "limit") {
+        d.limit = Some(l.parse().map_err(|_| format!("`{l}` is not a number"))?);
+    }
+    if !d.ids.is_empty() {
+        d.limit = Some(d.limit.unwrap_or(usize::MAX).min(d.ids.len()));
+    }
+    Ok(d)
+}
+
+/// Hidden fields that repeat a selection in a form.
+fn hidden_selection(f: &HashMap<String, Vec<String>>) -> String {
+    let mut o = String::new();
+    for k in ["id", "group_id", "name", "reason", "limit"] {
+        for v in f.get(k).into_iter().flatten().filter(|v| !v.is_empty()) {
+            let _ = write!(
+                o,
+                "<input type=\"hidden\" name=\"{k}\" value=\"{}\">",
+                esc(v)
+            );
+        }
+    }
+    o
+}
+
+fn csrf_field(auth: &Auth) -> String {
+    match auth {
+        Auth::Session(c) => format!("<input type=\"hidden\" name=\"csrf\" value=\"{c}\">"),
+        Auth::Bearer => String::new(),
+    }
+}
+
+fn unauthorized() -> Response {
+    page(
+        StatusCode::UNAUTHORIZED,
+        "Token required",
+        "<p>This action needs the console's token. <a href=\"/login\">Log in</a>.</p>",
+    )
+}
+
+async fn login_form() -> Response {
+    page(
+        StatusCode::OK,
+        "Log in",
+        "<form method=\"post\" action=\"/login\"><label>Token <input type=\"password\" \
+         name=\"token\" autocomplete=\"current-password\" autofocus></label> \
+         <button>Log in</button></form>",
+    )
+}
+
+async fn login(State(c): State<Arc<Console>>, body: Bytes) -> Response {
+    let f = form(&body);
+    if !one(&f, "token").is_some_and(|t| same(t.trim(), &c.token)) {
+        return page(
+            StatusCode::UNAUTHORIZED,
+            "Log in",
+            "<p class=\"warn\">Wrong token.</p><p><a href=\"/login\">Try again</a></p>",
+        );
+    }
+    let (sid, csrf) = (random_token(), random_token());
+    c.sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(sid.clone(), csrf);
+    let mut r = redirect("/");
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "steadfast_session={sid}; HttpOnly; SameSite=Strict; Path=/"
+    )) {
+        r.headers_mut().insert(h::SET_COOKIE, v);
+    }
+    r
+}
+
+/// Why a state-changing request was refused.
+enum Refused {
+    NoToken,
+    Csrf,
+}
+
+impl Refused {
+    fn page(&self) -> Response {
+        match self {
+            Self::NoToken => unauthorized(),
+            Self::Csrf => page(
+                StatusCode::FORBIDDEN,
+                "Refused",
+                "<p class=\"warn\">The form's CSRF token is missing or wrong: reload the page and try again.</p>",
+            ),
+        }
+    }
+}
+
+/// The auth of a state-changing request: the token, or a session and its CSRF token.
+fn check_post(
+    c: &Console,
+    headers: &HeaderMap,
+    f: &HashMap<String, Vec<String>>,
+) -> Result<Auth, Refused> {
+    match c.auth(headers) {
+        None => Err(Refused::NoToken),
+        Some(Auth::Bearer) => Ok(Auth::Bearer),
+        Some(Auth::Session(csrf)) => {
+            if one(f, "csrf").is_some_and(|t| same(t, &csrf)) {
+                Ok(Auth::Session(csrf))
+            } else {
+                Err(Refused::Csrf)
+            }
+        }
+    }
+}
+
+async fn logout(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
+    let f = form(&body);
+    if let Err(r) = check_post(&c, &headers, &f) {
+        return r.page();
+    }
+    if let Some(csrf) = one(&f, "csrf") {
+        c.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, v| !same(v, csrf));
+    }
+    let mut r = redirect("/login");
+    r.headers_mut().insert(
+        h::SET_COOKIE,
+        HeaderValue::from_static(
+            "steadfast_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
+        ),
+    );
+    r
+}
+
+fn known<'a>(c: &'a Console, group: &str) -> Option<&'a str> {
+    c.groups.iter().find(|g| *g == group).map(String::as_str)
+}
+
+fn error_page(e: &CliError) -> Response {
+    page(
+        StatusCode::BAD_GATEWAY,
+        "Error",
+        &format!("<p class=\"warn\">{}</p>", esc(&e.to_string())),
+    )
+}
+
+async fn index(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    let Some(auth) = c.auth(&headers) else {
+        return redirect("/login");
+    };
+    let mut body = String::new();
+    for g in &c.groups {
+        let mut groups = Groups::default();
+        if let Err(e) = select(c.transport.as_ref(), g, &DeadLetterFilter::default(), |d| {
+            groups.add(&d)
+        })
+        .await
+        {
+            return error_page(&e);
+        }
+        let v = groups.json(g);
+        let rows = v["groups"].as_array().cloned().unwrap_or_default();
+        let total: u64 = rows.iter().filter_map(|r| r["count"].as_u64()).sum();
+        let _ = write!(
+            body,
+            "<h2>Consumer group <a href=\"/g/{}\">{}</a>: {total} dead letter(s)</h2>",
+            pct(g),
+            esc(g)
+        );
+        if rows.is_empty() {
+            body.push_str("<p>No dead letters.</p>");
+            continue;
+        }
+        body.push_str(
+            "<table><tr><th>Failure group</th><th>Count</th><th>Kind</th><th>Message</th>\
+             <th>Reason</th><th>First failed</th><th>Last failed</th><th>Actions</th></tr>",
+        );
+        for r in rows {
+            let s = |k: &str| esc(r[k].as_str().unwrap_or_default());
+            let fp = r["fingerprint"].as_str().unwrap_or_default();
+            let _ = write!(
+                body,
+                "<tr class=\"failure-group\"><td><a href=\"/g/{gp}?group_id={fpp}\"><code>{fpe}</code></a></td>\
+                 <td class=\"count\">{count}</td><td>{kind}</td><td>{name}</td><td>{reason}</td>\
+                 <td>{first}</td><td>{last}</td><td>{actions}</td></tr>",
+                gp = pct(g),
+                fpp = pct(fp),
+                fpe = esc(&fp[..fp.len().min(12)]),
+                count = r["count"],
+                kind = s("kind"),
+                name = s("name"),
+                reason = s("reason"),
+                first = s("first_failed_at"),
+                last = s("last_failed_at"),
+                actions = actions(
+                    g,
+                    &auth,
+                    &HashMap::from([("group_id".to_owned(), vec![fp.to_owned()])])
+                ),
+            );
+        }
+        body.push_str("</table>");
+    }
+    if let Auth::Session(_) = auth {
+        let _ = write!(
+            body,
+            "<form method=\"post\" action=\"/logout\">{}<button>Log out</button></form>",
+            csrf_field(&auth)
+        );
+    }
+    page(StatusCode::OK, "Failure groups", &body)
+}
+
+/// Dry-run, replay and purge buttons for a selection.
+fn actions(group: &str, auth: &Auth, sel: &HashMap<String, Vec<String>>) -> String {
+    let (csrf, hidden, g) = (csrf_field(auth), hidden_selection(sel), pct(group));
+    format!(
+        "<form class=\"inline\" method=\"post\" action=\"/g/{g}/replay\">{csrf}{hidden}\
+         <input type=\"hidden\" name=\"dry_run\" value=\"1\"><button>Replay…</button></form> \
+         <form class=\"inline\" method=\"post\" action=\"/g/{g}/purge\">{csrf}{hidden}\
+         <input type=\"hidden\" name=\"dry_run\" value=\"1\"><button>Purge…</button></form>"
+    )
+}
+
+async fn group_page(
+    State(c): State<Arc<Console>>,
+    Path(group): Path<String>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let Some(auth) = c.auth(&headers) else {
+        return redirect("/login");
+    };
+    let Some(group) = known(&c, &group) else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "<p>No such consumer group here.</p>",
+        );
+    };
+    let sel = form(q.unwrap_or_default().as_bytes());
+    let mut f = match filter(&sel) {
+        Ok(f) => f,
+        Err(e) => return page(StatusCode::BAD_REQUEST, "Bad selection", &esc(&e)),
+    };
+    f.limit = Some(f.limit.unwrap_or(50));
+    let mut all: Vec<DeadLetter> = Vec::new();
+    if let Err(e) = select(c.transport.as_ref(), group, &f, |d| all.push(d)).await {
+        return error_page(&e);
+    }
+    let v = |k: &str| esc(one(&sel, k).unwrap_or_default());
+    let mut body = format!(
+        "<form method=\"get\">Name <input name=\"name\" value=\"{}\"> Reason contains \
+         <input name=\"reason\" value=\"{}\"> Failure group <input name=\"group_id\" value=\"{}\"> \
+         Limit <input name=\"limit\" size=\"4\" value=\"{}\"> <button>Filter</button></form>\
+         <p>{} dead letter(s) shown. {}</p><table><tr><th>Id</th><th>Message</th><th>Failed at</th>\
+         <th>Attempts</th><th>Reason</th></tr>",
+        v("name"),
+        v("reason"),
+        v("group_id"),
+        v("limit"),
+        all.len(),
+        actions(group, &auth, &sel)
+    );
+    for d in &all {
+        let id = d.id().to_string();
+        let _ = write!(
+            body,
+            "<tr class=\"dead-letter\"><td><a href=\"/g/{}/dl/{id}\"><code>{id}</code></a></td><td>{}</td>\
+             <td>{}</td><td>{}</td><td>{}</td></tr>",
+            pct(group),
+            esc(&d.envelope.name),
+            esc(&d.failed_at),
+            d.attempts,
+            esc(&d.reason)
+        );
+    }
+    body.push_str("</table>");
+    page(StatusCode::OK, &format!("Dead letters of {group}"), &body)
+}
+
+async fn show(
+    State(c): State<Arc<Console>>,
+    Path((group, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(auth) = c.auth(&headers) else {
+        return redirect("/login");
+    };
+    let Some(group) = known(&c, &group) else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "<p>No such consumer group here.</p>",
+        );
+    };
+    let Ok(mid) = id.parse::<MessageId>() else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Bad id",
+            "<p>Not a message id.</p>",
+        );
+    };
+    let f = DeadLetterFilter {
+        ids: vec![mid],
+        limit: Some(1),
+        ..DeadLetterFilter::default()
+    };
+    let mut found = None;
+    if let Err(e) = select(c.transport.as_ref(), group, &f, |d| found = Some(d)).await {
+        return error_page(&e);
+    }
+    let Some(d) = found else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "<p>No dead letter with that id (replayed or purged?).</p>",
+        );
+    };
+    let j = print::show_json(&d);
+    let mut body = String::from("<table>");
+    for k in [
+        "id",
+        "name",
+        "reason",
+        "kind",
+        "attempts",
+        "original_destination",
+        "failed_at",
+    ] {
+        let val = match &j[k] {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let _ = write!(body, "<tr><th>{k}</th><td>{}</td></tr>", esc(&val));
+    }
+    body.push_str("</table><h2>Headers</h2><table>");
+    for pair in j["headers"].as_array().into_iter().flatten() {
+        let _ = write!(
+            body,
+            "<tr><th>{}</th><td>{}</td></tr>",
+            esc(pair[0].as_str().unwrap_or_default()),
+            esc(pair[1].as_str().unwrap_or_default())
+        );
+    }
+    let _ = write!(
+        body,
+        "</table><h2>Body</h2><pre>{}</pre><p>{}</p>",
+        esc(&print::body_text(&d.envelope.payload)),
+        actions(
+            group,
+            &auth,
+            &HashMap::from([("id".to_owned(), vec![id.clone()])])
+        )
+    );
+    page(StatusCode::OK, &format!("Dead letter {id}"), &body)
+}
+
+async fn replay(
+    State(c): State<Arc<Console>>,
+    Path(group): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    act(&c, &group, &headers, &body, "replay").await
+}
+
+async fn purge(
+    State(c): State<Arc<Console>>,
+    Path(group): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    act(&c, &group, &headers, &body, "purge").await
+}
+
+/// Replay or purge: a dry run lists the ids and asks for confirmation; the confirmed form
+/// acts, records the audit trail and reports.
+async fn act(c: &Console, group: &str, headers: &HeaderMap, body: &[u8], verb: &str) -> Response {
+    let f = form(body);
+    let auth = match check_post(c, headers, &f) {
+        Ok(a) => a,
+        Err(r) => return r.page(),
+    };
+    let Some(group) = known(c, group) else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "<p>No such consumer group here.</p>",
+        );
+    };
+    let sel = match filter(&f) {
+        Ok(s) => s,
+        Err(e) => return page(StatusCode::BAD_REQUEST, "Bad selection", &esc(&e)),
+    };
+    let t = c.transport.as_ref();
+    if one(&f, "dry_run").is_some() {
+        let mut ids = Vec::new();
+        if let Err(e) = select(t, group, &sel, |d| ids.push(d.id())).await {
+            return error_page(&e);
+        }
+        let mut body = format!(
+            "<p>{verb} would touch <strong class=\"selected\">{}</strong> dead letter(s) of {}:</p><ul class=\"ids\">",
+            ids.len(),
+            esc(group)
+        );
+        for id in &ids {
+            let _ = write!(body, "<li><code>{id}</code></li>");
+        }
+        let _ = write!(
+            body,
+            "</ul><form method=\"post\" action=\"/g/{}/{verb}\">{}{}<button class=\"confirm\">{verb} them</button></form>",
+            pct(group),
+            csrf_field(&auth),
+            hidden_selection(&f)
+        );
+        return page(StatusCode::OK, &format!("Confirm {verb}"), &body);
+    }
+    let who = match &c.db.actor {
+        Some(a) => a.clone(),
+        None => "console".to_owned(),
+    };
+    let mut db = c.db.clone();
+    db.actor = Some(who);
+    let audit = match audit::begin(
+        &db,
+        verb,
+        &format!("{}:{group}", t.system()),
+        serde_json::json!({
+            "ids": f.get("id"), "group_ids": f.get("group_id"), "name": one(&f, "name"),
+            "reason": one(&f, "reason"), "limit": one(&f, "limit"), "via": "console",
+        }),
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(e) => return error_page(&e),
+    };
+    let done = Mutex::new(Vec::new());
+    let tick = |d: &DeadLetter| done.lock().unwrap_or_else(|e| e.into_inner()).push(d.id());
+    let report = if verb == "replay" {
+        let (actor, audit_id) = (audit.actor().to_owned(), audit.id().to_string());
+        let rewrite = move |d: &DeadLetter| {
+            let mut e = d.replay_envelope();
+            e.headers.insert(header::REPLAYED_BY, actor.as_str());
+            e.headers.insert(header::AUDIT_ID, audit_id.as_str());
+            e
+        };
+        t.replay_dead_letters_as(group, &sel, &rewrite, &tick).await
+    } else {
+        t.purge_dead_letters(group, &sel, &tick).await
+    };
+    let ids = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Err(e) = audit.finish(&ids, outcome(&report)).await {
+        return error_page(&e);
+    }
+    match report {
+        Ok(r) => page(
+            StatusCode::OK,
+            &format!("Done: {verb}"),
+            &format!(
+                "<p class=\"outcome\">{verb}: <strong class=\"done\">{}</strong> of {} selected dead letter(s) of {} ({} failed).</p><p><a href=\"/\">Back</a></p>",
+                r.done,
+                r.selected,
+                esc(group),
+                r.failed
+            ),
+        ),
+        Err(e) => error_page(&CliError::new(e.to_string())),
+    }
+}

@@ -1,0 +1,294 @@
+//! `steadfast console` against real dead letters on RabbitMQ and NATS, driven over HTTP
+//! as a browser would: the login, the token on every page and action, the CSRF token on
+//! every form, secrets never shown, the failure groups' counts, a dry run that changes
+//! nothing and a replay by failure group that brings every message back to the handler.
+
+use super::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOKEN: &str = "console-test-token-0123456789";
+
+/// One HTTP/1.1 request (connection closed after it): status, head, body.
+async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("the console listens");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if method == "POST" {
+        req.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut out))
+        .await
+        .expect("the console answers within 60 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+fn form_value<'a>(html: &'a str, name: &str) -> &'a str {
+    let key = format!("name=\"{name}\" value=\"");
+    let at = html
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} field in:\n{html}"))
+        + key.len();
+    &html[at..at + html[at..].find('"').unwrap()]
+}
+
+async fn console_over(b: Broker, port: u16) {
+    const N: usize = 20;
+    let fixed = Arc::new(AtomicBool::new(false));
+    let handled: Arc<Mutex<HashSet<MessageId>>> = Arc::default();
+    let dead = Arc::new(AtomicI64::new(0));
+    let (f, h, d) = (fixed.clone(), handled.clone(), dead.clone());
+    let worker = Worker::builder_shared(b.transport.clone(), GROUP)
+        .handle(move |_: Alpha, cx: Context| {
+            let (f, h) = (f.clone(), h.clone());
+            async move {
+                if !f.load(Ordering::SeqCst) {
+                    return Err(
+                        HandlerError::msg(format!("no stock for order {}", cx.id())).permanent()
+                    );
+                }
+                h.lock().unwrap().insert(cx.id());
+                Ok(())
+            }
+        })
+        .on_outcome(move |p| {
+            if matches!(p.outcome, steadfast::worker::Outcome::DeadLettered(_)) {
+                d.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .build()
+        .expect("valid worker");
+    let (stop, running) = start(worker).await;
+    let mut envs: Vec<Envelope> = (0..N as u32)
+        .map(|n| Envelope::encode(&Alpha { n }).unwrap())
+        .collect();
+    envs[0].headers.insert("x-api-token", "s3cr3t-header-value");
+    for r in b.transport.publish_batch(&envs).await {
+        r.expect("published");
+    }
+    wait_for("every message dead-lettered", || {
+        let n = dead.load(Ordering::SeqCst);
+        async move { n == N as i64 }
+    })
+    .await;
+
+    let mut console = tokio::process::Command::new(steadfast_bin())
+        .arg("console")
+        .args(["--group", GROUP, "--listen", &format!("127.0.0.1:{port}")])
+        .args(&b.args)
+        .env_remove("AMQP_URL")
+        .env_remove("NATS_URL")
+        .env_remove("DATABASE_URL")
+        .env("STEADFAST_CONSOLE_TOKEN", TOKEN)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the console");
+    let mut err = BufReader::new(console.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    loop {
+        let line = err.next_line().await.unwrap().expect("the console starts");
+        let up = line.contains("steadfast console on");
+        log.push(line);
+        if up {
+            break;
+        }
+    }
+
+    // Without the token: pages send to the login, actions are refused.
+    let (s, head, _) = http(port, "GET", "/", &[], "").await;
+    assert_eq!(s, 303, "{head}");
+    assert!(head.contains("location: /login"), "{head}");
+    let (s, _, _) = http(port, "POST", "/g/g/replay", &[], "name=cli.alpha").await;
+    assert_eq!(s, 401);
+    let (s, _, _) = http(
+        port,
+        "GET",
+        "/",
+        &[("Authorization", "Bearer wrong-token-wrong-token")],
+        "",
+    )
+    .await;
+    assert_eq!(s, 303);
+    assert_eq!(settled_count(&b).await, N as u64);
+
+    // With the token: one failure group of N (the order ids in the reasons masked).
+    let bearer = format!("Bearer {TOKEN}");
+    let (s, head, page) = http(port, "GET", "/", &[("Authorization", &bearer)], "").await;
+    assert_eq!(s, 200, "{page}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+    assert_eq!(page.matches("class=\"failure-group\"").count(), 1, "{page}");
+    assert!(
+        page.contains(&format!("<td class=\"count\">{N}</td>")),
+        "{page}"
+    );
+    assert!(page.contains("no stock for order &lt;uuid&gt;"), "{page}");
+    // One dead letter in full: reason, body, the secret header masked.
+    let (s, _, page) = http(
+        port,
+        "GET",
+        &format!("/g/g/dl/{}", envs[0].id),
+        &[("Authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(s, 200, "{page}");
+    assert!(
+        page.contains(&format!("no stock for order {}", envs[0].id)),
+        "{page}"
+    );
+    assert!(page.contains("&quot;n&quot;: 0"), "{page}");
+    assert!(
+        page.contains("x-api-token") && page.contains("***"),
+        "{page}"
+    );
+    assert!(!page.contains("s3cr3t-header-value"), "{page}");
+
+    // The login: a wrong token is refused; the right one sets a strict, HttpOnly cookie.
+    let (s, _, _) = http(port, "POST", "/login", &[], "token=nope").await;
+    assert_eq!(s, 401);
+    let (s, head, _) = http(port, "POST", "/login", &[], &format!("token={TOKEN}")).await;
+    assert_eq!(s, 303, "{head}");
+    let cookie_line = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .expect("a session cookie");
+    assert!(
+        cookie_line.contains("HttpOnly") && cookie_line.contains("SameSite=Strict"),
+        "{cookie_line}"
+    );
+    let cookie = cookie_line
+        .split_once(':')
+        .unwrap()
+        .1
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let with_cookie = [("Cookie", cookie.as_str())];
+    let (s, _, page) = http(port, "GET", "/", &with_cookie, "").await;
+    assert_eq!(s, 200);
+    assert!(!page.contains(TOKEN), "the token is never rendered");
+    let csrf = form_value(&page, "csrf").to_owned();
+    let fp = form_value(&page, "group_id").to_owned();
+
+    // A form without its CSRF token is refused, even with the session cookie.
+    let (s, _, _) = http(
+        port,
+        "POST",
+        "/g/g/replay",
+        &with_cookie,
+        &format!("group_id={fp}"),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, _, _) = http(
+        port,
+        "POST",
+        "/g/g/replay",
+        &with_cookie,
+        &format!("group_id={fp}&csrf=forged"),
+    )
+    .await;
+    assert_eq!(s, 403);
+    assert_eq!(settled_count(&b).await, N as u64);
+
+    // The dry run lists every id and changes nothing.
+    let (s, _, page) = http(
+        port,
+        "POST",
+        "/g/g/replay",
+        &with_cookie,
+        &format!("group_id={fp}&dry_run=1&csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(s, 200, "{page}");
+    for e in &envs {
+        assert!(
+            page.contains(&format!("<li><code>{}</code></li>", e.id)),
+            "{page}"
+        );
+    }
+    assert_eq!(settled_count(&b).await, N as u64);
+    assert!(handled.lock().unwrap().is_empty());
+
+    // Confirmed after the fix: every message back to the handler, once each.
+    fixed.store(true, Ordering::SeqCst);
+    let (s, _, page) = http(
+        port,
+        "POST",
+        "/g/g/replay",
+        &with_cookie,
+        &format!("group_id={fp}&csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(s, 200, "{page}");
+    assert!(
+        page.contains(&format!("<strong class=\"done\">{N}</strong>")),
+        "{page}"
+    );
+    wait_for("every replayed message handled", || {
+        let n = handled.lock().unwrap().len();
+        async move { n == N }
+    })
+    .await;
+    assert_eq!(
+        *handled.lock().unwrap(),
+        envs.iter().map(|e| e.id).collect::<HashSet<_>>()
+    );
+    assert_eq!(settled_count(&b).await, 0);
+
+    console.start_kill().unwrap();
+    let _ = console.wait().await;
+    while let Ok(Some(line)) = err.next_line().await {
+        log.push(line);
+    }
+    assert!(
+        !log.iter().any(|l| l.contains(TOKEN)),
+        "the token is never logged: {log:?}"
+    );
+    stop.cancel();
+    running.await.unwrap();
+    b.transport.close().await;
+    (b.cleanup)().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_on_rabbitmq() {
+    console_over(rabbitmq().await, 6201).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_on_nats() {
+    console_over(nats().await, 6202).await;
+}
