@@ -262,7 +262,7 @@ pub(super) struct HistoryArgs {
     limit: i64,
 }
 
-type Row = (
+pub(super) type Row = (
     String,
     String,
     String,
@@ -273,22 +273,32 @@ type Row = (
     String,
 );
 
-/// Prints the newest audit records.
-pub(super) async fn history(common: &Common, h: HistoryArgs) -> Result<ExitCode, CliError> {
-    let Some(db) = open_db(&common.db).await? else {
+/// The newest audit records of `group` (or all): id, at, actor, action, target,
+/// selection, ids, outcome.
+pub(super) async fn records(
+    db_args: &DbArgs,
+    group: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Row>, CliError> {
+    let Some(db) = open_db(db_args).await? else {
         return Err(CliError::new(
             "no audit database: pass --database-url or --sqlite (or set DATABASE_URL or STEADFAST_DATABASE_URL); without one, records are the `audit:` lines the tool printed and the headers of the copies it sent",
         ));
     };
-    let table = open_table(&db, &common.db.audit_table).await?;
+    let table = open_table(&db, &db_args.audit_table).await?;
     let q = sql(&db, &table, HISTORY);
-    let group = h.group.clone().unwrap_or_default();
+    let group = group.unwrap_or_default().to_owned();
     let like = format!("%:{group}");
     let rows: Result<Vec<Row>, sqlx::Error> = on_db!(&db, p => bounded("reading the audit trail", sqlx::query_as(sqlx::AssertSqlSafe(q.clone()))
-        .bind(&group).bind(&like).bind(h.limit).fetch_all(p))
+        .bind(&group).bind(&like).bind(limit).fetch_all(p))
         .await?);
     db.close().await;
-    let rows = rows.map_err(|e| db.err("reading the audit trail", &e))?;
+    rows.map_err(|e| db.err("reading the audit trail", &e))
+}
+
+/// Prints the newest audit records.
+pub(super) async fn history(common: &Common, h: HistoryArgs) -> Result<ExitCode, CliError> {
+    let rows = records(&common.db, h.group.as_deref(), h.limit).await?;
     let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or(s.into());
     if common.json {
         let v: Vec<_> = rows

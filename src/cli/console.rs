@@ -116,6 +116,8 @@ pub(super) async fn run(
         .route("/logout", post(logout))
         .route("/g/{group}", get(group_page))
         .route("/g/{group}/dl/{id}", get(show))
+        .route("/g/{group}/dl/{id}/edit", post(edit))
+        .route("/history", get(history))
         .route("/g/{group}/replay", post(replay))
         .route("/g/{group}/purge", post(purge))
         .with_state(state);
@@ -182,7 +184,7 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
          td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}}\
          pre{{background:#f4f4f4;padding:.6em;overflow:auto}}form.inline{{display:inline}}\
          .warn{{color:#a00}}nav a{{margin-right:1em}}</style></head><body>\
-         <nav><a href=\"/\">Failure groups</a></nav><h1>{t}</h1>{body}</body></html>",
+         <nav><a href=\"/\">Failure groups</a><a href=\"/history\">Audit trail</a></nav><h1>{t}</h1>{body}</body></html>",
         t = esc(title)
     );
     let mut r = (status, html).into_response();
@@ -615,6 +617,19 @@ async fn show(
             &HashMap::from([("id".to_owned(), vec![id.clone()])])
         )
     );
+    let _ = write!(
+        body,
+        "<h2>Edit and retry</h2><p>Sends the corrected message with a new id whose \
+         <code>steadfast-replay-of</code> header names this one; this dead letter is removed \
+         once the broker confirmed the copy.</p>\
+         <form method=\"post\" action=\"/g/{}/dl/{id}/edit\">{}\
+         <textarea name=\"body\" rows=\"8\" cols=\"80\">{}</textarea><br>\
+         <button name=\"dry_run\" value=\"1\">Preview</button> \
+         <button class=\"send\">Send the corrected message</button></form>",
+        pct(group),
+        csrf_field(&auth),
+        esc(&String::from_utf8_lossy(&d.envelope.payload))
+    );
     page(StatusCode::OK, &format!("Dead letter {id}"), &body)
 }
 
@@ -730,4 +745,172 @@ async fn act(c: &Console, group: &str, headers: &HeaderMap, body: &[u8], verb: &
         ),
         Err(e) => error_page(&CliError::new(e.to_string())),
     }
+}
+
+/// Edit and retry one dead letter: its body replaced; the copy gets a new id and
+/// `steadfast-replay-of`; the original is removed after the broker's confirm.
+async fn edit(
+    State(c): State<Arc<Console>>,
+    Path((group, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = form(&body);
+    if let Err(r) = check_post(&c, &headers, &f) {
+        return r.page();
+    }
+    let Some(group) = known(&c, &group) else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "<p>No such consumer group here.</p>",
+        );
+    };
+    let Ok(original) = id.parse::<MessageId>() else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Bad id",
+            "<p>Not a message id.</p>",
+        );
+    };
+    let sel = DeadLetterFilter {
+        ids: vec![original],
+        limit: Some(1),
+        ..DeadLetterFilter::default()
+    };
+    let t = c.transport.as_ref();
+    let mut found = None;
+    if let Err(e) = select(t, group, &sel, |d| found = Some(d)).await {
+        return error_page(&e);
+    }
+    let Some(dl) = found else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "<p>No dead letter with that id (replayed or purged?).</p>",
+        );
+    };
+    let new_body = f
+        .get("body")
+        .and_then(|v| v.first())
+        .map(|b| b.replace("\r\n", "\n"))
+        .unwrap_or_default();
+    if new_body.as_bytes() == dl.envelope.payload.as_ref() {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Nothing changed",
+            "<p>The body is the same: the dead letter stays as it is.</p>",
+        );
+    }
+    let mut env = dl.replay_envelope();
+    env.payload = bytes::Bytes::from(new_body.into_bytes());
+    env.id = MessageId::new();
+    env.headers
+        .insert(header::REPLAY_OF, original.to_string().as_str());
+    if one(&f, "dry_run").is_some() {
+        return page(
+            StatusCode::OK,
+            "Preview",
+            &format!(
+                "<p>Would send this as <code class=\"new-id\">{}</code> in place of <code>{original}</code>; nothing changed.</p><pre>{}</pre>",
+                env.id,
+                esc(&print::body_text(&env.payload))
+            ),
+        );
+    }
+    let mut db = c.db.clone();
+    db.actor = Some(db.actor.clone().unwrap_or_else(|| "console".to_owned()));
+    let audit = match audit::begin(
+        &db,
+        "edit",
+        &format!("{}:{group}", t.system()),
+        serde_json::json!({
+            "id": original.to_string(), "new_id": env.id.to_string(),
+            "body_changed": true, "via": "console",
+        }),
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(e) => return error_page(&e),
+    };
+    env.headers.insert(header::REPLAYED_BY, audit.actor());
+    env.headers
+        .insert(header::AUDIT_ID, audit.id().to_string().as_str());
+    let rewrite = |d: &DeadLetter| {
+        if d.id() == original {
+            env.clone()
+        } else {
+            d.replay_envelope()
+        }
+    };
+    let report = t
+        .replay_dead_letters_as(group, &sel, &rewrite, &|_| {})
+        .await;
+    let ok = matches!(&report, Ok(r) if r.done == 1);
+    let mut out = outcome(&report);
+    out["new_id"] = env.id.to_string().into();
+    let done: &[MessageId] = if ok { &[original] } else { &[] };
+    if let Err(e) = audit.finish(done, out).await {
+        return error_page(&e);
+    }
+    if ok {
+        page(
+            StatusCode::OK,
+            "Sent",
+            &format!(
+                "<p class=\"outcome\">Sent the corrected message as <code class=\"new-id\">{}</code> (replay of {original}); the dead letter is removed.</p><p><a href=\"/\">Back</a></p>",
+                env.id
+            ),
+        )
+    } else {
+        let why = match &report {
+            Ok(r) => r.first_error.clone().unwrap_or_default(),
+            Err(e) => e.to_string(),
+        };
+        error_page(&CliError::new(format!(
+            "the corrected message was not confirmed; dead letter {original} stays: {why}"
+        )))
+    }
+}
+
+/// The audit trail: every replay, purge and edit, newest first.
+async fn history(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    if c.auth(&headers).is_none() {
+        return redirect("/login");
+    }
+    let rows = match audit::records(&c.db, None, 100).await {
+        Ok(r) => r,
+        Err(e) => {
+            return page(
+                StatusCode::OK,
+                "Audit trail",
+                &format!("<p>{}</p>", esc(&e.to_string())),
+            );
+        }
+    };
+    let mut body = String::from(
+        "<table><tr><th>At</th><th>Action</th><th>Target</th><th>By</th><th>Ids</th>\
+         <th>Selection</th><th>Outcome</th></tr>",
+    );
+    for (id, at, actor, action, target, sel, ids, out) in &rows {
+        let n = serde_json::from_str::<serde_json::Value>(ids)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0);
+        let _ = write!(
+            body,
+            "<tr class=\"audit\" title=\"{}\"><td>{}</td><td class=\"action\">{}</td><td>{}</td>\
+             <td>{}</td><td>{n}</td><td><code>{}</code></td><td><code>{}</code></td></tr>",
+            esc(id),
+            esc(at),
+            esc(action),
+            esc(target),
+            esc(actor),
+            esc(sel),
+            esc(out)
+        );
+    }
+    body.push_str("</table>");
+    page(StatusCode::OK, "Audit trail", &body)
 }

@@ -59,11 +59,11 @@ fn form_value<'a>(html: &'a str, name: &str) -> &'a str {
 async fn console_over(b: Broker, port: u16) {
     const N: usize = 20;
     let fixed = Arc::new(AtomicBool::new(false));
-    let handled: Arc<Mutex<HashSet<MessageId>>> = Arc::default();
+    let handled: Arc<Mutex<std::collections::HashMap<MessageId, u32>>> = Arc::default();
     let dead = Arc::new(AtomicI64::new(0));
     let (f, h, d) = (fixed.clone(), handled.clone(), dead.clone());
     let worker = Worker::builder_shared(b.transport.clone(), GROUP)
-        .handle(move |_: Alpha, cx: Context| {
+        .handle(move |m: Alpha, cx: Context| {
             let (f, h) = (f.clone(), h.clone());
             async move {
                 if !f.load(Ordering::SeqCst) {
@@ -71,7 +71,7 @@ async fn console_over(b: Broker, port: u16) {
                         HandlerError::msg(format!("no stock for order {}", cx.id())).permanent()
                     );
                 }
-                h.lock().unwrap().insert(cx.id());
+                h.lock().unwrap().insert(cx.id(), m.n);
                 Ok(())
             }
         })
@@ -96,9 +96,21 @@ async fn console_over(b: Broker, port: u16) {
     })
     .await;
 
+    let audit_db = std::env::temp_dir().join(format!(
+        "steadfast-console-{}.db",
+        uuid::Uuid::now_v7().simple()
+    ));
+    // The audit trail in a SQLite file of its own (the tool opens an existing database).
+    steadfast::idempotency::sqlite::open(&audit_db)
+        .await
+        .expect("a SQLite file")
+        .close()
+        .await;
     let mut console = tokio::process::Command::new(steadfast_bin())
         .arg("console")
         .args(["--group", GROUP, "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--sqlite")
+        .arg(&audit_db)
         .args(&b.args)
         .env_remove("AMQP_URL")
         .env_remove("NATS_URL")
@@ -242,8 +254,41 @@ async fn console_over(b: Broker, port: u16) {
     assert_eq!(settled_count(&b).await, N as u64);
     assert!(handled.lock().unwrap().is_empty());
 
-    // Confirmed after the fix: every message back to the handler, once each.
+    // The fix. Edit and retry one: a preview changes nothing; the corrected copy, with a
+    // new id, is handled with its new body and the dead letter is gone.
     fixed.store(true, Ordering::SeqCst);
+    let edited = envs[1].id;
+    let (s, _, page) = http(port, "GET", &format!("/g/g/dl/{edited}"), &with_cookie, "").await;
+    assert_eq!(s, 200);
+    assert!(page.contains("<textarea name=\"body\""), "{page}");
+    let path = format!("/g/g/dl/{edited}/edit");
+    let form = format!("body=%7B%22n%22%3A777%7D&csrf={csrf}");
+    let (s, _, page) = http(
+        port,
+        "POST",
+        &path,
+        &with_cookie,
+        &format!("{form}&dry_run=1"),
+    )
+    .await;
+    assert_eq!(s, 200, "{page}");
+    assert!(page.contains("Would send"), "{page}");
+    assert_eq!(settled_count(&b).await, N as u64);
+    let (s, _, _) = http(port, "POST", &path, &with_cookie, "body=%7B%7D").await;
+    assert_eq!(s, 403, "no CSRF token, no edit");
+    let (s, _, page) = http(port, "POST", &path, &with_cookie, &form).await;
+    assert_eq!(s, 200, "{page}");
+    let key = "<code class=\"new-id\">";
+    let at = page.find(key).expect("the new id") + key.len();
+    let new_id: MessageId = page[at..at + 36].parse().unwrap();
+    wait_for("the corrected copy handled", || {
+        let got = handled.lock().unwrap().get(&new_id).copied();
+        async move { got == Some(777) }
+    })
+    .await;
+    assert_eq!(settled_count(&b).await, N as u64 - 1);
+
+    // The rest, replayed by failure group: every message back to the handler, once each.
     let (s, _, page) = http(
         port,
         "POST",
@@ -254,7 +299,7 @@ async fn console_over(b: Broker, port: u16) {
     .await;
     assert_eq!(s, 200, "{page}");
     assert!(
-        page.contains(&format!("<strong class=\"done\">{N}</strong>")),
+        page.contains(&format!("<strong class=\"done\">{}</strong>", N - 1)),
         "{page}"
     );
     wait_for("every replayed message handled", || {
@@ -262,11 +307,24 @@ async fn console_over(b: Broker, port: u16) {
         async move { n == N }
     })
     .await;
-    assert_eq!(
-        *handled.lock().unwrap(),
-        envs.iter().map(|e| e.id).collect::<HashSet<_>>()
-    );
+    let mut expected: HashSet<MessageId> = envs.iter().map(|e| e.id).collect();
+    expected.remove(&edited);
+    expected.insert(new_id);
+    let got: HashSet<MessageId> = handled.lock().unwrap().keys().copied().collect();
+    assert_eq!(got, expected);
     assert_eq!(settled_count(&b).await, 0);
+
+    // The audit trail shows both actions, newest first.
+    let (s, _, page) = http(port, "GET", "/history", &with_cookie, "").await;
+    assert_eq!(s, 200, "{page}");
+    let replay_at = page
+        .find("class=\"action\">replay")
+        .expect("the replay recorded");
+    let edit_at = page
+        .find("class=\"action\">edit")
+        .expect("the edit recorded");
+    assert!(replay_at < edit_at, "{page}");
+    let _ = std::fs::remove_file(&audit_db);
 
     console.start_kill().unwrap();
     let _ = console.wait().await;
