@@ -49,6 +49,10 @@ pub(super) struct ConsoleArgs {
     /// A consumer group to show (repeatable; at least one).
     #[arg(long = "group", required = true)]
     groups: Vec<String>,
+    /// The outbox table whose parked rows the outbox page lists (in the database of
+    /// --database-url or --sqlite).
+    #[arg(long, default_value = "steadfast_outbox")]
+    outbox_table: String,
     /// A file holding the access token (else `STEADFAST_CONSOLE_TOKEN`); at least 16
     /// characters.
     #[arg(long)]
@@ -62,6 +66,7 @@ struct Console {
     transport: Arc<dyn Transport>,
     db: DbArgs,
     groups: Vec<String>,
+    outbox_table: String,
     token: String,
     sessions: Sessions,
 }
@@ -107,6 +112,7 @@ pub(super) async fn run(
         transport,
         db,
         groups: args.groups,
+        outbox_table: args.outbox_table,
         token,
         sessions: Mutex::default(),
     });
@@ -118,6 +124,7 @@ pub(super) async fn run(
         .route("/g/{group}/dl/{id}", get(show))
         .route("/g/{group}/dl/{id}/edit", post(edit))
         .route("/history", get(history))
+        .route("/outbox", get(outbox_page))
         .route("/g/{group}/replay", post(replay))
         .route("/g/{group}/purge", post(purge))
         .with_state(state);
@@ -184,7 +191,7 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
          td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}}\
          pre{{background:#f4f4f4;padding:.6em;overflow:auto}}form.inline{{display:inline}}\
          .warn{{color:#a00}}nav a{{margin-right:1em}}</style></head><body>\
-         <nav><a href=\"/\">Failure groups</a><a href=\"/history\">Audit trail</a></nav><h1>{t}</h1>{body}</body></html>",
+         <nav><a href=\"/\">Failure groups</a><a href=\"/history\">Audit trail</a><a href=\"/outbox\">Outbox</a></nav><h1>{t}</h1>{body}</body></html>",
         t = esc(title)
     );
     let mut r = (status, html).into_response();
@@ -913,4 +920,45 @@ async fn history(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response 
     }
     body.push_str("</table>");
     page(StatusCode::OK, "Audit trail", &body)
+}
+
+/// The outbox: pending and parked counts, and the parked rows with their last errors
+/// (retry or delete them with `steadfast outbox retry-parked | delete-parked`).
+async fn outbox_page(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    if c.auth(&headers).is_none() {
+        return redirect("/login");
+    }
+    let (status, rows) = match super::outbox::overview(&c.db, &c.outbox_table).await {
+        Ok(r) => r,
+        Err(e) => {
+            return page(
+                StatusCode::OK,
+                "Outbox",
+                &format!("<p>{}</p>", esc(&e.to_string())),
+            );
+        }
+    };
+    let mut body = format!(
+        "<p>Table <code>{}</code>: <strong class=\"pending\">{}</strong> pending, \
+         <strong class=\"parked\">{}</strong> parked.</p><table><tr><th>Id</th><th>Message</th>\
+         <th>Attempts</th><th>Last error</th></tr>",
+        esc(&c.outbox_table),
+        status.pending,
+        status.parked
+    );
+    for r in &rows {
+        let _ = write!(
+            body,
+            "<tr class=\"parked-row\"><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            r.id,
+            esc(&r.name),
+            r.attempts,
+            esc(&r.error)
+        );
+    }
+    body.push_str(
+        "</table><p>Retry or delete parked rows with <code>steadfast outbox retry-parked</code> \
+         or <code>delete-parked</code> (same selectors, dry run, audit trail).</p>",
+    );
+    page(StatusCode::OK, "Outbox", &body)
 }

@@ -144,6 +144,43 @@ impl Store {
     }
 }
 
+/// The outbox `table`'s status and parked rows (the console's outbox page).
+#[cfg(feature = "console")]
+pub(super) async fn overview(
+    db_args: &super::DbArgs,
+    table: &str,
+) -> Result<(OutboxStatus, Vec<ParkedRow>), CliError> {
+    let Some(db) = audit::open_db(db_args).await? else {
+        return Err(CliError::new(
+            "no outbox database: start the console with --database-url or --sqlite",
+        ));
+    };
+    let bad_table = |e: StoreError| CliError(e.to_string());
+    let store = match &db {
+        Db::Pg(p, _) => Store::Pg(
+            PostgresOutbox::new(p.clone())
+                .with_table(table)
+                .map_err(bad_table)?,
+            p.clone(),
+        ),
+        Db::Lite(p) => Store::Lite(
+            SqliteOutbox::new(p.clone())
+                .with_table(table)
+                .map_err(bad_table)?,
+            p.clone(),
+        ),
+    };
+    let r = async {
+        let status = store.status().await?;
+        let parked = store.parked().await?;
+        Ok::<_, StoreError>((status, parked))
+    }
+    .await
+    .map_err(|e| db.err("outbox", &e));
+    db.close().await;
+    r
+}
+
 pub(super) async fn run(
     common: &Common,
     table: &str,

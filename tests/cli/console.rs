@@ -100,12 +100,24 @@ async fn console_over(b: Broker, port: u16) {
         "steadfast-console-{}.db",
         uuid::Uuid::now_v7().simple()
     ));
-    // The audit trail in a SQLite file of its own (the tool opens an existing database).
-    steadfast::idempotency::sqlite::open(&audit_db)
+    // The audit trail and an outbox in a SQLite file of its own, with one parked row.
+    let lite = steadfast::idempotency::sqlite::open(&audit_db)
         .await
-        .expect("a SQLite file")
-        .close()
-        .await;
+        .expect("a SQLite file");
+    let outbox = steadfast::outbox::SqliteOutbox::new(lite.clone());
+    outbox.migrate().await.unwrap();
+    let mut tx = lite.begin().await.unwrap();
+    let parked = outbox.enqueue(&mut tx, &Alpha { n: 5 }).await.unwrap();
+    outbox.enqueue(&mut tx, &Alpha { n: 6 }).await.unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query(
+        "UPDATE steadfast_outbox SET state = 'parked', attempts = 9, last_error = 'no route to <host>' WHERE id = ?1",
+    )
+    .bind(parked.to_string())
+    .execute(&lite)
+    .await
+    .unwrap();
+    lite.close().await;
     let mut console = tokio::process::Command::new(steadfast_bin())
         .arg("console")
         .args(["--group", GROUP, "--listen", &format!("127.0.0.1:{port}")])
@@ -324,6 +336,20 @@ async fn console_over(b: Broker, port: u16) {
         .find("class=\"action\">edit")
         .expect("the edit recorded");
     assert!(replay_at < edit_at, "{page}");
+
+    // The outbox: counts, and the parked row with its error (escaped).
+    let (s, _, page) = http(port, "GET", "/outbox", &with_cookie, "").await;
+    assert_eq!(s, 200, "{page}");
+    assert!(
+        page.contains("<strong class=\"pending\">1</strong>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<strong class=\"parked\">1</strong>"),
+        "{page}"
+    );
+    assert!(page.contains(&format!("<code>{parked}</code>")), "{page}");
+    assert!(page.contains("no route to &lt;host&gt;"), "{page}");
     let _ = std::fs::remove_file(&audit_db);
 
     console.start_kill().unwrap();
