@@ -10,6 +10,8 @@
 mod raw_frames;
 
 #[cfg(feature = "console")]
+mod browser;
+#[cfg(feature = "console")]
 mod console;
 
 use futures::future::BoxFuture;
