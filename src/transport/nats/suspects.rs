@@ -166,19 +166,34 @@ async fn ledger(inner: &Inner) -> Result<&kv::Store, TransportError> {
                         Ok(st) => st.cached_info().config.num_replicas.max(1),
                         Err(_) => 1,
                     };
-                    inner
+                    // The bucket's stream, made as the client's `create_key_value` would
+                    // make it, without the account query that call starts with (its answer
+                    // does not parse from nats-server 2.9).
+                    let created = inner
                         .js
-                        .create_key_value(kv::Config {
-                            bucket: BUCKET.to_owned(),
-                            description: "steadfast: crashes of messages that ran alone".to_owned(),
-                            history: 1,
+                        .create_stream(async_nats::jetstream::stream::Config {
+                            name: format!("KV_{BUCKET}"),
+                            description: Some(
+                                "steadfast: crashes of messages that ran alone".to_owned(),
+                            ),
+                            subjects: vec![format!("$KV.{BUCKET}.>")],
+                            max_messages_per_subject: 1,
                             max_age: ENTRY_AGE,
                             storage: async_nats::jetstream::stream::StorageType::File,
+                            allow_rollup: true,
+                            deny_delete: true,
+                            allow_direct: true,
                             num_replicas: replicas,
+                            discard: async_nats::jetstream::stream::DiscardPolicy::New,
                             ..Default::default()
                         })
-                        .await
-                        .map_err(|e| kv_err("creating the bucket", e))
+                        .await;
+                    // Another process may have made it meanwhile.
+                    match (created, inner.js.get_key_value(BUCKET).await) {
+                        (_, Ok(s)) => Ok(s),
+                        (Err(e), Err(_)) => Err(kv_err("creating the bucket", e)),
+                        (Ok(_), Err(e)) => Err(kv_err("opening the bucket", e)),
+                    }
                 })
                 .await
         })
