@@ -720,6 +720,18 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
         .collect();
     let ledger: Arc<Mutex<Ledger>> = Arc::default();
     let started = Instant::now();
+    // On the cluster, half the messages are held back until the node fault is in place:
+    // work that exists only once the fault began shows whether consumption resumed (with
+    // all of it published first, the workers had often drained the queue before the
+    // node went, and "resumed" could not be seen), and the poison among it is
+    // dead-lettered while the fault lasts.
+    let (release, gate) = tokio::sync::oneshot::channel::<()>();
+    let held_back = if s.fault.is_rabbit_cluster() {
+        Some((messages.len() / 2, gate))
+    } else {
+        None
+    };
+    let mut release = Some(release);
     let publisher = tokio::spawn(publish_all(
         s.publish,
         transport.clone(),
@@ -727,11 +739,13 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
         pool.clone(),
         messages,
         ledger.clone(),
+        held_back,
     ));
 
     // The fault, once a quarter of the work is done.
     let effects_table = format!("{schema}.effects");
     let quarter = (s.n - poison.len() as u64) / 4;
+    // (On the cluster, a quarter of all is half of what is published before the fault.)
     wait_effects(
         &pool,
         &effects_table,
@@ -751,7 +765,7 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
             table: &effects_table,
             margin,
         };
-        inject_cluster(s, &mut fleet, &spec, &progress, &mut resumed).await?
+        inject_cluster(s, &mut fleet, &spec, &progress, &mut resumed, &mut release).await?
     } else {
         inject(
             s,
@@ -806,6 +820,7 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     }
 
     // Heal -> drain: wait for everything to be accounted for and the queues empty.
+    drop(release);
     publisher.await.map_err(e("publisher task"))??;
     let (ok, failed, indeterminate) = {
         let l = ledger.lock().unwrap_or_else(|p| p.into_inner());
@@ -958,9 +973,21 @@ async fn publish_all(
     pool: sqlx::PgPool,
     messages: Vec<Work>,
     ledger: Arc<Mutex<Ledger>>,
+    held_back: Option<(usize, tokio::sync::oneshot::Receiver<()>)>,
 ) -> Res<()> {
     const CHUNK: usize = 200;
-    for chunk in messages.chunks(CHUNK) {
+    let (split, mut gate) = match held_back {
+        Some((at, rx)) => (at.min(messages.len()), Some(rx)),
+        None => (messages.len(), None),
+    };
+    let (before, after) = messages.split_at(split);
+    for (i, chunk) in before.chunks(CHUNK).chain(after.chunks(CHUNK)).enumerate() {
+        if i == before.len().div_ceil(CHUNK)
+            && let Some(rx) = gate.take()
+        {
+            // Released once the fault is in place (or when the sender is dropped).
+            let _ = rx.await;
+        }
         match how {
             Publish::Direct | Publish::Twice => {
                 let mut envs: Vec<Envelope> = Vec::with_capacity(chunk.len() * 2);
@@ -1256,6 +1283,11 @@ impl Progress<'_> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        eprintln!(
+            "no progress within {bound:?}: {} effects, {base} when the fault began (+{} in flight)",
+            self.now().await,
+            self.margin
+        );
         None
     }
 }
@@ -1268,7 +1300,14 @@ async fn inject_cluster(
     spec: &Spec,
     progress: &Progress<'_>,
     resumed: &mut Option<Duration>,
+    release: &mut Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Res<Option<Instant>> {
+    // Lets the held-back half of the messages go, once the fault is in place.
+    let mut go = || {
+        if let Some(tx) = release.take() {
+            let _ = tx.send(());
+        }
+    };
     let _restore = RestoreCluster;
     let work_queue = format!("{}.{}", spec.name, spec.group);
     // The effects so far are counted once the fault is in place (what the workers did
@@ -1278,6 +1317,7 @@ async fn inject_cluster(
         Fault::ClusterNodeKill => {
             rabbit_cluster::signal(1, "KILL").await?;
             let base = progress.now().await;
+            go();
             *resumed = progress
                 .resumed(fleet, base, t0, Duration::from_secs(60))
                 .await;
@@ -1294,6 +1334,7 @@ async fn inject_cluster(
             eprintln!("{queue}: leader on node {leader}; stop_app");
             rabbit_cluster::ctl(leader, &["-q", "stop_app"]).await?;
             let base = progress.now().await;
+            go();
             *resumed = progress
                 .resumed(fleet, base, t0, Duration::from_secs(60))
                 .await;
@@ -1309,6 +1350,7 @@ async fn inject_cluster(
                 if n == 1 {
                     // The workers' node: they move to another one.
                     let base = progress.now().await;
+                    go();
                     *resumed = progress
                         .resumed(fleet, base, t, Duration::from_secs(60))
                         .await;
@@ -1324,6 +1366,7 @@ async fn inject_cluster(
             eprintln!("{work_queue}: leader on node {leader}; pausing node 1");
             rabbit_cluster::signal(1, "STOP").await?;
             let base = progress.now().await;
+            go();
             *resumed = progress.resumed(fleet, base, t0, *d).await;
             sleep_supervised(fleet, d.saturating_sub(t0.elapsed())).await;
             rabbit_cluster::signal(1, "CONT").await?;

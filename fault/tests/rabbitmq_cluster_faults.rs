@@ -2,7 +2,8 @@
 //! (`scripts/brokers.sh rabbitmq-cluster`, nodes on 127.0.0.1:5701-5703, started here if
 //! it is not running), worker processes given all three nodes, a few thousand messages
 //! (`CLUSTER_N`, default 3000) with a poison message every 50, and one node fault while
-//! they flow. Each test asserts the model's checks — nothing lost, no duplicate effect,
+//! they flow: half the messages are published before the fault, the other half once it
+//! is in place, so there is work (and poison to dead-letter) while the node is down. Each test asserts the model's checks — nothing lost, no duplicate effect,
 //! every poison message dead-lettered with its reason and no healthy one, nothing left
 //! unacked, the system drained by itself — and, on the cluster: consumption resumed on
 //! the other nodes while the node was down, and the dead letters read and replayed
