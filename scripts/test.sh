@@ -19,7 +19,23 @@ nats_brokers_stop() {
   scripts/brokers.sh rabbitmq-4 stop >/dev/null 2>&1 || true
   scripts/brokers.sh rabbitmq-cluster stop >/dev/null 2>&1 || true
 }
-trap nats_brokers_stop EXIT
+# How long each stage took, printed at the end however the run ends, so a CI log's last
+# lines show where its time went.
+stage_times=()
+stage_start=$SECONDS
+stage() { # name: closes the previous stage and opens the next
+  if [ -n "${stage_name:-}" ]; then stage_times+=("$((SECONDS - stage_start)) s  $stage_name"); fi
+  stage_name=$1 stage_start=$SECONDS
+}
+on_exit() {
+  local rc=$?
+  stage ""
+  nats_brokers_stop
+  echo "scripts/test.sh: stage times (exit $rc, $SECONDS s in all):"
+  printf '  %s\n' "${stage_times[@]}"
+}
+trap on_exit EXIT
+stage "extra brokers (install and start)"
 scripts/brokers.sh nats-versions start
 scripts/brokers.sh nats-cluster start
 # RabbitMQ 4.0.5 (127.0.0.1:5710, from a Debian trixie root) for the version run below,
@@ -43,13 +59,20 @@ faults=$(find tests -mindepth 1 -maxdepth 1 -type d -name '*_faults' -printf '%f
 suite_faults=$(find fault/tests -mindepth 1 -maxdepth 1 -name '*_faults.rs' -printf '%f\n' | sed 's/\.rs$//' | sort)
 if cargo nextest --version >/dev/null 2>&1; then
   if [ -n "$faults$suite_faults" ]; then
+    stage "build the tests"
+    cargo nextest run --workspace --all-features --no-run
+    stage "tests (not *_faults)"
     cargo nextest run --workspace --all-features --no-tests=pass -E 'not binary(/_faults$/)'
     for v in "${nats_versions[@]}"; do
+      stage "nats tests on nats-server $v"
       env $(nats_env "$v") cargo nextest run --all-features --test nats -E 'not test(/silent/)'
     done
     # The RabbitMQ tests and the conformance suite again, on RabbitMQ 4.0.5.
+    stage "amqp tests on RabbitMQ 4.0.5"
     AMQP_URL="$AMQP_4_URL" cargo nextest run --all-features --test amqp
-    cargo nextest run --workspace --all-features --no-tests=pass -E 'binary(/_faults$/)' --test-threads 1
+    # Every fault test runs even when one fails, so one CI log shows them all.
+    stage "*_faults (one at a time)"
+    cargo nextest run --workspace --all-features --no-tests=pass -E 'binary(/_faults$/)' --test-threads 1 --no-fail-fast
   else
     cargo nextest run --workspace --all-features --no-tests=pass
   fi
@@ -69,9 +92,19 @@ else
   for f in $faults; do cargo test --all-features --test "$f" -- --test-threads 1; done
   for f in $suite_faults; do cargo test --all-features -p steadfast-fault --test "$f" -- --test-threads 1; done
 fi
+stage "doc tests"
 cargo test --workspace --all-features --doc
+stage "quickstart, container and deployment checks"
 # Every example that needs no broker runs to completion.
-cargo run --all-features --quiet --example quickstart >/dev/null
+# (Built as the tests built it, with the workspace's features and the `test` profile, so
+# this is no second compile.)
+quickstart=$(cargo build --workspace --all-features --profile test --example quickstart --message-format=json --quiet |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    v = json.loads(l)
+    if v.get("reason") == "compiler-artifact" and v["target"]["name"] == "quickstart" and v.get("executable"):
+        print(v["executable"])')
+"$quickstart" >/dev/null
 # The container and deployment files, offline: the Dockerfile's build stage replayed
 # from its build context, the manifests and the compose file against their schemas.
 scripts/check-docker-context.py

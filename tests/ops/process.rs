@@ -173,7 +173,7 @@ async fn sigterm_under_load_drains_everything_started_and_exits_zero() {
     wait_status(&addr, "/readyz", 200).await;
     let t = publisher(&exchange).await;
     for id in 1..=JOBS {
-        publish(&t, id, 30).await;
+        publish(&t, id, 400).await;
     }
     // SIGTERM with the queue still full and handlers running.
     wait_metric(

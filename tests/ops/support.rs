@@ -30,8 +30,10 @@ pub(crate) fn unique(tag: &str) -> String {
 }
 
 /// The `container_worker` example, built by cargo with the feature set CI uses
-/// (`--workspace --all-features`, the same profile), so when the suite already built it
-/// this is a fingerprint check, not a second compile. `--workspace` matters: features
+/// (`--workspace --all-features`) and the profile `cargo test` and nextest build examples
+/// with (`test`), so when the suite already built it this is a fingerprint check, not a
+/// second compile (with the `dev` profile it was a second build of the crate, a minute or
+/// more of CI). `--workspace` matters: features
 /// are unified over the packages selected, and without the fault-suite crate the
 /// dependencies would be built a second time with other features.
 pub(crate) fn example_binary() -> PathBuf {
@@ -43,6 +45,8 @@ pub(crate) fn example_binary() -> PathBuf {
                 "--quiet",
                 "--workspace",
                 "--all-features",
+                "--profile",
+                "test",
                 "--example",
                 "container_worker",
                 "--message-format=json",
