@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs Debian's headless Chromium and its WebDriver for the console's browser test
-# (tests/console_browser.rs). Idempotent; needs root (CI and the development machines run
+# (tests/cli/browser.rs). Idempotent; needs root (CI and the development machines run
 # as root).
 set -euo pipefail
 if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then

@@ -35,7 +35,9 @@ on_exit() {
   printf '  %s\n' "${stage_times[@]}"
 }
 trap on_exit EXIT
-stage "extra brokers (install and start)"
+stage "extra brokers (install and start), Chromium"
+# Headless Chromium and its WebDriver for the console's browser test.
+scripts/install-chromium.sh
 scripts/brokers.sh nats-versions start
 scripts/brokers.sh nats-cluster start
 # RabbitMQ 4.0.5 (127.0.0.1:5710, from a Debian trixie root) for the version run below,

@@ -11,8 +11,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "browser-test-token-0123456789";
 
-/// One WebDriver command: the `value` of its JSON answer.
+/// One WebDriver command: the `value` of its JSON answer, which must not be an error.
 async fn wd(port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
+    let v = wd_any(port, method, path, body).await;
+    assert!(v.get("error").is_none(), "{method} {path}: {v}");
+    v
+}
+
+/// One WebDriver command: the `value` of its JSON answer, an error included.
+async fn wd_any(port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -57,11 +64,6 @@ async fn wd(port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
     );
     let v: Value = serde_json::from_str(&json[a..b])
         .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
-    assert!(
-        v["value"].get("error").is_none(),
-        "{method} {path}: {}",
-        v["value"]
-    );
     v["value"].clone()
 }
 
@@ -119,8 +121,21 @@ impl Browser {
             .unwrap_or_else(|| panic!("no element {css}"))
             .to_owned()
     }
+    async fn script(&self, js: &str) -> Value {
+        wd(
+            self.port,
+            "POST",
+            &format!("/session/{}/execute/sync", self.session),
+            Some(serde_json::json!({ "script": js, "args": [] })),
+        )
+        .await
+    }
+    /// Clicks what submits a form or follows a link, then waits until the next page has
+    /// loaded: WebDriver's click may return before a form's POST has answered, and the
+    /// page read next would be the old one (seen under load).
     async fn click(&self, css: &str) {
         let e = self.find(css).await;
+        self.script("window.__steadfastOldPage = true;").await;
         wd(
             self.port,
             "POST",
@@ -128,6 +143,29 @@ impl Browser {
             Some(serde_json::json!({})),
         )
         .await;
+        let loaded = async {
+            loop {
+                // While the page changes the script may fail ("no such execution
+                // context"): not loaded yet.
+                let v = wd_any(
+                    self.port,
+                    "POST",
+                    &format!("/session/{}/execute/sync", self.session),
+                    Some(serde_json::json!({
+                        "script": "return !window.__steadfastOldPage && document.readyState === 'complete';",
+                        "args": [],
+                    })),
+                )
+                .await;
+                if v == Value::Bool(true) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), loaded)
+            .await
+            .unwrap_or_else(|_| panic!("clicking {css} loaded no new page within 30 s"));
     }
     async fn type_in(&self, css: &str, text: &str) {
         let e = self.find(css).await;
