@@ -11,13 +11,15 @@
 //! Keys are scoped by consumer group and message name: two groups handle the same message
 //! independently, and `OrderPlaced{order_id: 1}` never shadows `OrderCancelled{order_id: 1}`.
 
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 mod looks;
 pub mod memory;
 #[cfg(feature = "mysql")]
 pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+mod sql;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
@@ -219,22 +221,6 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     }
 }
 
-/// The two statements of a SQL store that `begin` is made of (see [`begin_with`]).
-#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
-pub(crate) trait TakeKey: Sync {
-    /// Takes `key` with `token` for `lease` if it is free (new, its lease ended, or done
-    /// longer ago than the retention); whether it was taken.
-    fn take<'a>(
-        &'a self,
-        key: Key<'a>,
-        token: Uuid,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>>;
-
-    /// The key's state (`held` or `done`), if it has a row.
-    fn state<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, Result<Option<String>, StoreError>>;
-}
-
 /// `steadfast.idempotency.payload_mismatch` (counter): deliveries whose idempotency key
 /// was seen before with another payload, labelled `messaging.consumer.group.name` and
 /// `messaging.message.name`.
@@ -294,28 +280,6 @@ pub(crate) async fn payload_mismatch(
 #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 pub(crate) fn stored_fingerprint(row: Option<Option<String>>) -> Option<Fingerprint> {
     row.flatten().and_then(|s| s.parse().ok())
-}
-
-/// `begin` for every SQL store: take the key, or tell why not. Two tries: a key released
-/// between the two statements is free again.
-#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
-pub(crate) async fn begin_with(
-    store: &impl TakeKey,
-    key: Key<'_>,
-    lease: Duration,
-) -> Result<Begin, StoreError> {
-    for _ in 0..2 {
-        let token = Uuid::now_v7();
-        if store.take(key, token, lease).await? {
-            return Ok(Begin::Acquired(Lease { token }));
-        }
-        match store.state(key).await?.as_deref() {
-            Some("done") => return Ok(Begin::AlreadyDone),
-            Some(_) => return Ok(Begin::InFlight),
-            None => {}
-        }
-    }
-    Ok(Begin::InFlight)
 }
 
 /// The inbox methods every SQL store shares, written once: `with_retention`, `mark`

@@ -8,6 +8,8 @@
 //! repository root (the tables). Each passes the store conformance suite
 //! ([`crate::testing::stores`]); `docs/architecture.md` lists the steps.
 
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+mod dialect;
 mod error;
 #[cfg(feature = "mysql")]
 pub mod mysql;
@@ -16,6 +18,8 @@ pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+pub(crate) use dialect::Dialect;
 #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 pub(crate) use error::db_err;
 pub use error::{StoreError, StoreErrorKind};

@@ -165,6 +165,12 @@ pub async fn connect(url: &str) -> Result<MySqlPool, StoreError> {
     }
 }
 
+/// MySQL / MariaDB as the stores see it: text ids, times in milliseconds from the server's clock.
+#[derive(Debug)]
+pub(crate) struct My;
+
+super::dialect::millisecond_dialect!(My, sqlx::MySql, NOW_MS);
+
 #[cfg(test)]
 mod tests {
     use super::unsafe_settings;

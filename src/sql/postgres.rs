@@ -106,3 +106,33 @@ pub async fn connect(url: &str) -> Result<PgPool, StoreError> {
         )),
     }
 }
+
+/// PostgreSQL as the stores see it: `uuid` ids, spans in seconds, `now()`.
+#[derive(Debug)]
+pub(crate) struct Pg;
+
+impl super::Dialect for Pg {
+    type Db = sqlx::Postgres;
+    type Span = f64;
+    type Uuid = uuid::Uuid;
+
+    fn span(d: Duration) -> f64 {
+        d.as_secs_f64()
+    }
+
+    fn positive(secs: f64) -> Option<Duration> {
+        (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+    }
+
+    fn uuid(id: uuid::Uuid) -> uuid::Uuid {
+        id
+    }
+
+    fn rows_affected(done: &<Self::Db as sqlx::Database>::QueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn render(t: &super::Table, sql: &str) -> std::sync::Arc<str> {
+        t.render(sql).into()
+    }
+}

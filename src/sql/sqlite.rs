@@ -117,3 +117,9 @@ pub(crate) async fn warn_unsafe_settings(pool: &SqlitePool) {
         }
     }
 }
+
+/// SQLite as the stores see it: text ids, times in milliseconds from its own clock.
+#[derive(Debug)]
+pub(crate) struct Lite;
+
+super::dialect::millisecond_dialect!(Lite, sqlx::Sqlite, NOW_MS);
