@@ -12,27 +12,22 @@
 //! [`Relay`]: super::Relay
 
 use super::{
-    Backlog, Claimed, FailedRow, OutboxSource, OutboxStatus, ParkedRow, envelope_from_row,
-    headers_json,
-    steps::{
-        BACKLOG, CLAIM, DELETE_SENT, ENQUEUE, FAILED, PARKED, PENDING, PURGE, REQUEUE, SENT, STATUS,
-    },
+    Claimed, envelope_from_row,
+    sql::{Outbox, OutboxDialect, OutboxSql, sql_outbox},
+    steps::CLAIM,
 };
 use crate::{
     envelope::{Envelope, MessageId},
-    sql::{Setup, Step, StoreError, Table, bounded, db_err, millis, mysql::NOW_MS, run},
+    sql::{Dialect, Setup, StoreError, Table, bounded, db_err, millis, mysql::My},
 };
-use futures::future::BoxFuture;
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection, MySqlPool};
 use std::{
-    fmt,
     sync::{
         Arc,
         atomic::{AtomicU32, Ordering},
     },
     time::Duration,
 };
-use tokio::sync::Notify;
 
 const SCHEMA: &str = include_str!("../../sql/mysql/outbox.sql");
 
@@ -64,73 +59,76 @@ pub struct MySqlOutbox {
 }
 
 struct Inner {
-    pool: MySqlPool,
-    setup: Setup,
-    sql: Sql,
-    wake: Notify,
+    core: Outbox<My>,
+    claim: Arc<str>,
+    lease: Arc<str>,
     /// Claims in a row that found nothing: the next poll waits `FIRST_POLL * 2^idle`.
     idle: AtomicU32,
 }
 
-struct Sql {
-    insert: Arc<str>,
-    claim: Arc<str>,
-    lease: Arc<str>,
-    sent: Arc<str>,
-    delete_sent: Arc<str>,
-    failed: Arc<str>,
-    purge: Arc<str>,
-    parked: Arc<str>,
-    requeue: Arc<str>,
-    pending: Arc<str>,
-    backlog: Arc<str>,
-    status: Arc<str>,
+impl OutboxDialect for My {
+    type Attempts = i32;
+
+    fn by_ids(
+        sql: &Arc<str>,
+        ids: &[MessageId],
+    ) -> Option<sqlx::query::Query<'static, sqlx::MySql, sqlx::mysql::MySqlArguments>> {
+        if ids.is_empty() {
+            return None;
+        }
+        let (sql, slots) = with_ids(sql, ids.len());
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for i in 0..slots {
+            q = q.bind(ids[i.min(ids.len() - 1)].to_string());
+        }
+        Some(q)
+    }
 }
 
-impl Sql {
-    fn new(t: &Table) -> Self {
-        let r = |s: &str| Arc::<str>::from(t.render(s).replace("{now}", NOW_MS));
-        Self {
-            insert: r(
-                "INSERT INTO {table} (id, name, source, time, headers, payload, available_at, created_at) \
+/// The statements, and the claim's two (lock, then lease).
+fn statements(t: &Table) -> (OutboxSql, Arc<str>, Arc<str>) {
+    let r = |s: &str| My::render(t, s);
+    // Rows locked by another claim, or by a transaction still inserting them, are
+    // skipped, never waited for.
+    let claim = r(
+        "SELECT seq, id, name, source, time, headers, payload, attempts FROM {table} \
+         WHERE state = 'pending' AND available_at <= {now} \
+         ORDER BY seq LIMIT ? FOR UPDATE SKIP LOCKED",
+    );
+    let lease = r("UPDATE {table} SET available_at = {now} + ? WHERE seq IN ({ids})");
+    let sql = OutboxSql {
+        insert: r(
+            "INSERT INTO {table} (id, name, source, time, headers, payload, available_at, created_at) \
                  VALUES (?, ?, ?, ?, ?, ?, {now}, {now})",
-            ),
-            // Rows locked by another claim, or by a transaction still inserting them, are
-            // skipped, never waited for.
-            claim: r(
-                "SELECT seq, id, name, source, time, headers, payload, attempts FROM {table} \
-                 WHERE state = 'pending' AND available_at <= {now} \
-                 ORDER BY seq LIMIT ? FOR UPDATE SKIP LOCKED",
-            ),
-            lease: r("UPDATE {table} SET available_at = {now} + ? WHERE seq IN ({ids})"),
-            sent: r("UPDATE {table} SET state = 'sent', sent_at = {now} WHERE id IN ({ids})"),
-            delete_sent: r("DELETE FROM {table} WHERE id IN ({ids})"),
-            failed: r(
-                "UPDATE {table} SET attempts = attempts + 1, last_error = ?, \
+        ),
+        sent: r("UPDATE {table} SET state = 'sent', sent_at = {now} WHERE id IN ({ids})"),
+        delete_sent: r("DELETE FROM {table} WHERE id IN ({ids})"),
+        failed: r(
+            "UPDATE {table} SET attempts = attempts + 1, last_error = ?, \
                  state = IF(?, 'parked', 'pending'), available_at = {now} + ? WHERE id = ?",
-            ),
-            purge: r("DELETE FROM {table} WHERE state = 'sent' AND sent_at < {now} - ?"),
-            parked: r(
-                "SELECT id, name, attempts, COALESCE(last_error, '') FROM {table} \
+        ),
+        purge: r("DELETE FROM {table} WHERE state = 'sent' AND sent_at < {now} - ?"),
+        parked: r(
+            "SELECT id, name, attempts, COALESCE(last_error, '') FROM {table} \
                  WHERE state = 'parked' ORDER BY seq LIMIT ?",
-            ),
-            requeue: r(
-                "UPDATE {table} SET state = 'pending', attempts = 0, available_at = {now} \
+        ),
+        requeue: r(
+            "UPDATE {table} SET state = 'pending', attempts = 0, available_at = {now} \
                  WHERE id = ? AND state = 'parked'",
-            ),
-            pending: r("SELECT COUNT(*) FROM {table} WHERE state = 'pending'"),
-            backlog: r(
-                "SELECT COUNT(*), CAST(COALESCE({now} - MIN(created_at), 0) AS SIGNED) \
+        ),
+        pending: r("SELECT COUNT(*) FROM {table} WHERE state = 'pending'"),
+        backlog: r(
+            "SELECT COUNT(*), CAST(COALESCE({now} - MIN(created_at), 0) AS SIGNED) \
                  FROM {table} WHERE state = 'pending'",
-            ),
-            status: r(
-                "SELECT CAST(COALESCE(SUM(state = 'pending'), 0) AS SIGNED), \
+        ),
+        status: r(
+            "SELECT CAST(COALESCE(SUM(state = 'pending'), 0) AS SIGNED), \
                  CAST(COALESCE(SUM(state = 'parked'), 0) AS SIGNED), \
                  CAST(({now} - MIN(CASE WHEN state = 'pending' THEN created_at END)) / 1000 AS DOUBLE) \
                  FROM {table}",
-            ),
-        }
-    }
+        ),
+    };
+    (sql, claim, lease)
 }
 
 /// `sql` with its `{ids}` list made of `n` placeholders rounded up to a power of two (the
@@ -141,13 +139,44 @@ fn with_ids(sql: &str, n: usize) -> (String, usize) {
     (sql.replace("{ids}", &list), slots)
 }
 
-impl fmt::Debug for MySqlOutbox {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl std::fmt::Debug for MySqlOutbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MySqlOutbox")
-            .field("table", &self.inner.setup.table.name)
+            .field("table", &self.inner.core.setup.table.name)
             .finish_non_exhaustive()
     }
 }
+
+sql_outbox!(MySqlOutbox, "mysql", {
+    fn claim(
+        &self,
+        limit: usize,
+        lease: Duration,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<Claimed>, StoreError>> {
+        Box::pin(bounded(
+            self.setup().timeout,
+            CLAIM.doing,
+            self.claim_inner(limit, lease),
+        ))
+    }
+
+    fn wait(&self, max: Duration) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Adaptive: short right after work, doubling while claims find nothing.
+            let idle = self.inner.idle.load(Ordering::Relaxed).min(16);
+            let poll = FIRST_POLL.saturating_mul(1 << idle).min(max);
+            if tokio::time::timeout(poll, self.inner.core.wake.notified())
+                .await
+                .is_ok()
+            {
+                // A wake-up may come before its transaction committed: look shortly after,
+                // and from the shortest poll again if that finds nothing.
+                self.inner.idle.store(0, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2).min(max)).await;
+            }
+        })
+    }
+});
 
 impl MySqlOutbox {
     /// An outbox in table `steadfast_outbox`.
@@ -156,93 +185,38 @@ impl MySqlOutbox {
     }
 
     fn build(pool: MySqlPool, setup: Setup) -> Self {
-        let sql = Sql::new(&setup.table);
+        let (sql, claim, lease) = statements(&setup.table);
         Self {
             inner: Arc::new(Inner {
-                pool,
-                setup,
-                sql,
-                wake: Notify::new(),
+                core: Outbox::new(pool, setup, sql),
+                claim,
+                lease,
                 idle: AtomicU32::new(0),
             }),
         }
     }
 
-    fn setup(&self) -> &Setup {
-        &self.inner.setup
-    }
-
     fn rebuild(&self, setup: Setup) -> Self {
-        Self::build(self.inner.pool.clone(), setup)
+        Self::build(self.inner.core.pool.clone(), setup)
     }
 
-    crate::sql::store_methods!();
     super::enqueue_methods!(MySqlConnection);
 
     /// Creates the table if it does not exist and warns about unsafe settings.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        crate::sql::mysql::migrate(&self.inner.pool, self.schema_sql(), self.setup().timeout).await
+        let core = &self.inner.core;
+        crate::sql::mysql::migrate(&core.pool, self.schema_sql(), core.setup.timeout).await
     }
 
-    /// Writes a ready-made envelope in your transaction.
+    /// Writes a ready-made envelope in your transaction. The relay may look before the
+    /// commit and find nothing; it then looks again after its shortest poll.
     pub async fn enqueue_envelope(
         &self,
         conn: &mut MySqlConnection,
         envelope: Envelope,
     ) -> Result<MessageId, StoreError> {
-        let insert = sqlx::query(AssertSqlSafe(self.inner.sql.insert.clone()))
-            .bind(envelope.id.to_string())
-            .bind(&envelope.name)
-            .bind(&envelope.source)
-            .bind(&envelope.time)
-            .bind(headers_json(&envelope.headers))
-            .bind(&envelope.payload[..]);
-        run(self.setup().timeout, ENQUEUE, insert.execute(conn)).await?;
-        // Before the commit: the relay may look too early and find nothing; it then looks
-        // again after its shortest poll. Never a loss: every claim reads all pending rows.
-        self.inner.wake.notify_one();
-        Ok(envelope.id)
-    }
-
-    /// Up to `limit` parked rows, oldest first, with their errors.
-    pub async fn parked(&self, limit: i64) -> Result<Vec<ParkedRow>, StoreError> {
-        let q = sqlx::query_as::<_, (String, String, i32, String)>(AssertSqlSafe(
-            self.inner.sql.parked.clone(),
-        ))
-        .bind(limit);
-        let rows = run(self.setup().timeout, PARKED, q.fetch_all(&self.inner.pool)).await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, name, attempts, error)| ParkedRow {
-                id: id.parse().unwrap_or_else(|_| MessageId::nil()),
-                name,
-                attempts: u32::try_from(attempts).unwrap_or(0),
-                error,
-            })
-            .collect())
-    }
-
-    /// Puts a parked row back in line. Returns whether it was parked.
-    pub async fn requeue(&self, id: MessageId) -> Result<bool, StoreError> {
-        let q = sqlx::query(AssertSqlSafe(self.inner.sql.requeue.clone())).bind(id.to_string());
-        let done = run(self.setup().timeout, REQUEUE, q.execute(&self.inner.pool)).await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Pending and parked rows and the age of the oldest pending one, in one query.
-    pub async fn status(&self) -> Result<OutboxStatus, StoreError> {
-        let q = sqlx::query_as::<_, (i64, i64, Option<f64>)>(AssertSqlSafe(
-            self.inner.sql.status.clone(),
-        ));
-        let (pending, parked, oldest) =
-            run(self.setup().timeout, STATUS, q.fetch_one(&self.inner.pool)).await?;
-        Ok(OutboxStatus::new(pending, parked, oldest))
-    }
-
-    /// How many rows wait to be published.
-    pub async fn pending(&self) -> Result<i64, StoreError> {
-        let q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.inner.sql.pending.clone()));
-        run(self.setup().timeout, PENDING, q.fetch_one(&self.inner.pool)).await
+        let core = &self.inner.core;
+        core.enqueue(conn, envelope, &core.sql.insert, None).await
     }
 
     /// Claims in one short transaction: lock up to `limit` committed pending rows that no
@@ -251,6 +225,7 @@ impl MySqlOutbox {
     async fn claim_inner(&self, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
         let mut conn = self
             .inner
+            .core
             .pool
             .acquire()
             .await
@@ -270,7 +245,7 @@ impl MySqlOutbox {
             Vec<u8>,
             i32,
         );
-        let rows: Vec<Row> = sqlx::query_as(AssertSqlSafe(self.inner.sql.claim.clone()))
+        let rows: Vec<Row> = sqlx::query_as(AssertSqlSafe(self.inner.claim.clone()))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
             .await
@@ -281,7 +256,7 @@ impl MySqlOutbox {
             return Ok(Vec::new());
         }
         self.inner.idle.store(0, Ordering::Relaxed);
-        let (sql, slots) = with_ids(&self.inner.sql.lease, rows.len());
+        let (sql, slots) = with_ids(&self.inner.lease, rows.len());
         let mut q = sqlx::query(AssertSqlSafe(sql)).bind(millis(lease));
         for i in 0..slots {
             q = q.bind(rows[i.min(rows.len() - 1)].0);
@@ -297,103 +272,5 @@ impl MySqlOutbox {
             out.push(Claimed::new(env, u32::try_from(attempts).unwrap_or(0)));
         }
         Ok(out)
-    }
-
-    /// Runs `sql` with `ids` in its `{ids}` list, as `step`.
-    async fn by_ids(
-        &self,
-        sql: &Arc<str>,
-        ids: &[MessageId],
-        step: Step,
-    ) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let (sql, slots) = with_ids(sql, ids.len());
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for i in 0..slots {
-            q = q.bind(ids[i.min(ids.len() - 1)].to_string());
-        }
-        run(self.setup().timeout, step, q.execute(&self.inner.pool))
-            .await
-            .map(drop)
-    }
-}
-
-impl OutboxSource for MySqlOutbox {
-    fn backend(&self) -> &'static str {
-        "mysql"
-    }
-
-    fn backlog(&self) -> BoxFuture<'_, Result<Option<Backlog>, StoreError>> {
-        let q = sqlx::query_as::<_, (i64, i64)>(AssertSqlSafe(self.inner.sql.backlog.clone()));
-        let fut = run(self.setup().timeout, BACKLOG, q.fetch_one(&self.inner.pool));
-        Box::pin(async move {
-            let (n, age_ms) = fut.await?;
-            Ok(Some(Backlog::new(
-                u64::try_from(n).unwrap_or(0),
-                Duration::from_millis(u64::try_from(age_ms).unwrap_or(0)),
-            )))
-        })
-    }
-
-    fn claim(
-        &self,
-        limit: usize,
-        lease: Duration,
-    ) -> BoxFuture<'_, Result<Vec<Claimed>, StoreError>> {
-        Box::pin(bounded(
-            self.setup().timeout,
-            CLAIM.doing,
-            self.claim_inner(limit, lease),
-        ))
-    }
-
-    fn mark_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.by_ids(&self.inner.sql.sent, ids, SENT))
-    }
-
-    fn delete_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.by_ids(&self.inner.sql.delete_sent, ids, DELETE_SENT))
-    }
-
-    fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>> {
-        let fut = async move {
-            for row in rows {
-                sqlx::query(AssertSqlSafe(self.inner.sql.failed.clone()))
-                    .bind(crate::envelope::truncate(&row.error, 2000))
-                    .bind(row.park)
-                    .bind(millis(row.retry_after))
-                    .bind(row.id.to_string())
-                    .execute(&self.inner.pool)
-                    .await
-                    .map_err(db_err(FAILED.failed))?;
-            }
-            Ok(())
-        };
-        Box::pin(bounded(self.setup().timeout, FAILED.doing, fut))
-    }
-
-    fn purge_sent(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, StoreError>> {
-        let q = sqlx::query(AssertSqlSafe(self.inner.sql.purge.clone())).bind(millis(older_than));
-        let fut = run(self.setup().timeout, PURGE, q.execute(&self.inner.pool));
-        Box::pin(async move { Ok(fut.await?.rows_affected()) })
-    }
-
-    fn wait(&self, max: Duration) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            // Adaptive: short right after work, doubling while claims find nothing.
-            let idle = self.inner.idle.load(Ordering::Relaxed).min(16);
-            let poll = FIRST_POLL.saturating_mul(1 << idle).min(max);
-            if tokio::time::timeout(poll, self.inner.wake.notified())
-                .await
-                .is_ok()
-            {
-                // A wake-up may come before its transaction committed: look shortly after,
-                // and from the shortest poll again if that finds nothing.
-                self.inner.idle.store(0, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(2).min(max)).await;
-            }
-        })
     }
 }

@@ -4,22 +4,19 @@
 //! [`Relay`]: super::Relay
 
 use super::{
-    Backlog, Claimed, FailedRow, FinishHeld, HeldBatch, OutboxSource, OutboxStatus, ParkedRow,
-    envelope_from_row, headers_json,
-    steps::{
-        BACKLOG, CLAIM, DELETE_SENT, ENQUEUE, FAILED, PARKED, PENDING, PURGE, REQUEUE, SENT, STATUS,
-    },
+    FailedRow, FinishHeld, HeldBatch,
+    sql::{Outbox, OutboxDialect, OutboxSql, read_claimed, sql_outbox},
+    steps::{CLAIM, DELETE_SENT, FAILED},
 };
 use crate::{
     envelope::{Envelope, MessageId},
-    sql::{Setup, Step, StoreError, Table, bounded, db_err, postgres::server_setting, run},
+    sql::{
+        Dialect, Setup, StoreError, Table, bounded, db_err,
+        postgres::{Pg, server_setting},
+    },
 };
-use futures::future::BoxFuture;
-use sqlx::{
-    AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction,
-    postgres::{PgListener, PgRow},
-};
-use std::{fmt, sync::Arc, time::Duration};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Transaction, postgres::PgListener};
+use std::{sync::Arc, time::Duration};
 use uuid::Uuid;
 
 const SCHEMA: &str = include_str!("../../sql/postgres/outbox.sql");
@@ -47,28 +44,31 @@ pub struct PostgresOutbox {
 }
 
 struct Inner {
-    pool: PgPool,
-    setup: Setup,
+    core: Outbox<Pg>,
     channel: String,
     notify: bool,
     sql: Sql,
     listener: tokio::sync::Mutex<Option<PgListener>>,
 }
 
+/// The statements PostgreSQL alone has: the insert that notifies, and the claims.
 struct Sql {
-    insert: Arc<str>,
     insert_notify: Arc<str>,
     claim: Arc<str>,
     claim_sent: Arc<str>,
     claim_locked: Arc<str>,
-    sent: Arc<str>,
-    delete_sent: Arc<str>,
-    failed: Arc<str>,
-    purge: Arc<str>,
-    parked: Arc<str>,
-    requeue: Arc<str>,
-    pending: Arc<str>,
-    backlog: Arc<str>,
+}
+
+impl OutboxDialect for Pg {
+    type Attempts = i32;
+
+    fn by_ids(
+        sql: &Arc<str>,
+        ids: &[MessageId],
+    ) -> Option<sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>> {
+        let ids: Vec<Uuid> = ids.iter().map(|i| *i.as_uuid()).collect();
+        Some(sqlx::query(AssertSqlSafe(sql.clone())).bind(ids))
+    }
 }
 
 /// A condition that turns off `synchronous_commit` for the statement's own transaction
@@ -94,12 +94,11 @@ const IDLE_LIMIT: &str =
 const CLAIMED_COLUMNS: &str = "id, seq, name, source, time, headers::text, payload, attempts";
 
 impl Sql {
-    fn new(t: &Table) -> Self {
-        let r = |s: &str| Arc::<str>::from(t.render(s));
+    fn new(t: &Table) -> (OutboxSql, Self) {
+        let r = |s: &str| Pg::render(t, s);
         let insert = "INSERT INTO {table} (id, name, source, time, headers, payload) \
                       VALUES ($1, $2, $3, $4, $5::jsonb, $6)";
-        Self {
-            insert: r(insert),
+        let own = Self {
             // One round trip: the notification is delivered when the transaction commits.
             insert_notify: r(&format!(
                 "WITH ins AS ({insert} RETURNING id) SELECT pg_notify($7, '') FROM ins"
@@ -138,6 +137,9 @@ impl Sql {
                  AND {ASYNC_COMMIT} AND {IDLE_LIMIT} \
                  ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
             )),
+        };
+        let sql = OutboxSql {
+            insert: r(insert),
             // `id = ANY(ARRAY(SELECT unnest($1)))`, not `id = ANY($1)`: planned for the
             // array's real length, a batch of 250 ids against 20,000 rows was a
             // sequential scan of the table (1.7 ms in SQL) where the primary key takes
@@ -154,9 +156,9 @@ impl Sql {
                  AND {ASYNC_COMMIT}"
             )),
             failed: r(&format!(
-                "UPDATE {{table}} SET attempts = attempts + 1, last_error = $2, sent_at = NULL, \
-                 state = CASE WHEN $3 THEN 'parked' ELSE 'pending' END, \
-                 available_at = now() + make_interval(secs => $4) WHERE id = $1 AND {ASYNC_COMMIT}",
+                "UPDATE {{table}} SET attempts = attempts + 1, last_error = $1, sent_at = NULL, \
+                 state = CASE WHEN $2 THEN 'parked' ELSE 'pending' END, \
+                 available_at = now() + make_interval(secs => $3) WHERE id = $4 AND {ASYNC_COMMIT}",
             )),
             purge: r(&format!(
                 "DELETE FROM {{table}} WHERE state = 'sent' \
@@ -175,51 +177,70 @@ impl Sql {
                 "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
                  FROM {table} WHERE state = 'pending'",
             ),
-        }
+            status: r(
+                "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'parked'), \
+                 extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 'pending'))::float8 FROM {table}",
+            ),
+        };
+        (sql, own)
     }
 }
 
-impl fmt::Debug for PostgresOutbox {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl std::fmt::Debug for PostgresOutbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresOutbox")
-            .field("table", &self.inner.setup.table.name)
+            .field("table", &self.inner.core.setup.table.name)
             .field("channel", &self.inner.channel)
             .field("notify", &self.inner.notify)
             .finish_non_exhaustive()
     }
 }
 
+sql_outbox!(PostgresOutbox, "postgres", {
+    super::sql::returning_claim!(sql.claim);
+
+    fn wait(&self, max: Duration) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(self.wait_inner(max))
+    }
+
+    fn claim_held(
+        &self,
+        limit: usize,
+        lease: Duration,
+        delete: bool,
+    ) -> Option<futures::future::BoxFuture<'_, Result<HeldBatch, StoreError>>> {
+        Some(Box::pin(bounded(
+            self.setup().timeout,
+            CLAIM.doing,
+            self.claim_held_inner(limit, lease, delete),
+        )))
+    }
+});
+
 impl PostgresOutbox {
-    /// An outbox in table `steadfast_outbox` of `pool`'s database. The NOTIFY channel is
-    /// the table's name with `.` replaced by `_`.
+    /// An outbox in table `steadfast_outbox`, notifying relays of new rows.
     pub fn new(pool: PgPool) -> Self {
         Self::build(pool, Setup::new("steadfast_outbox"), true)
     }
 
     fn build(pool: PgPool, setup: Setup, notify: bool) -> Self {
-        let sql = Sql::new(&setup.table);
+        let (sql, own) = Sql::new(&setup.table);
         let channel = setup.table.name.replace('.', "_");
         Self {
             inner: Arc::new(Inner {
-                pool,
-                setup,
+                core: Outbox::new(pool, setup, sql),
                 channel,
                 notify,
-                sql,
+                sql: own,
                 listener: tokio::sync::Mutex::new(None),
             }),
         }
     }
 
-    fn setup(&self) -> &Setup {
-        &self.inner.setup
-    }
-
     fn rebuild(&self, setup: Setup) -> Self {
-        Self::build(self.inner.pool.clone(), setup, self.inner.notify)
+        Self::build(self.inner.core.pool.clone(), setup, self.inner.notify)
     }
 
-    crate::sql::store_methods!();
     super::enqueue_methods!(PgConnection);
 
     /// Whether `enqueue` sends a NOTIFY to wake relays at once (default true). NOTIFY
@@ -227,13 +248,13 @@ impl PostgresOutbox {
     /// rates turn it off and let relays poll.
     #[must_use]
     pub fn with_notify(self, notify: bool) -> Self {
-        Self::build(self.inner.pool.clone(), self.setup().clone(), notify)
+        Self::build(self.inner.core.pool.clone(), self.setup().clone(), notify)
     }
 
     /// Creates the table if it does not exist (no migrations table of its own) and warns
     /// if `synchronous_commit` or `autovacuum` is off.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let pool = &self.inner.pool;
+        let pool = &self.inner.core.pool;
         crate::sql::postgres::migrate(pool, self.schema_sql(), self.setup().timeout).await?;
         // Autovacuum keeps the table's statistics, and the claim's plan depends on them:
         // a table never analysed is estimated to hold a few pending rows, and each claim
@@ -255,77 +276,14 @@ impl PostgresOutbox {
         conn: &mut PgConnection,
         envelope: Envelope,
     ) -> Result<MessageId, StoreError> {
-        let sql = if self.inner.notify {
-            &self.inner.sql.insert_notify
-        } else {
-            &self.inner.sql.insert
-        };
-        let mut q = sqlx::query(AssertSqlSafe(sql.clone()))
-            .bind(*envelope.id.as_uuid())
-            .bind(&envelope.name)
-            .bind(&envelope.source)
-            .bind(&envelope.time)
-            .bind(headers_json(&envelope.headers))
-            .bind(&envelope.payload[..]);
+        let core = &self.inner.core;
         if self.inner.notify {
-            q = q.bind(&self.inner.channel);
-        }
-        run(self.setup().timeout, ENQUEUE, q.execute(conn)).await?;
-        Ok(envelope.id)
-    }
-
-    /// Up to `limit` parked rows, oldest first, with their errors.
-    pub async fn parked(&self, limit: i64) -> Result<Vec<ParkedRow>, StoreError> {
-        let q = sqlx::query_as::<_, (Uuid, String, i32, String)>(AssertSqlSafe(
-            self.inner.sql.parked.clone(),
-        ))
-        .bind(limit);
-        let rows = run(self.setup().timeout, PARKED, q.fetch_all(&self.inner.pool)).await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, name, attempts, error)| ParkedRow {
-                id: id.into(),
-                name,
-                attempts: u32::try_from(attempts).unwrap_or(0),
-                error,
-            })
-            .collect())
-    }
-
-    /// Puts a parked row back in line (after the cause was fixed). Returns whether it was
-    /// parked.
-    pub async fn requeue(&self, id: MessageId) -> Result<bool, StoreError> {
-        let q = sqlx::query(AssertSqlSafe(self.inner.sql.requeue.clone())).bind(*id.as_uuid());
-        let done = run(self.setup().timeout, REQUEUE, q.execute(&self.inner.pool)).await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Pending and parked rows and the age of the oldest pending one, in one query.
-    pub async fn status(&self) -> Result<OutboxStatus, StoreError> {
-        const SQL: &str = "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'parked'), extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 'pending'))::float8 FROM {table}";
-        let q = sqlx::query_as::<_, (i64, i64, Option<f64>)>(AssertSqlSafe(
-            self.setup().table.render(SQL),
-        ));
-        let (pending, parked, oldest) =
-            run(self.setup().timeout, STATUS, q.fetch_one(&self.inner.pool)).await?;
-        Ok(OutboxStatus::new(pending, parked, oldest))
-    }
-
-    /// How many rows wait to be published.
-    pub async fn pending(&self) -> Result<i64, StoreError> {
-        let q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.inner.sql.pending.clone()));
-        run(self.setup().timeout, PENDING, q.fetch_one(&self.inner.pool)).await
-    }
-
-    async fn claim_inner(&self, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
-        let q = sqlx::query(AssertSqlSafe(self.inner.sql.claim.clone()))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .bind(lease.as_secs_f64());
-        read_claimed(
-            q.fetch_all(&self.inner.pool)
+            let channel = Some(self.inner.channel.as_str());
+            core.enqueue(conn, envelope, &self.inner.sql.insert_notify, channel)
                 .await
-                .map_err(db_err(CLAIM.failed))?,
-        )
+        } else {
+            core.enqueue(conn, envelope, &core.sql.insert, None).await
+        }
     }
 
     async fn claim_held_inner(
@@ -336,6 +294,7 @@ impl PostgresOutbox {
     ) -> Result<HeldBatch, StoreError> {
         let mut tx = self
             .inner
+            .core
             .pool
             .begin()
             .await
@@ -352,7 +311,7 @@ impl PostgresOutbox {
             .fetch_all(&mut *tx)
             .await
             .map_err(db_err(CLAIM.failed))?;
-        let rows = read_claimed(rows)?;
+        let rows = read_claimed::<Pg>(rows)?;
         Ok(HeldBatch::new(
             rows,
             PgHeld {
@@ -373,7 +332,7 @@ impl PostgresOutbox {
                 let own = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(1)
                     .acquire_timeout(Duration::from_secs(5))
-                    .connect_lazy_with((*self.inner.pool.connect_options()).clone());
+                    .connect_lazy_with((*self.inner.core.pool.connect_options()).clone());
                 let mut l = PgListener::connect_with(&own).await?;
                 l.listen(&self.inner.channel).await?;
                 Ok::<_, sqlx::Error>(l)
@@ -403,123 +362,6 @@ impl PostgresOutbox {
     }
 }
 
-impl PostgresOutbox {
-    /// Runs `sql` with `ids` as its uuid array parameter, as `step`.
-    async fn by_ids(
-        &self,
-        sql: &Arc<str>,
-        ids: &[MessageId],
-        step: Step,
-    ) -> Result<(), StoreError> {
-        let ids: Vec<Uuid> = ids.iter().map(|i| *i.as_uuid()).collect();
-        let q = sqlx::query(AssertSqlSafe(sql.clone())).bind(ids);
-        run(self.setup().timeout, step, q.execute(&self.inner.pool))
-            .await
-            .map(drop)
-    }
-}
-
-impl OutboxSource for PostgresOutbox {
-    fn backend(&self) -> &'static str {
-        "postgres"
-    }
-
-    fn backlog(&self) -> BoxFuture<'_, Result<Option<Backlog>, StoreError>> {
-        let q = sqlx::query_as::<_, (i64, f64)>(AssertSqlSafe(self.inner.sql.backlog.clone()));
-        let fut = run(self.setup().timeout, BACKLOG, q.fetch_one(&self.inner.pool));
-        Box::pin(async move {
-            let (n, age) = fut.await?;
-            Ok(Some(Backlog::new(
-                u64::try_from(n).unwrap_or(0),
-                Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default(),
-            )))
-        })
-    }
-
-    fn claim(
-        &self,
-        limit: usize,
-        lease: Duration,
-    ) -> BoxFuture<'_, Result<Vec<Claimed>, StoreError>> {
-        Box::pin(bounded(
-            self.setup().timeout,
-            CLAIM.doing,
-            self.claim_inner(limit, lease),
-        ))
-    }
-
-    fn mark_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.by_ids(&self.inner.sql.sent, ids, SENT))
-    }
-
-    fn delete_sent<'a>(&'a self, ids: &'a [MessageId]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.by_ids(&self.inner.sql.delete_sent, ids, DELETE_SENT))
-    }
-
-    fn mark_failed<'a>(&'a self, rows: &'a [FailedRow]) -> BoxFuture<'a, Result<(), StoreError>> {
-        let fut = async move {
-            for row in rows {
-                failed_query(&self.inner.sql.failed, row)
-                    .execute(&self.inner.pool)
-                    .await
-                    .map_err(db_err(FAILED.failed))?;
-            }
-            Ok(())
-        };
-        Box::pin(bounded(self.setup().timeout, FAILED.doing, fut))
-    }
-
-    fn purge_sent(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, StoreError>> {
-        let q =
-            sqlx::query(AssertSqlSafe(self.inner.sql.purge.clone())).bind(older_than.as_secs_f64());
-        let fut = run(self.setup().timeout, PURGE, q.execute(&self.inner.pool));
-        Box::pin(async move { Ok(fut.await?.rows_affected()) })
-    }
-
-    fn wait(&self, max: Duration) -> BoxFuture<'_, ()> {
-        Box::pin(self.wait_inner(max))
-    }
-
-    fn claim_held(
-        &self,
-        limit: usize,
-        lease: Duration,
-        delete: bool,
-    ) -> Option<BoxFuture<'_, Result<HeldBatch, StoreError>>> {
-        Some(Box::pin(bounded(
-            self.setup().timeout,
-            CLAIM.doing,
-            self.claim_held_inner(limit, lease, delete),
-        )))
-    }
-}
-
-/// The rows a claim returned (`CLAIMED_COLUMNS`), in sequence order.
-fn read_claimed(rows: Vec<PgRow>) -> Result<Vec<Claimed>, StoreError> {
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let read = || -> Result<(i64, Claimed), sqlx::Error> {
-            let id: Uuid = r.try_get(0)?;
-            let seq: i64 = r.try_get(1)?;
-            let headers: String = r.try_get(5)?;
-            let env = envelope_from_row(
-                id.into(),
-                r.try_get(2)?,
-                r.try_get(3)?,
-                r.try_get(4)?,
-                &headers,
-                r.try_get(6)?,
-            );
-            let attempts = u32::try_from(r.try_get::<i32, _>(7)?).unwrap_or(0);
-            Ok((seq, Claimed::new(env, attempts)))
-        };
-        out.push(read().map_err(db_err("could not read a claimed outbox row"))?);
-    }
-    // UPDATE ... RETURNING does not keep the claim's order.
-    out.sort_by_key(|(seq, _)| *seq);
-    Ok(out.into_iter().map(|(_, c)| c).collect())
-}
-
 /// A held claim's open transaction (see `OutboxSource::claim_held`).
 struct PgHeld {
     tx: Transaction<'static, Postgres>,
@@ -533,7 +375,7 @@ impl FinishHeld for PgHeld {
         self: Box<Self>,
         sent: &'a [MessageId],
         failures: &'a [FailedRow],
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
         let PgHeld {
             mut tx,
             outbox,
@@ -541,17 +383,17 @@ impl FinishHeld for PgHeld {
         } = *self;
         let timeout = outbox.setup().timeout;
         let fut = async move {
-            let sql = &outbox.inner.sql;
+            let core = &outbox.inner.core;
             if delete && !sent.is_empty() {
                 let ids: Vec<Uuid> = sent.iter().map(|i| *i.as_uuid()).collect();
-                sqlx::query(AssertSqlSafe(sql.delete_sent.clone()))
+                sqlx::query(AssertSqlSafe(core.sql.delete_sent.clone()))
                     .bind(ids)
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err(DELETE_SENT.failed))?;
             }
             for row in failures {
-                failed_query(&sql.failed, row)
+                core.failed(row)
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err(FAILED.failed))?;
@@ -562,16 +404,4 @@ impl FinishHeld for PgHeld {
         };
         Box::pin(bounded(timeout, "recording a held batch", fut))
     }
-}
-
-/// The `failed` statement for `row`.
-fn failed_query<'q>(
-    sql: &Arc<str>,
-    row: &'q FailedRow,
-) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
-    sqlx::query(AssertSqlSafe(sql.clone()))
-        .bind(*row.id.as_uuid())
-        .bind(crate::envelope::truncate(&row.error, 2000))
-        .bind(row.park)
-        .bind(row.retry_after.as_secs_f64())
 }

@@ -20,7 +20,7 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     type Span: Value<Self::Db> + Copy + Unpin;
     /// A UUID (a lease token, a message id) as bound and read back: `uuid` on
     /// PostgreSQL, text elsewhere.
-    type Uuid: Value<Self::Db> + Clone;
+    type Uuid: Value<Self::Db> + Clone + Unpin;
 
     /// `d` as bound.
     fn span(d: Duration) -> Self::Span;
@@ -28,8 +28,14 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// A span read back, when it is a positive duration.
     fn positive(span: Self::Span) -> Option<Duration>;
 
+    /// A span read back as an age, never negative.
+    fn age(span: Self::Span) -> Duration;
+
     /// `id` as bound.
     fn uuid(id: Uuid) -> Self::Uuid;
+
+    /// An id read back.
+    fn read_uuid(v: Self::Uuid) -> Result<Uuid, uuid::Error>;
 
     /// How many rows a statement changed.
     fn rows_affected(done: &<Self::Db as Database>::QueryResult) -> u64;
@@ -68,8 +74,16 @@ macro_rules! millisecond_dialect {
                 (ms > 0).then(|| std::time::Duration::from_millis(ms.unsigned_abs()))
             }
 
+            fn age(ms: i64) -> std::time::Duration {
+                std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+            }
+
             fn uuid(id: uuid::Uuid) -> String {
                 id.to_string()
+            }
+
+            fn read_uuid(v: String) -> Result<uuid::Uuid, uuid::Error> {
+                uuid::Uuid::parse_str(&v)
             }
 
             fn rows_affected(done: &<$db as sqlx::Database>::QueryResult) -> u64 {

@@ -19,7 +19,7 @@ pub mod postgres;
 pub mod sqlite;
 
 #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
-pub(crate) use dialect::Dialect;
+pub(crate) use dialect::{Dialect, Value};
 #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 pub(crate) use error::db_err;
 pub use error::{StoreError, StoreErrorKind};

@@ -124,8 +124,16 @@ impl super::Dialect for Pg {
         (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
     }
 
+    fn age(secs: f64) -> Duration {
+        Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or_default()
+    }
+
     fn uuid(id: uuid::Uuid) -> uuid::Uuid {
         id
+    }
+
+    fn read_uuid(v: uuid::Uuid) -> Result<uuid::Uuid, uuid::Error> {
+        Ok(v)
     }
 
     fn rows_affected(done: &<Self::Db as sqlx::Database>::QueryResult) -> u64 {
