@@ -9,15 +9,19 @@
 //!
 //! Run: `cargo bench --bench storage --all-features` (needs PostgreSQL on
 //! `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`; with the `amqp`
-//! feature also RabbitMQ on `AMQP_URL` for the relay → RabbitMQ figures).
+//! feature also RabbitMQ on `AMQP_URL` for the relay → RabbitMQ figures; with the
+//! `mysql` feature the same figures on MySQL / MariaDB on `MYSQL_URL`, default
+//! `mysql://root@127.0.0.1:3306/test`, after PostgreSQL's: consuming without idempotency
+//! and through the inbox, and the relay beside bare confirmed publishing.
+//! `BENCH_MYSQL=0` leaves them out).
 
-use futures::StreamExt;
+use futures::{StreamExt, future::BoxFuture};
 use sqlx::{AssertSqlSafe, PgPool};
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 use steadfast::{
     Context, Envelope, HandlerError, Message, Worker,
-    idempotency::{PostgresStore, postgres::connect},
-    outbox::{PostgresOutbox, Relay},
+    idempotency::{IdempotencyStore, PostgresStore, postgres::connect},
+    outbox::{OutboxSource, PostgresOutbox, Relay},
     transport::{Transport, memory::MemoryTransport},
 };
 use tokio::time::Instant;
@@ -56,13 +60,12 @@ enum Dedup {
 
 /// Consumes `N` fresh messages (ids from `base`, so a round never meets the inbox keys
 /// of an earlier one).
-async fn consume(
-    pool: &PgPool,
-    schema: &str,
-    store: &PostgresStore,
-    dedup: Dedup,
-    base: i64,
-) -> f64 {
+async fn consume<S, W, F>(store: &S, dedup: Dedup, base: i64, write: W) -> f64
+where
+    S: IdempotencyStore + Clone,
+    W: Fn(Item, Context, Option<S>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
     let inbox = match dedup {
         Dedup::None => None,
         Dedup::Lease | Dedup::Inbox => Some(store.clone()),
@@ -75,29 +78,9 @@ async fn consume(
             .await
             .unwrap();
     }
-    let table = format!("{schema}.effects");
-    let (p, i2) = (pool.clone(), inbox.clone());
     let mut builder = Worker::builder(broker.clone(), "bench")
         .concurrency(16)
-        .handle(move |m: Item, cx: Context| {
-            let (pool, inbox, table) = (p.clone(), i2.clone(), table.clone());
-            async move {
-                let mut tx = pool.begin().await?;
-                if let Some(inbox) = &inbox
-                    && !inbox.mark(&mut tx, &cx).await?
-                {
-                    return Ok::<_, HandlerError>(());
-                }
-                sqlx::query(AssertSqlSafe(format!(
-                    "INSERT INTO {table} (id) VALUES ($1)"
-                )))
-                .bind(m.id)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok(())
-            }
-        });
+        .handle(move |m: Item, cx: Context| write(m, cx, inbox.clone()));
     builder = match dedup {
         Dedup::None => builder,
         Dedup::Lease => builder.idempotency(store.clone()),
@@ -115,6 +98,44 @@ async fn consume(
     task.await.unwrap().unwrap();
     N as f64 / secs
 }
+
+/// `fn $name(pool, table)`: the handler's write on one database, its row in `table` in
+/// one transaction with the inbox `mark` when there is an inbox (`$insert` the statement).
+macro_rules! writer {
+    ($name:ident, $pool:ty, $store:ty, $insert:literal) => {
+        fn $name(
+            pool: $pool,
+            table: &str,
+        ) -> impl Fn(Item, Context, Option<$store>) -> BoxFuture<'static, Result<(), HandlerError>>
+        + Clone
+        + Send
+        + Sync
+        + 'static {
+            let sql: Arc<str> = format!($insert, table = table).into();
+            move |m, cx, inbox| {
+                let (pool, sql) = (pool.clone(), sql.clone());
+                Box::pin(async move {
+                    let mut tx = pool.begin().await?;
+                    if let Some(inbox) = &inbox
+                        && !inbox.mark(&mut tx, &cx).await?
+                    {
+                        return Ok(());
+                    }
+                    let q = sqlx::query(AssertSqlSafe(sql)).bind(m.id);
+                    q.execute(&mut *tx).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+            }
+        }
+    };
+}
+writer!(
+    pg_write,
+    PgPool,
+    PostgresStore,
+    "INSERT INTO {table} (id) VALUES ($1)"
+);
 
 async fn enqueue_rate(pool: &PgPool, outbox: Option<&PostgresOutbox>, schema: &str) -> f64 {
     let start = Instant::now();
@@ -171,11 +192,11 @@ impl std::fmt::Display for Shape {
     }
 }
 
-async fn relay_rate(
-    pool: &PgPool,
-    outbox: &PostgresOutbox,
+async fn relay_rate<O: OutboxSource + Clone>(
+    outbox: &O,
     transport: Arc<dyn Transport>,
     shape: Shape,
+    pending: &impl AsyncFn() -> bool,
 ) -> f64 {
     // `run_until`, as a service runs it: claims, publishes and records overlap.
     let retention = if shape.keep {
@@ -201,22 +222,30 @@ async fn relay_rate(
     // every pending row (2.7–4.6 ms per ask at 20,000 rows), and `EXISTS` over pending
     // rows walked the index entries of the rows already sent first (2.3 ms per ask
     // beside RabbitMQ, 0.09 of a core, in `pg_stat_statements`).
-    let newest_pending = format!(
-        "SELECT seq FROM {} WHERE state = 'pending' ORDER BY seq DESC LIMIT 1",
-        outbox.table()
-    );
-    while sqlx::query_scalar::<_, i64>(AssertSqlSafe(newest_pending.clone()))
-        .fetch_optional(pool)
-        .await
-        .unwrap()
-        .is_some()
-    {
+    while pending().await {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let rate = relay_rows() as f64 / start.elapsed().as_secs_f64();
     stop.cancel();
     task.await.unwrap();
     rate
+}
+
+/// Whether `table` still has a pending row: its newest, so the relay's index gives it
+/// first until the end (see `relay_rate`).
+async fn has_pending<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, table: &str) -> bool
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    i64: for<'r> sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    let sql = format!("SELECT seq FROM {table} WHERE state = 'pending' ORDER BY seq DESC LIMIT 1");
+    sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .is_some()
 }
 
 /// Empties the outbox and enqueues `relay_rows()` fresh rows, 500 per transaction.
@@ -327,13 +356,32 @@ async fn main() {
         .unwrap_or(3);
     // `BENCH_ONLY=relay` measures the relay alone; `BENCH_ONLY=consume` skips it.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let effects = format!("{schema}.effects");
     let quiet = outbox.clone().with_notify(false);
     if only != "relay" {
         let mut figures: [Vec<f64>; 5] = Default::default();
         for r in 0..rounds {
-            let none = consume(&pool, &schema, &inbox, Dedup::None, 3 * r * N).await;
-            let lease = consume(&pool, &schema, &inbox, Dedup::Lease, (3 * r + 1) * N).await;
-            let look = consume(&pool, &schema, &inbox, Dedup::Inbox, (3 * r + 2) * N).await;
+            let none = consume(
+                &inbox,
+                Dedup::None,
+                3 * r * N,
+                pg_write(pool.clone(), &effects),
+            )
+            .await;
+            let lease = consume(
+                &inbox,
+                Dedup::Lease,
+                (3 * r + 1) * N,
+                pg_write(pool.clone(), &effects),
+            )
+            .await;
+            let look = consume(
+                &inbox,
+                Dedup::Inbox,
+                (3 * r + 2) * N,
+                pg_write(pool.clone(), &effects),
+            )
+            .await;
             for (name, rate) in [("no-idempotency", none), ("lease", lease), ("inbox", look)] {
                 record("consume-postgres", name, "no-idempotency", r, rate);
             }
@@ -383,9 +431,14 @@ async fn main() {
         let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
             .execute(&pool)
             .await;
+        #[cfg(feature = "mysql")]
+        if std::env::var("BENCH_MYSQL").as_deref() != Ok("0") {
+            mysql::figures(rounds, &record).await;
+        }
         return;
     }
 
+    let pending = async || has_pending(&pool, outbox.table()).await;
     let memory = MemoryTransport::new();
     memory.bind("bench", ["bench.item"]);
     let raw = raw_publish_rate(&memory).await;
@@ -402,7 +455,7 @@ async fn main() {
             keep,
             ..memory_shape
         };
-        let relayed = relay_rate(&pool, &outbox, Arc::new(memory.clone()), shape).await;
+        let relayed = relay_rate(&outbox, Arc::new(memory.clone()), shape, &pending).await;
         println!("memory: relay {shape}  {relayed:>9.0} msg/s");
     }
     #[cfg(feature = "amqp")]
@@ -478,7 +531,7 @@ async fn main() {
                 let raw = raw_publish_rate(&*amqp).await;
                 raws.push(raw);
                 purge().await;
-                let relayed = relay_rate(&pool, &outbox, amqp.clone(), shape).await;
+                let relayed = relay_rate(&outbox, amqp.clone(), shape, &pending).await;
                 relays[i].push(relayed);
                 ratios[i].push(relayed / raw);
                 // A pair per shape: its bare rate is the baseline of that shape alone.
@@ -522,4 +575,177 @@ async fn main() {
     let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
         .execute(&pool)
         .await;
+    #[cfg(feature = "mysql")]
+    if std::env::var("BENCH_MYSQL").as_deref() != Ok("0") {
+        mysql::figures(rounds, &record).await;
+    }
+}
+
+/// The MySQL / MariaDB figures, beside PostgreSQL's in the same run.
+#[cfg(feature = "mysql")]
+mod mysql {
+    use super::*;
+    use sqlx::MySqlPool;
+    use steadfast::{idempotency::MySqlStore, outbox::MySqlOutbox};
+
+    writer!(
+        write,
+        MySqlPool,
+        MySqlStore,
+        "INSERT INTO {table} (id) VALUES (?)"
+    );
+
+    /// Empties the outbox and enqueues `relay_rows()` fresh rows, 500 per transaction.
+    async fn refill(pool: &MySqlPool, outbox: &MySqlOutbox) {
+        let delete = format!("DELETE FROM {}", outbox.table());
+        sqlx::query(AssertSqlSafe(delete))
+            .execute(pool)
+            .await
+            .unwrap();
+        for chunk in (0..relay_rows()).collect::<Vec<_>>().chunks(500) {
+            let mut tx = pool.begin().await.unwrap();
+            for &id in chunk {
+                outbox.enqueue(&mut tx, &Item { id }).await.unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+    }
+
+    /// Two rates taken side by side each round (a baseline, then the figure) and the
+    /// figure's ratio to its baseline.
+    struct Pair {
+        scenario: String,
+        names: [&'static str; 2],
+        rates: [Vec<f64>; 3],
+    }
+
+    impl Pair {
+        fn new(scenario: impl Into<String>, names: [&'static str; 2]) -> Self {
+            Self {
+                scenario: scenario.into(),
+                names,
+                rates: Default::default(),
+            }
+        }
+
+        /// Records round `r`: `base`, then `rate` beside it.
+        fn add(
+            &mut self,
+            r: i64,
+            base: f64,
+            rate: f64,
+            record: &impl Fn(&str, &str, &str, i64, f64),
+        ) {
+            let [b, f] = self.names;
+            record(&self.scenario, b, b, r, base);
+            record(&self.scenario, f, b, r, rate);
+            for (v, x) in self.rates.iter_mut().zip([base, rate, rate / base]) {
+                v.push(x);
+            }
+        }
+
+        /// The medians with their ranges, under `labels`.
+        fn print(&mut self, labels: [&str; 3]) {
+            for ((label, v), unit) in labels
+                .iter()
+                .zip(&mut self.rates)
+                .zip(["msg/s", "msg/s", "x"])
+            {
+                println!("{label:<42} {}", spread(v, unit));
+            }
+        }
+    }
+
+    pub(super) async fn figures(rounds: i64, record: &impl Fn(&str, &str, &str, i64, f64)) {
+        let url = std::env::var("MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
+        let pool = steadfast::idempotency::mysql::connect(&url)
+            .await
+            .expect("MySQL / MariaDB must run on MYSQL_URL");
+        let prefix = format!("bench_{}", uuid::Uuid::now_v7().simple());
+        let version: String = sqlx::query_scalar("SELECT VERSION()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let ddl = format!("CREATE TABLE {prefix}_effects (id BIGINT NOT NULL)");
+        sqlx::query(AssertSqlSafe(ddl))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let inbox = MySqlStore::new(pool.clone())
+            .with_table(&format!("{prefix}_inbox"))
+            .unwrap();
+        let outbox = MySqlOutbox::new(pool.clone())
+            .with_table(&format!("{prefix}_outbox"))
+            .unwrap();
+        inbox.migrate().await.unwrap();
+        outbox.migrate().await.unwrap();
+        println!("MySQL {version}, {N} messages per figure, concurrency 16");
+        let effects = format!("{prefix}_effects");
+
+        let mut consumed = Pair::new("consume-mysql", ["no-idempotency", "inbox"]);
+        for r in 0..rounds {
+            let base = 2 * r * N;
+            let a = consume(&inbox, Dedup::None, base, write(pool.clone(), &effects)).await;
+            let b = consume(
+                &inbox,
+                Dedup::Inbox,
+                base + N,
+                write(pool.clone(), &effects),
+            )
+            .await;
+            consumed.add(r, a, b, record);
+        }
+        consumed.print([
+            "mysql: consume, tx write, no idempotency",
+            "mysql: consume + mark, .inbox (look)",
+            "mysql:   inbox ÷ none, per round",
+        ]);
+
+        let shape = Shape {
+            batch: 500,
+            in_flight: 2,
+            keep: true,
+        };
+        let pending = async || has_pending(&pool, outbox.table()).await;
+        let mut transports: Vec<(&str, Arc<dyn Transport>)> = Vec::new();
+        let memory = MemoryTransport::new();
+        memory.bind("bench", ["bench.item"]);
+        transports.push(("memory", Arc::new(memory)));
+        #[cfg(feature = "amqp")]
+        {
+            use steadfast::transport::{Subscription, amqp::AmqpTransport};
+            let url = std::env::var("AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+            let amqp = AmqpTransport::builder(url)
+                .queue_prefix(format!("{prefix}-"))
+                .queue_expiry(Duration::from_secs(600))
+                .connect()
+                .await
+                .expect("RabbitMQ must run on AMQP_URL");
+            amqp.declare(&Subscription::new("bench", ["bench.item"]))
+                .await
+                .unwrap();
+            transports.push(("rabbitmq", Arc::new(amqp)));
+        }
+        for (name, transport) in transports {
+            let mut relayed = Pair::new(format!("relay-mysql {name}"), ["raw-publish", "relay"]);
+            for r in 0..rounds {
+                refill(&pool, &outbox).await;
+                let raw = raw_publish_rate(&*transport).await;
+                let relay = relay_rate(&outbox, transport.clone(), shape, &pending).await;
+                relayed.add(r, raw, relay, record);
+            }
+            relayed.print([
+                &format!("mysql: {name}: pipelined publish_batch"),
+                &format!("mysql: {name}: relay {shape}"),
+                "mysql:   relay ÷ bare just before it",
+            ]);
+            transport.close().await;
+        }
+        for t in ["effects", "inbox", "outbox"] {
+            let drop = format!("DROP TABLE {prefix}_{t}");
+            let _ = sqlx::query(AssertSqlSafe(drop)).execute(&pool).await;
+        }
+    }
 }
