@@ -1,6 +1,7 @@
-//! PostgreSQL restarted while the outbox relay runs: every row committed before or after
-//! the restart is dispatched once the server is back. Runs alone (it restarts the shared
-//! server); a guard starts PostgreSQL again even if the test fails.
+//! A database restarted while the outbox relay runs (PostgreSQL, and MySQL / MariaDB
+//! with the `mysql` feature): every row committed before or after the restart is
+//! dispatched once the server is back. Runs alone (it restarts the shared servers); a
+//! guard starts the server again even if the test fails.
 #![cfg(feature = "postgres")]
 
 use sqlx::AssertSqlSafe;
@@ -26,41 +27,110 @@ fn pg_ctl(action: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Starts PostgreSQL on drop, whatever happened.
-struct RestoreServer;
+/// Stops (`--stop`, waiting up to 30 s) or starts (`--start`) the MariaDB server the way
+/// `scripts/services.sh` starts it.
+#[cfg(feature = "mysql")]
+fn mariadb(action: &str) -> bool {
+    let mut cmd = std::process::Command::new("start-stop-daemon");
+    if action == "stop" {
+        cmd.args(["--stop", "--retry", "30", "--exec", "/usr/sbin/mariadbd"]);
+    } else {
+        let _ = std::fs::create_dir_all("/run/mysqld");
+        let _ = std::process::Command::new("chown")
+            .args(["mysql:mysql", "/run/mysqld"])
+            .status();
+        cmd.args([
+            "--start",
+            "--oknodo",
+            "--background",
+            "--exec",
+            "/usr/sbin/mariadbd",
+        ]);
+    }
+    cmd.status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// Starts the server on drop, whatever happened.
+struct RestoreServer(fn(&str) -> bool);
 impl Drop for RestoreServer {
     fn drop(&mut self) {
-        // `start` fails harmlessly if it is already running.
-        let _ = pg_ctl("start");
+        // `start` is harmless if it is already running.
+        let _ = (self.0)("start");
     }
 }
 
-async fn enqueue_retrying(pool: &sqlx::PgPool, outbox: &PostgresOutbox, ids: std::ops::Range<i64>) {
-    for id in ids {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let attempt = async {
-                let mut tx = pool.begin().await?;
-                outbox
-                    .enqueue(&mut tx, &OrderPlaced { order_id: id })
-                    .await
-                    .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                tx.commit().await
-            };
-            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-                Ok(Ok(())) => break,
-                _ if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await
+/// Enqueues `ids`, one transaction each, retrying each for up to 60 s while the server
+/// is away.
+macro_rules! enqueue_retrying {
+    ($pool:expr, $outbox:expr, $ids:expr) => {
+        for id in $ids {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let attempt = async {
+                    let mut tx = $pool.begin().await?;
+                    $outbox
+                        .enqueue(&mut tx, &OrderPlaced { order_id: id })
+                        .await
+                        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                    tx.commit().await
+                };
+                match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                    Ok(Ok(())) => break,
+                    _ if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(200)).await
+                    }
+                    other => panic!("could not enqueue after the restart: {other:?}"),
                 }
-                other => panic!("could not enqueue after the restart: {other:?}"),
             }
         }
-    }
+    };
+}
+
+/// The relay across a restart of the server `$server` controls, on `$outbox` in a table
+/// of its own; waits up to 60 s for every row. Evaluates to nothing; panics on a loss.
+macro_rules! relay_across_restart {
+    ($pool:expr, $outbox:expr, $server:expr) => {{
+        let (pool, outbox) = (&$pool, &$outbox);
+        outbox.migrate().await.unwrap();
+        let broker = MemoryTransport::new();
+        broker.bind("billing", ["orders.placed"]);
+        let relay = Relay::builder(outbox.clone(), Arc::new(broker.clone()))
+            .poll_interval(Duration::from_millis(200))
+            .batch_size(10)
+            .build()
+            .unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(relay.run_until(stop.clone().cancelled_owned()));
+
+        // Rows committed just before the restart: some are still pending when it hits.
+        enqueue_retrying!(pool, outbox, 0..50);
+        assert!($server("stop"), "could not stop the database server");
+        tokio::time::sleep(Duration::from_secs(2)).await; // the relay fails and backs off
+        assert!($server("start"), "could not start the database server");
+        // Rows committed after the restart, through a pool whose connections died.
+        enqueue_retrying!(pool, outbox, 50..100);
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let ids: HashSet<_> = broker.published().iter().map(|e| e.id).collect();
+            if ids.len() == 100 && matches!(outbox.pending().await, Ok(0)) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of 100 rows dispatched after the restart",
+                ids.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+    }};
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_dispatches_every_row_across_a_postgres_restart() {
-    let _restore = RestoreServer;
+    let _restore = RestoreServer(pg_ctl);
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let pool = steadfast::idempotency::postgres::connect(&url)
@@ -74,42 +144,25 @@ async fn relay_dispatches_every_row_across_a_postgres_restart() {
     let outbox = PostgresOutbox::new(pool.clone())
         .with_table(&format!("{schema}.steadfast_outbox"))
         .unwrap();
-    outbox.migrate().await.unwrap();
-
-    let broker = MemoryTransport::new();
-    broker.bind("billing", ["orders.placed"]);
-    let relay = Relay::builder(outbox.clone(), Arc::new(broker.clone()))
-        .poll_interval(Duration::from_millis(200))
-        .batch_size(10)
-        .build()
-        .unwrap();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(relay.run_until(stop.clone().cancelled_owned()));
-
-    // Rows committed just before the restart: some are still pending when it hits.
-    enqueue_retrying(&pool, &outbox, 0..50).await;
-    assert!(pg_ctl("stop"), "could not stop PostgreSQL");
-    tokio::time::sleep(Duration::from_secs(2)).await; // the relay fails and backs off
-    assert!(pg_ctl("start"), "could not start PostgreSQL");
-    // Rows committed after the restart, through a pool whose connections died.
-    enqueue_retrying(&pool, &outbox, 50..100).await;
-
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let ids: HashSet<_> = broker.published().iter().map(|e| e.id).collect();
-        if ids.len() == 100 && matches!(outbox.pending().await, Ok(0)) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of 100 rows dispatched after the restart",
-            ids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    stop.cancel();
-    task.await.unwrap();
+    relay_across_restart!(pool, outbox, pg_ctl);
     let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&pool)
+        .await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_dispatches_every_row_across_a_mariadb_restart() {
+    let _restore = RestoreServer(mariadb);
+    let url = std::env::var("MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
+    let pool = steadfast::idempotency::mysql::connect(&url).await.unwrap();
+    let table = format!("f_{}_outbox", uuid::Uuid::now_v7().simple());
+    let outbox = steadfast::outbox::MySqlOutbox::new(pool.clone())
+        .with_table(&table)
+        .unwrap();
+    relay_across_restart!(pool, outbox, mariadb);
+    let _ = sqlx::query(AssertSqlSafe(format!("DROP TABLE {table}")))
         .execute(&pool)
         .await;
 }
