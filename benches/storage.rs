@@ -13,7 +13,7 @@
 //! `mysql` feature the same figures on MySQL / MariaDB on `MYSQL_URL`, default
 //! `mysql://root@127.0.0.1:3306/test`, after PostgreSQL's: consuming without idempotency
 //! and through the inbox, and the relay beside bare confirmed publishing.
-//! `BENCH_MYSQL=0` leaves them out).
+//! `BENCH_MYSQL=0` leaves them out, `BENCH_ONLY=mysql` measures them alone).
 
 use futures::{StreamExt, future::BoxFuture};
 use sqlx::{AssertSqlSafe, PgPool};
@@ -309,8 +309,29 @@ fn spread(v: &mut [f64], unit: &str) -> String {
     }
 }
 
+/// Records one rate of the result file: `consumer` beside `baseline`, of one `round`.
+fn recorder(out: &support::Results) -> impl Fn(&str, &str, &str, i64, f64) + '_ {
+    move |scenario, consumer, baseline, round, rate| {
+        out.record(json!({
+            "scenario": scenario, "consumer": consumer, "baseline": baseline,
+            "round": round + 1, "msgs_per_s": rate,
+        }));
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // `BENCH_ONLY=mysql` measures MySQL / MariaDB alone.
+    #[cfg(feature = "mysql")]
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("mysql") {
+        let out = support::Results::new("storage", json!({}));
+        let record = recorder(&out);
+        let rounds = std::env::var("BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        mysql::figures(rounds.unwrap_or(3), &record).await;
+        return;
+    }
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let pool = connect(&url).await.expect("PostgreSQL must run");
@@ -340,13 +361,7 @@ async fn main() {
         "storage",
         json!({ "postgresql": version, "rabbitmq": support::rabbitmq_version() }),
     );
-    // One rate of the result file: `consumer` beside `baseline`, of one `round`.
-    let record = |scenario: &str, consumer: &str, baseline: &str, round: i64, rate: f64| {
-        out.record(json!({
-            "scenario": scenario, "consumer": consumer, "baseline": baseline,
-            "round": round + 1, "msgs_per_s": rate,
-        }));
-    };
+    let record = recorder(&out);
 
     // The two sides alternate, `BENCH_ROUNDS` times (default 3), so a change in the
     // machine's load lands on both; medians with the range, and the ratio per round.
