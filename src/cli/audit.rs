@@ -18,13 +18,14 @@ const DB_TIMEOUT: Duration = Duration::from_secs(15);
 pub(super) enum Db {
     Pg(sqlx::PgPool, Option<String>),
     Lite(sqlx::SqlitePool),
+    My(sqlx::MySqlPool, Option<String>),
 }
 
 impl Db {
     /// Error text with the connection's password scrubbed.
     pub(super) fn err(&self, what: &str, e: &dyn std::fmt::Display) -> CliError {
         let secret = match self {
-            Db::Pg(_, s) => s.as_deref(),
+            Db::Pg(_, s) | Db::My(_, s) => s.as_deref(),
             Db::Lite(_) => None,
         };
         CliError(redact::scrub(&format!("{what}: {e}"), secret))
@@ -34,6 +35,7 @@ impl Db {
         match self {
             Db::Pg(p, _) => p.close().await,
             Db::Lite(p) => p.close().await,
+            Db::My(p, _) => p.close().await,
         }
     }
 }
@@ -68,9 +70,18 @@ pub(super) async fn open_db(db: &DbArgs) -> Result<Option<Db>, CliError> {
         },
     };
     let secret = redact::password(&url);
+    let scrub =
+        |e: crate::sql::StoreError| CliError(redact::scrub(&e.to_string(), secret.as_deref()));
+    // MySQL / MariaDB by the URL's scheme; PostgreSQL otherwise.
+    if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+        let pool = crate::idempotency::mysql::connect(&url)
+            .await
+            .map_err(scrub)?;
+        return Ok(Some(Db::My(pool, secret)));
+    }
     let pool = crate::idempotency::postgres::connect(&url)
         .await
-        .map_err(|e| CliError(redact::scrub(&e.to_string(), secret.as_deref())))?;
+        .map_err(scrub)?;
     Ok(Some(Db::Pg(pool, secret)))
 }
 
@@ -97,16 +108,30 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS {table} (\
     outcome text NOT NULL)";
 const INSERT: &str = "INSERT INTO {table} (id, at, actor, action, target, selection, ids, outcome) \
     VALUES ($1, $2, $3, $4, $5, $6, '[]', '\"started\"')";
-const FINISH: &str = "UPDATE {table} SET ids = $2, outcome = $3 WHERE id = $1";
+const FINISH: &str = "UPDATE {table} SET ids = $1, outcome = $2 WHERE id = $3";
 const HISTORY: &str = "SELECT id, at, actor, action, target, selection, ids, outcome FROM {table} \
     WHERE ($1 = '' OR target LIKE $2) ORDER BY at DESC, id DESC LIMIT $3";
 
-/// The SQL of `template` for `db`'s table: SQLite numbers its parameters `?N`.
+/// The SQL of `template` for `db`'s table: SQLite numbers its parameters `?N`, MySQL's
+/// are `?` in order (the templates use theirs in order) and its keys have a length.
 fn sql(db: &Db, table: &Table, template: &str) -> String {
     let s = table.render(template);
     match db {
         Db::Pg(..) => s,
         Db::Lite(_) => s.replace('$', "?"),
+        Db::My(..) => {
+            let mut out = String::with_capacity(s.len());
+            let mut chars = s.chars().peekable();
+            while let Some(c) = chars.next() {
+                if c == '$' {
+                    out.push('?');
+                    while chars.next_if(char::is_ascii_digit).is_some() {}
+                } else {
+                    out.push(c);
+                }
+            }
+            out.replace("id text PRIMARY KEY", "id VARCHAR(64) PRIMARY KEY")
+        }
     }
 }
 
@@ -118,6 +143,10 @@ macro_rules! on_db {
                 $run
             }
             Db::Lite(pool) => {
+                let $q = pool;
+                $run
+            }
+            Db::My(pool, _) => {
                 let $q = pool;
                 $run
             }
@@ -226,7 +255,7 @@ impl Audit {
                 let out = outcome.to_string();
                 let id = self.id.to_string();
                 let r = on_db!(d, p => bounded("completing the audit record", sqlx::query(sqlx::AssertSqlSafe(q.clone()))
-                    .bind(&id).bind(&ids).bind(&out).execute(p))
+                    .bind(&ids).bind(&out).bind(&id).execute(p))
                     .await
                     .map(|r| r.map(|_| ())));
                 d.close().await;

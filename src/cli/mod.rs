@@ -120,8 +120,8 @@ struct BrokerArgs {
 /// The database of the outbox and of the audit trail.
 #[derive(Debug, Clone, Args)]
 struct DbArgs {
-    /// PostgreSQL: the database URL (default: `DATABASE_URL`, else
-    /// `STEADFAST_DATABASE_URL`).
+    /// PostgreSQL or MySQL / MariaDB (`mysql://...`): the database URL (default:
+    /// `DATABASE_URL`, else `STEADFAST_DATABASE_URL`).
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// SQLite: the database file (wins over a PostgreSQL URL).

@@ -1,4 +1,4 @@
-//! `steadfast outbox ...`: the state of a PostgreSQL or SQLite outbox, its parked rows
+//! `steadfast outbox ...`: the state of a PostgreSQL, MySQL / MariaDB or SQLite outbox, its parked rows
 //! with their errors, and putting them back in line or deleting them by selection, with
 //! the same dry-run, JSON and audit rules as the dead-letter commands.
 
@@ -10,7 +10,7 @@ use super::{
 use crate::{
     MessageId,
     idempotency::StoreError,
-    outbox::{OutboxStatus, ParkedRow, PostgresOutbox, SqliteOutbox},
+    outbox::{MySqlOutbox, OutboxStatus, ParkedRow, PostgresOutbox, SqliteOutbox},
 };
 use clap::{Args, Subcommand};
 use std::process::ExitCode;
@@ -86,6 +86,7 @@ impl ParkedArgs {
 enum Store {
     Pg(PostgresOutbox, sqlx::PgPool),
     Lite(SqliteOutbox, sqlx::SqlitePool),
+    My(MySqlOutbox, sqlx::MySqlPool),
 }
 
 impl Store {
@@ -93,18 +94,21 @@ impl Store {
         match self {
             Store::Pg(o, _) => o.status().await,
             Store::Lite(o, _) => o.status().await,
+            Store::My(o, _) => o.status().await,
         }
     }
     async fn parked(&self) -> Result<Vec<ParkedRow>, StoreError> {
         match self {
             Store::Pg(o, _) => o.parked(i64::MAX).await,
             Store::Lite(o, _) => o.parked(i64::MAX).await,
+            Store::My(o, _) => o.parked(i64::MAX).await,
         }
     }
     async fn requeue(&self, id: MessageId) -> Result<bool, StoreError> {
         match self {
             Store::Pg(o, _) => o.requeue(id).await,
             Store::Lite(o, _) => o.requeue(id).await,
+            Store::My(o, _) => o.requeue(id).await,
         }
     }
     /// Deletes a row if it is parked (never a pending or sent one).
@@ -127,6 +131,20 @@ impl Store {
             Store::Lite(o, pool) => {
                 let q = format!(
                     "DELETE FROM {} WHERE id = ?1 AND state = 'parked'",
+                    o.table()
+                );
+                bounded(
+                    "deleting a parked row",
+                    sqlx::query(sqlx::AssertSqlSafe(q))
+                        .bind(id.to_string())
+                        .execute(pool),
+                )
+                .await?
+                .map(|r| r.rows_affected())
+            }
+            Store::My(o, pool) => {
+                let q = format!(
+                    "DELETE FROM {} WHERE id = ? AND state = 'parked'",
                     o.table()
                 );
                 bounded(
@@ -188,7 +206,7 @@ pub(super) async fn run(
 ) -> Result<ExitCode, CliError> {
     let Some(db) = audit::open_db(&common.db).await? else {
         return Err(CliError::new(
-            "no outbox: pass --database-url (or set DATABASE_URL or STEADFAST_DATABASE_URL) for PostgreSQL, or --sqlite FILE",
+            "no outbox: pass --database-url (or set DATABASE_URL or STEADFAST_DATABASE_URL) for PostgreSQL or MySQL / MariaDB (mysql://...), or --sqlite FILE",
         ));
     };
     let bad_table = |e: StoreError| CliError(e.to_string());
@@ -201,6 +219,12 @@ pub(super) async fn run(
         ),
         Db::Lite(p) => Store::Lite(
             SqliteOutbox::new(p.clone())
+                .with_table(table)
+                .map_err(bad_table)?,
+            p.clone(),
+        ),
+        Db::My(p, _) => Store::My(
+            MySqlOutbox::new(p.clone())
                 .with_table(table)
                 .map_err(bad_table)?,
             p.clone(),

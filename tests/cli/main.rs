@@ -763,10 +763,11 @@ async fn nats_replay_with_filter_and_after_sigkill() {
     scenario(nats().await).await;
 }
 
-/// `outbox status` and `outbox retry-parked` on a PostgreSQL and a SQLite outbox.
+/// `outbox status` and `outbox retry-parked` on a PostgreSQL, a MariaDB and a SQLite
+/// outbox, each with its audit trail in the same database.
 #[tokio::test]
 async fn outbox_status_and_retry_parked() {
-    use steadfast::outbox::{PostgresOutbox, SqliteOutbox};
+    use steadfast::outbox::{MySqlOutbox, PostgresOutbox, SqliteOutbox};
 
     async fn outbox(args: &[&str]) -> Run {
         let out = tokio::process::Command::new(steadfast_bin())
@@ -892,6 +893,45 @@ async fn outbox_status_and_retry_parked() {
     )
     .await;
     pg.drop_schema().await;
+
+    // MySQL / MariaDB, in tables of their own.
+    let url = std::env::var("MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
+    let pool = steadfast::idempotency::mysql::connect(&url)
+        .await
+        .expect("MariaDB must run on MYSQL_URL (default 127.0.0.1:3306, database test)");
+    let prefix = format!("cli_{}", uuid::Uuid::now_v7().simple());
+    let (table, audit) = (format!("{prefix}_outbox"), format!("{prefix}_audit"));
+    let o = MySqlOutbox::new(pool.clone()).with_table(&table).unwrap();
+    o.migrate().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let mut parked = None;
+    for n in 0..3 {
+        parked = Some(o.enqueue(&mut tx, &Alpha { n }).await.unwrap());
+    }
+    tx.commit().await.unwrap();
+    let parked = parked.unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {table} SET state = 'parked', attempts = 9, last_error = 'no route' WHERE id = ?"
+    )))
+    .bind(parked.to_string())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let args = [
+        "--database-url",
+        &url,
+        "--table",
+        &table,
+        "--audit-table",
+        &audit,
+    ];
+    check(&args, parked).await;
+    for t in [&table, &audit] {
+        let _ = sqlx::query(AssertSqlSafe(format!("DROP TABLE {t}")))
+            .execute(&pool)
+            .await;
+    }
 
     // SQLite, in a file of its own.
     let path = std::env::temp_dir().join(format!(
