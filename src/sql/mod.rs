@@ -205,6 +205,51 @@ pub(crate) fn is_loopback(url: &str) -> bool {
         })
 }
 
+/// A pool of up to 16 connections to `url` (a `db` database), connected within 15 s;
+/// with `insecure` (the hint that would require TLS) a warning when the host is not this
+/// machine. The password never appears in errors or logs.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) async fn open_pool<DB: sqlx::Database>(
+    url: &str,
+    db: &str,
+    insecure: Option<&str>,
+) -> Result<sqlx::Pool<DB>, StoreError>
+where
+    <DB::Connection as sqlx::Connection>::Options: std::str::FromStr<Err = sqlx::Error>,
+{
+    let shown = crate::redact::redact_url(url);
+    let secret = crate::redact::password(url);
+    let fail = |kind, what: &str, e: sqlx::Error| {
+        StoreError::of(
+            kind,
+            format!(
+                "{what} {shown}: {}",
+                crate::redact::scrub(&e.to_string(), secret.as_deref())
+            ),
+        )
+    };
+    let opts: <DB::Connection as sqlx::Connection>::Options = url
+        .parse()
+        .map_err(|e| fail(StoreErrorKind::Config, &format!("invalid {db} url"), e))?;
+    if let Some(hint) = insecure
+        && !is_loopback(url)
+    {
+        tracing::warn!(url = %shown, "connecting to a non-loopback {db} host without requiring TLS; {hint}");
+    }
+    let connect = sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts);
+    match tokio::time::timeout(Duration::from_secs(15), connect).await {
+        Ok(Ok(pool)) => Ok(pool),
+        Ok(Err(e)) => Err(fail(StoreErrorKind::Unavailable, "could not connect to", e)),
+        Err(_) => Err(StoreError::of(
+            StoreErrorKind::Unavailable,
+            format!("could not connect to {shown}: no answer within 15s"),
+        )),
+    }
+}
+
 /// The value of query parameter `name` of `url`.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) fn url_param(url: &str, name: &str) -> Option<String> {

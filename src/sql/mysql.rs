@@ -1,7 +1,7 @@
 //! MySQL 8.0+ and MariaDB 10.6+ beneath the inbox and the outbox: connecting, the
 //! settings warned about, applying a schema under a named lock, and the server's clock.
 
-use super::{StoreError, StoreErrorKind, bounded, db_err, is_loopback, url_param};
+use super::{StoreError, StoreErrorKind, bounded, db_err, url_param};
 use sqlx::{AssertSqlSafe, MySqlPool};
 use std::time::Duration;
 
@@ -125,44 +125,14 @@ fn unsafe_settings(flush: &str, sync: &str, binlog: &str, isolation: &str) -> Ve
 /// Connects a pool to `url` (`mysql://user:password@host/database`). The password never
 /// appears in errors or logs.
 pub async fn connect(url: &str) -> Result<MySqlPool, StoreError> {
-    use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-    let shown = crate::redact::redact_url(url);
-    let secret = crate::redact::password(url);
-    let fail = |kind, what: &str, e: sqlx::Error| {
-        StoreError::of(
-            kind,
-            format!(
-                "{what} {shown}: {}",
-                crate::redact::scrub(&e.to_string(), secret.as_deref())
-            ),
-        )
-    };
-    let opts: MySqlConnectOptions = url
-        .parse()
-        .map_err(|e| fail(StoreErrorKind::Config, "invalid MySQL url", e))?;
     let tls = url_param(url, "ssl-mode")
         .or_else(|| url_param(url, "sslmode"))
         .map(|m| m.to_ascii_lowercase());
-    if !is_loopback(url)
-        && !matches!(
-            tls.as_deref(),
-            Some("required" | "verify_ca" | "verify_identity")
-        )
-    {
-        tracing::warn!(url = %shown, "connecting to a non-loopback MySQL host without requiring TLS; add ssl-mode=required");
-    }
-    let connect = MySqlPoolOptions::new()
-        .max_connections(16)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(opts);
-    match tokio::time::timeout(Duration::from_secs(15), connect).await {
-        Ok(Ok(pool)) => Ok(pool),
-        Ok(Err(e)) => Err(fail(StoreErrorKind::Unavailable, "could not connect to", e)),
-        Err(_) => Err(StoreError::of(
-            StoreErrorKind::Unavailable,
-            format!("could not connect to {shown}: no answer within 15s"),
-        )),
-    }
+    let plain = !matches!(
+        tls.as_deref(),
+        Some("required" | "verify_ca" | "verify_identity")
+    );
+    super::open_pool(url, "MySQL", plain.then_some("add ssl-mode=required")).await
 }
 
 /// MySQL / MariaDB as the stores see it: text ids, times in milliseconds from the server's clock.

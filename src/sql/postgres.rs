@@ -1,7 +1,7 @@
 //! PostgreSQL beneath the inbox and the outbox: connecting, the settings warned about,
 //! applying a schema under an advisory lock.
 
-use super::{Step, StoreError, StoreErrorKind, bounded, db_err, is_loopback, run, url_param};
+use super::{Step, StoreError, bounded, db_err, run, url_param};
 use sqlx::{AssertSqlSafe, PgPool};
 use std::time::Duration;
 
@@ -70,41 +70,11 @@ pub(crate) async fn server_setting(pool: &PgPool, name: &'static str) -> Option<
 /// Connects a pool to `url` (for example `DATABASE_URL`). The password never appears in
 /// errors or logs.
 pub async fn connect(url: &str) -> Result<PgPool, StoreError> {
-    use sqlx::postgres::PgPoolOptions;
-    let shown = crate::redact::redact_url(url);
-    let secret = crate::redact::password(url);
-    let fail = |kind, what: &str, e: sqlx::Error| {
-        StoreError::of(
-            kind,
-            format!(
-                "{what} {shown}: {}",
-                crate::redact::scrub(&e.to_string(), secret.as_deref())
-            ),
-        )
-    };
-    let opts: sqlx::postgres::PgConnectOptions = url
-        .parse()
-        .map_err(|e| fail(StoreErrorKind::Config, "invalid PostgreSQL url", e))?;
-    if !is_loopback(url)
-        && matches!(
-            url_param(url, "sslmode").as_deref(),
-            None | Some("disable" | "allow")
-        )
-    {
-        tracing::warn!(url = %shown, "connecting to a non-loopback PostgreSQL host without requiring TLS; add sslmode=require");
-    }
-    let connect = PgPoolOptions::new()
-        .max_connections(16)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(opts);
-    match tokio::time::timeout(Duration::from_secs(15), connect).await {
-        Ok(Ok(pool)) => Ok(pool),
-        Ok(Err(e)) => Err(fail(StoreErrorKind::Unavailable, "could not connect to", e)),
-        Err(_) => Err(StoreError::of(
-            StoreErrorKind::Unavailable,
-            format!("could not connect to {shown}: no answer within 15s"),
-        )),
-    }
+    let plain = matches!(
+        url_param(url, "sslmode").as_deref(),
+        None | Some("disable" | "allow")
+    );
+    super::open_pool(url, "PostgreSQL", plain.then_some("add sslmode=require")).await
 }
 
 /// PostgreSQL as the stores see it: `uuid` ids, spans in seconds, `now()`.
