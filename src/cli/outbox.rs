@@ -90,6 +90,31 @@ enum Store {
 }
 
 impl Store {
+    /// The outbox in `table` of `db`.
+    fn open(db: &Db, table: &str) -> Result<Self, CliError> {
+        let bad_table = |e: StoreError| CliError(e.to_string());
+        Ok(match db {
+            Db::Pg(p, _) => Store::Pg(
+                PostgresOutbox::new(p.clone())
+                    .with_table(table)
+                    .map_err(bad_table)?,
+                p.clone(),
+            ),
+            Db::Lite(p) => Store::Lite(
+                SqliteOutbox::new(p.clone())
+                    .with_table(table)
+                    .map_err(bad_table)?,
+                p.clone(),
+            ),
+            Db::My(p, _) => Store::My(
+                MySqlOutbox::new(p.clone())
+                    .with_table(table)
+                    .map_err(bad_table)?,
+                p.clone(),
+            ),
+        })
+    }
+
     async fn status(&self) -> Result<OutboxStatus, StoreError> {
         match self {
             Store::Pg(o, _) => o.status().await,
@@ -173,21 +198,7 @@ pub(super) async fn overview(
             "no outbox database: start the console with --database-url or --sqlite",
         ));
     };
-    let bad_table = |e: StoreError| CliError(e.to_string());
-    let store = match &db {
-        Db::Pg(p, _) => Store::Pg(
-            PostgresOutbox::new(p.clone())
-                .with_table(table)
-                .map_err(bad_table)?,
-            p.clone(),
-        ),
-        Db::Lite(p) => Store::Lite(
-            SqliteOutbox::new(p.clone())
-                .with_table(table)
-                .map_err(bad_table)?,
-            p.clone(),
-        ),
-    };
+    let store = Store::open(&db, table)?;
     let r = async {
         let status = store.status().await?;
         let parked = store.parked().await?;
@@ -209,27 +220,7 @@ pub(super) async fn run(
             "no outbox: pass --database-url (or set DATABASE_URL or STEADFAST_DATABASE_URL) for PostgreSQL or MySQL / MariaDB (mysql://...), or --sqlite FILE",
         ));
     };
-    let bad_table = |e: StoreError| CliError(e.to_string());
-    let store = match &db {
-        Db::Pg(p, _) => Store::Pg(
-            PostgresOutbox::new(p.clone())
-                .with_table(table)
-                .map_err(bad_table)?,
-            p.clone(),
-        ),
-        Db::Lite(p) => Store::Lite(
-            SqliteOutbox::new(p.clone())
-                .with_table(table)
-                .map_err(bad_table)?,
-            p.clone(),
-        ),
-        Db::My(p, _) => Store::My(
-            MySqlOutbox::new(p.clone())
-                .with_table(table)
-                .map_err(bad_table)?,
-            p.clone(),
-        ),
-    };
+    let store = Store::open(&db, table)?;
     let r = run_on(&store, &db, common, table, cmd).await;
     db.close().await;
     r
