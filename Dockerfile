@@ -6,7 +6,7 @@
 #   docker run --rm --entrypoint steadfast steadfast-worker --help
 # Every setting is an environment variable (docs/operations.md has the table). Your own
 # worker: put it in examples/ (or a binary of your crate), then
-#   docker build --build-arg EXAMPLE=my_worker --build-arg FEATURES=cli,app,otel .
+#   docker build --build-arg EXAMPLE=my_worker --build-arg FEATURES=cli,app,otlp .
 # FEATURES must include what the example's `required-features` name; `cli` already
 # brings amqp, nats, postgres and sqlite. CI replays this file's build stage offline
 # (scripts/check-docker-context.sh), so a file missing from a COPY fails there first.
@@ -15,7 +15,7 @@ ARG RUST_VERSION=1.94
 
 # ---- build ------------------------------------------------------------------------
 FROM rust:${RUST_VERSION}-bookworm AS build
-ARG FEATURES=cli,app,otel
+ARG FEATURES=cli,app,otlp
 ARG EXAMPLE=container_worker
 WORKDIR /src
 

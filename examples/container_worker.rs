@@ -4,11 +4,14 @@
 //! exit 0). It handles `jobs.requested` (`{"job_id": 1, "work_ms": 50}`): each sleeps
 //! `work_ms` and logs `job done`; with `STEADFAST_DATABASE_URL` set, deliveries are
 //! deduplicated through PostgreSQL. A bad variable: one line, exit 2; a broker that
-//! cannot be reached: one line, exit 1. The `Dockerfile` builds it.
+//! cannot be reached: one line, exit 1. With `OTEL_EXPORTER_OTLP_ENDPOINT` set, its spans
+//! and metrics go to that OpenTelemetry collector too (flushed at shutdown). The
+//! `Dockerfile` builds it.
 //!
 //! ```text
 //! STEADFAST_BROKER_URL=amqp://guest:guest@127.0.0.1:5672/%2f STEADFAST_HTTP_ADDR=127.0.0.1:9090 \
-//!   cargo run --features amqp,nats,postgres,app,otel --example container_worker
+//!   OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 OTEL_SERVICE_NAME=jobs-worker \
+//!   cargo run --features amqp,nats,postgres,app,otlp --example container_worker
 //! curl -s 127.0.0.1:9090/readyz; curl -s 127.0.0.1:9090/metrics
 //! ```
 

@@ -80,13 +80,29 @@ for path, objs in docs.items():
             failed.append(f"{p}: reads key {key!r} of Secret {name!r}, which no documented "
                           f"`kubectl create secret generic {name}` command creates")
 
-# Grafana dashboards: valid JSON with panels that query something.
+# Grafana dashboards: valid JSON with panels that query something, and every metric a
+# query names is in the /metrics sample of docs/operations.md (taken from a real run).
+ops = open("docs/operations.md").read()
+sample = re.search(r"<!-- metrics-sample -->\n```text\n(.*?)```", ops, re.S)
+if not sample:
+    failed.append("docs/operations.md: no /metrics sample (<!-- metrics-sample -->)")
+scraped = {l.split("{")[0].split(" ")[0] for l in (sample.group(1) if sample else "").splitlines()
+           if l and not l.startswith("#")}
+labels = {kv.split("=")[0] for l in (sample.group(1) if sample else "").splitlines()
+          if "{" in l for kv in l.split("{", 1)[1].split("}")[0].split(",") if "=" in kv}
+panels = 0
 for path in glob.glob("deploy/grafana/*.json"):
     with open(path) as f:
         dash = json.load(f)
     targets = [t for p in dash.get("panels", []) for t in p.get("targets", [])]
+    panels += sum(1 for p in dash.get("panels", []) if p.get("targets"))
     if not targets or any(not t.get("expr") for t in targets):
         failed.append(f"{path}: a panel without a query")
+    for t in targets:
+        for name in re.findall(r"\b(?:steadfast|messaging)_[a-z_]+", t.get("expr", "")):
+            if name not in scraped and name not in labels:
+                failed.append(f"{path}: {name} (in `{t['expr']}`) is not in the /metrics "
+                              f"sample of docs/operations.md")
 
 if failed:
     print("deploy files: " + str(len(failed)) + " problem(s)", file=sys.stderr)
@@ -94,4 +110,5 @@ if failed:
         print("  " + f, file=sys.stderr)
     sys.exit(1)
 print(f"deploy files valid: {sum(map(len, docs.values()))} Kubernetes objects, compose file, "
-      f"{reads} Secret keys read, each created by a documented command")
+      f"{reads} Secret keys read, each created by a documented command, {panels} dashboard "
+      f"panels over metrics of the /metrics sample")

@@ -36,7 +36,9 @@
 //! # Ok(()) }
 //! ```
 
-use crate::worker::{StatusHandle, WorkerState, metrics::PROCESS_DURATION};
+use crate::worker::{
+    StatusHandle, WorkerState, metrics::PROCESS_DURATION, send::OPERATION_DURATION,
+};
 use axum::{
     Router,
     extract::State,
@@ -47,8 +49,9 @@ use axum::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::{fmt, fmt::Write as _, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
-/// Bucket bounds of `messaging.process.duration`, in seconds: the ones the OpenTelemetry
-/// messaging conventions recommend, plus 30 s and 60 s for slow handlers.
+/// Bucket bounds of `messaging.process.duration` and `messaging.client.operation.duration`,
+/// in seconds: the ones the OpenTelemetry messaging conventions recommend, plus 30 s and
+/// 60 s for slow handlers.
 const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0,
 ];
@@ -76,16 +79,39 @@ pub struct InstallError(String);
 impl Prometheus {
     /// Installs the recorder for the whole process (Prometheus naming: `_total` on
     /// counters, unit suffixes) and starts its upkeep on the current Tokio runtime.
-    /// Call it once, before building workers and relays, inside the runtime.
+    /// Call it once, before building workers and relays, inside the runtime. With the
+    /// `otlp` feature and metric export configured ([`crate::otlp`]), every metric is
+    /// also recorded for the OTLP exporter.
     pub fn install() -> Result<Self, InstallError> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| InstallError("call it inside a Tokio runtime".to_owned()))?;
-        let handle = PrometheusBuilder::new()
+        let recorder = PrometheusBuilder::new()
             .with_recommended_naming(true)
             .set_buckets_for_metric(Matcher::Full(PROCESS_DURATION.to_owned()), DURATION_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(OPERATION_DURATION.to_owned()),
+                    DURATION_BUCKETS,
+                )
+            })
             .map_err(|e| InstallError(e.to_string()))?
-            .install_recorder()
-            .map_err(|e| InstallError(e.to_string()))?;
+            .build_recorder();
+        let handle = recorder.handle();
+        // With OTLP metric export on, every metric goes to both.
+        #[cfg(feature = "otlp")]
+        let installed = match crate::otlp::recorder() {
+            Some(otlp) => metrics::set_global_recorder(
+                metrics_util::layers::FanoutBuilder::default()
+                    .add_recorder(recorder)
+                    .add_recorder(otlp)
+                    .build(),
+            )
+            .map_err(|e| e.to_string()),
+            None => metrics::set_global_recorder(recorder).map_err(|e| e.to_string()),
+        };
+        #[cfg(not(feature = "otlp"))]
+        let installed = metrics::set_global_recorder(recorder).map_err(|e| e.to_string());
+        installed.map_err(InstallError)?;
         let upkeep = handle.clone();
         runtime.spawn(async move {
             let mut every = tokio::time::interval(UPKEEP_EVERY);

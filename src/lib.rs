@@ -1,4 +1,12 @@
 #![doc = include_str!("../docs/crate.md")]
+//!
+//! ## Cargo features
+//!
+//! Nothing but the core is on by default; the list below is generated from the comments
+//! of `Cargo.toml`.
+//!
+#![doc = document_features::document_features!()]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 /// A named crash window the fault suite can stop the process at (`docs/reliability.md`):
 /// a `fail` crate failpoint with the `failpoints` feature, nothing at all without it.
@@ -10,10 +18,13 @@ macro_rules! failpoint {
 }
 
 #[cfg(feature = "app")]
+#[cfg_attr(docsrs, doc(cfg(feature = "app")))]
 pub mod app;
 #[cfg(feature = "asyncapi")]
+#[cfg_attr(docsrs, doc(cfg(feature = "asyncapi")))]
 pub mod asyncapi;
 #[cfg(feature = "cli")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod cli;
 pub mod config;
 pub mod context;
@@ -21,22 +32,29 @@ pub mod envelope;
 pub mod error;
 pub mod handler;
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 pub mod idempotency;
 pub mod message;
 #[cfg(feature = "otel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
 pub mod otel;
+#[cfg(feature = "otlp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otlp")))]
+pub mod otlp;
 pub mod outbox;
 mod redact;
 pub mod retry;
 pub mod sql;
 #[cfg(feature = "app")]
+#[cfg_attr(docsrs, doc(cfg(feature = "app")))]
 pub mod telemetry;
 pub mod testing;
 pub mod transport;
 pub mod worker;
 
 #[cfg(feature = "app")]
+#[cfg_attr(docsrs, doc(cfg(feature = "app")))]
 pub use app::App;
 pub use context::Context;
 pub use envelope::{Envelope, Headers, MessageId};
@@ -82,6 +100,49 @@ pub mod guide {
     #[cfg(all(feature = "app", feature = "otel", feature = "postgres"))]
     #[doc = include_str!("../docs/operations.md")]
     pub mod operations {}
+}
+
+#[cfg(test)]
+mod features_listed {
+    /// The features of `Cargo.toml`, but `default`.
+    fn features() -> Vec<String> {
+        let manifest = include_str!("../Cargo.toml");
+        let section = manifest
+            .split("\n[features]\n")
+            .nth(1)
+            .expect("a [features] section");
+        section
+            .lines()
+            .take_while(|l| !l.starts_with('['))
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.trim().to_owned()))
+            .filter(|k| !k.starts_with('#') && k != "default")
+            .collect()
+    }
+
+    #[test]
+    fn every_feature_is_in_the_readme_table_and_on_docs_rs() {
+        let features = features();
+        assert!(features.len() >= 10, "{features:?}");
+        let readme = include_str!("../README.md");
+        let manifest = include_str!("../Cargo.toml");
+        let docs_rs = manifest
+            .split("[package.metadata.docs.rs]")
+            .nth(1)
+            .and_then(|s| s.lines().find(|l| l.starts_with("features = ")))
+            .expect("docs.rs features");
+        for f in &features {
+            assert!(
+                readme.contains(&format!("\n| `{f}` |")),
+                "README's features table lacks `{f}`"
+            );
+            // docs.rs builds every feature but the tests-only failpoints.
+            assert_eq!(
+                docs_rs.contains(&format!("\"{f}\"")),
+                f != "failpoints",
+                "docs.rs features and `{f}`"
+            );
+        }
+    }
 }
 
 #[doc(hidden)]

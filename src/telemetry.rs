@@ -6,6 +6,8 @@
 //!   current `trace_id` and `span_id`) or human-readable lines.
 //! - With `otel`, spans become OpenTelemetry spans, and the W3C trace-context propagator
 //!   is installed so trace context crosses the broker (see [`crate::otel`]).
+//! - With `otlp`, spans and metrics are exported to a collector when the `OTEL_*`
+//!   variables ask for it (see [`crate::otlp`]); [`Telemetry::shutdown`] flushes them.
 //!
 //! ```
 //! use steadfast::{config::LogFormat, telemetry};
@@ -29,6 +31,8 @@ use tracing_subscriber::{
 pub struct Telemetry {
     #[cfg(feature = "otel")]
     tracer: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    #[cfg(feature = "otlp")]
+    meter: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
 }
 
 impl fmt::Debug for Telemetry {
@@ -41,8 +45,16 @@ impl Telemetry {
     /// Flushes and stops what was set up (spans still buffered are exported).
     pub fn shutdown(self) {
         #[cfg(feature = "otel")]
-        if let Some(t) = self.tracer {
-            let _ = t.shutdown();
+        if let Some(t) = self.tracer
+            && let Err(e) = t.shutdown()
+        {
+            tracing::warn!(error = %e, "could not flush spans");
+        }
+        #[cfg(feature = "otlp")]
+        if let Some(m) = self.meter
+            && let Err(e) = m.shutdown()
+        {
+            tracing::warn!(error = %e, "could not flush metrics");
         }
     }
 }
@@ -65,10 +77,20 @@ pub fn init(format: LogFormat) -> Telemetry {
     #[cfg(feature = "otel")]
     {
         use opentelemetry::trace::TracerProvider as _;
+        #[cfg(feature = "otlp")]
+        let provider = crate::otlp::tracer_provider().unwrap_or_else(crate::otel::tracer_provider);
+        #[cfg(not(feature = "otlp"))]
         let provider = crate::otel::tracer_provider();
+        // Made before any worker: the Prometheus recorder forwards to it.
+        #[cfg(feature = "otlp")]
+        let meter = crate::otlp::meter_provider();
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("steadfast"));
         if registry.with(layer).try_init().is_err() {
-            return Telemetry { tracer: None };
+            return Telemetry {
+                tracer: None,
+                #[cfg(feature = "otlp")]
+                meter,
+            };
         }
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
@@ -76,6 +98,8 @@ pub fn init(format: LogFormat) -> Telemetry {
         opentelemetry::global::set_tracer_provider(provider.clone());
         Telemetry {
             tracer: Some(provider),
+            #[cfg(feature = "otlp")]
+            meter,
         }
     }
     #[cfg(not(feature = "otel"))]

@@ -24,3 +24,5 @@ CREATE TABLE IF NOT EXISTS {table} (
 -- rows other batches hold (claimed, not yet marked sent) without reading the table.
 CREATE INDEX IF NOT EXISTS {index}_claim ON {table} (seq, available_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS {index}_sent_at ON {table} (sent_at) WHERE state = 'sent';
+-- The relay counts parked rows every 10 s (its `steadfast.outbox.parked` gauge).
+CREATE INDEX IF NOT EXISTS {index}_parked ON {table} (seq) WHERE state = 'parked';

@@ -90,15 +90,24 @@ pub struct Backlog {
     pub pending: u64,
     /// How long the oldest pending row has waited (zero when there is none).
     pub oldest_age: Duration,
+    /// Parked rows (failed for good, waiting for an operator).
+    pub parked: u64,
 }
 
 impl Backlog {
-    /// A backlog of `pending` rows, the oldest `oldest_age` old.
+    /// A backlog of `pending` rows, the oldest `oldest_age` old, and no parked row.
     pub fn new(pending: u64, oldest_age: Duration) -> Self {
         Self {
             pending,
             oldest_age,
+            parked: 0,
         }
+    }
+
+    /// The same backlog with `parked` parked rows.
+    pub fn with_parked(mut self, parked: u64) -> Self {
+        self.parked = parked;
+        self
     }
 }
 
@@ -152,6 +161,12 @@ pub trait OutboxSource: Send + Sync + 'static {
     /// `"postgres"`, `"sqlite"`, ...
     fn backend(&self) -> &'static str;
 
+    /// The table's name, the `outbox.table` label of the relay's metrics (default
+    /// `"outbox"`).
+    fn table(&self) -> &str {
+        "outbox"
+    }
+
     /// Claims up to `limit` pending rows for `lease`.
     fn claim(
         &self,
@@ -177,7 +192,8 @@ pub trait OutboxSource: Send + Sync + 'static {
     /// Deletes rows sent more than `older_than` ago; returns how many.
     fn purge_sent(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, StoreError>>;
 
-    /// How many rows are pending and how old the oldest is, for the relay's gauges.
+    /// How many rows are pending, how old the oldest is and how many are parked, for the
+    /// relay's gauges.
     /// `None` when the store cannot tell (the default).
     fn backlog(&self) -> BoxFuture<'_, Result<Option<Backlog>, StoreError>> {
         Box::pin(async { Ok(None) })

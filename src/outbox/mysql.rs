@@ -118,7 +118,8 @@ fn statements(t: &Table) -> (OutboxSql, Arc<str>, Arc<str>) {
         ),
         pending: r("SELECT COUNT(*) FROM {table} WHERE state = 'pending'"),
         backlog: r(
-            "SELECT COUNT(*), CAST(COALESCE({now} - MIN(created_at), 0) AS SIGNED) \
+            "SELECT COUNT(*), CAST(COALESCE({now} - MIN(created_at), 0) AS SIGNED), \
+                 (SELECT COUNT(*) FROM {table} WHERE state = 'parked') \
                  FROM {table} WHERE state = 'pending'",
         ),
         status: r(

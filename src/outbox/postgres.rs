@@ -174,7 +174,8 @@ impl Sql {
             ),
             pending: r("SELECT count(*) FROM {table} WHERE state = 'pending'"),
             backlog: r(
-                "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
+                "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8, \
+                 (SELECT count(*) FROM {table} WHERE state = 'parked') \
                  FROM {table} WHERE state = 'pending'",
             ),
             status: r(

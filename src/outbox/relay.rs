@@ -13,11 +13,17 @@ use std::{fmt, future::Future, sync::Arc, time::Duration};
 use tokio::time::Instant;
 
 /// `steadfast.outbox.pending` (gauge): rows waiting to be published, labelled
-/// `outbox.backend`; updated by a running relay every 10 s.
+/// `outbox.backend` and `outbox.table`; updated by a running relay every 10 s.
 pub const BACKLOG_PENDING: &str = "steadfast.outbox.pending";
 /// `steadfast.outbox.oldest_age` (gauge, seconds): how long the oldest pending row has
-/// waited.
+/// waited: the relay's lag.
 pub const BACKLOG_OLDEST_AGE: &str = "steadfast.outbox.oldest_age";
+/// `steadfast.outbox.parked` (gauge): rows parked after repeated failures, waiting for
+/// an operator (`steadfast outbox retry-parked`).
+pub const BACKLOG_PARKED: &str = "steadfast.outbox.parked";
+/// `steadfast.outbox.relayed` (counter): rows this relay handled, labelled `outcome`:
+/// `published` (the broker confirmed), `failed` (tried again later), `parked`.
+pub const RELAYED: &str = "steadfast.outbox.relayed";
 /// How often a running relay measures its outbox's backlog.
 const BACKLOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -46,6 +52,42 @@ pub struct Relay {
     source: Arc<dyn OutboxSource>,
     transport: Arc<dyn Transport>,
     cfg: Config,
+    counters: Counters,
+}
+
+/// The relay's counters, bound at build time to the recorder installed then.
+struct Counters {
+    published: metrics::Counter,
+    failed: metrics::Counter,
+    parked: metrics::Counter,
+}
+
+impl Counters {
+    fn new(labels: &[(&'static str, String)]) -> Self {
+        metrics::describe_counter!(
+            RELAYED,
+            metrics::Unit::Count,
+            "Outbox rows relayed, by outcome."
+        );
+        let with = |outcome: &'static str| {
+            let mut l = labels.to_vec();
+            l.push(("outcome", outcome.to_owned()));
+            metrics::counter!(RELAYED, &l)
+        };
+        Self {
+            published: with("published"),
+            failed: with("failed"),
+            parked: with("parked"),
+        }
+    }
+}
+
+/// The labels of an outbox's metrics: `outbox.backend` and `outbox.table`.
+fn labels(source: &dyn OutboxSource) -> [(&'static str, String); 2] {
+    [
+        ("outbox.backend", source.backend().to_owned()),
+        ("outbox.table", source.table().to_owned()),
+    ]
 }
 
 #[derive(Debug, Clone)]
@@ -232,10 +274,12 @@ impl RelayBuilder {
         if !problems.is_empty() {
             return Err(RelayConfigError(problems.join("; ")));
         }
+        let counters = Counters::new(&labels(&*self.source));
         Ok(Relay {
             source: self.source,
             transport: self.transport,
             cfg: self.cfg,
+            counters,
         })
     }
 }
@@ -431,6 +475,9 @@ impl Relay {
         stats.sent = sent.len();
         stats.parked = failures.iter().filter(|f| f.park).count();
         stats.failed = failures.len() - stats.parked;
+        self.counters.published.increment(stats.sent as u64);
+        self.counters.failed.increment(stats.failed as u64);
+        self.counters.parked.increment(stats.parked as u64);
         Published {
             sent,
             failures,
@@ -479,7 +526,7 @@ impl Relay {
         let purge_every = Duration::from_secs(60).min(cfg.retention.max(Duration::from_secs(1)));
         let mut next_purge = Instant::now();
         let mut next_backlog = Instant::now();
-        let backend = [("outbox.backend", self.source.backend())];
+        let labels = labels(&*self.source);
         metrics::describe_gauge!(
             BACKLOG_PENDING,
             metrics::Unit::Count,
@@ -490,8 +537,14 @@ impl Relay {
             metrics::Unit::Seconds,
             "Age of the oldest outbox row waiting to be published."
         );
-        let pending_gauge = metrics::gauge!(BACKLOG_PENDING, &backend);
-        let age_gauge = metrics::gauge!(BACKLOG_OLDEST_AGE, &backend);
+        metrics::describe_gauge!(
+            BACKLOG_PARKED,
+            metrics::Unit::Count,
+            "Outbox rows parked after repeated failures."
+        );
+        let pending_gauge = metrics::gauge!(BACKLOG_PENDING, &labels);
+        let age_gauge = metrics::gauge!(BACKLOG_OLDEST_AGE, &labels);
+        let parked_gauge = metrics::gauge!(BACKLOG_PARKED, &labels);
         tracing::info!(
             backend = self.source.backend(),
             transport = self.transport.system(),
@@ -536,6 +589,7 @@ impl Relay {
                     Ok(Some(b)) => {
                         pending_gauge.set(b.pending as f64);
                         age_gauge.set(b.oldest_age.as_secs_f64());
+                        parked_gauge.set(b.parked as f64);
                     }
                     Ok(None) => {}
                     Err(e) => tracing::warn!(error = %e, "could not measure the outbox backlog"),

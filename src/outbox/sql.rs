@@ -157,12 +157,12 @@ where
     }
 
     pub(crate) async fn backlog(&self) -> Result<Option<Backlog>, StoreError> {
-        let q = sqlx::query_as::<_, (i64, D::Span)>(AssertSqlSafe(self.sql.backlog.clone()));
-        let (n, age) = run(self.timeout(), BACKLOG, q.fetch_one(&self.pool)).await?;
-        Ok(Some(Backlog::new(
-            u64::try_from(n).unwrap_or(0),
-            D::age(age),
-        )))
+        let q = sqlx::query_as::<_, (i64, D::Span, i64)>(AssertSqlSafe(self.sql.backlog.clone()));
+        let (n, age, parked) = run(self.timeout(), BACKLOG, q.fetch_one(&self.pool)).await?;
+        Ok(Some(
+            Backlog::new(u64::try_from(n).unwrap_or(0), D::age(age))
+                .with_parked(u64::try_from(parked).unwrap_or(0)),
+        ))
     }
 
     /// Claims with `sql`, an `UPDATE ... RETURNING` that leases up to `limit` pending
@@ -314,6 +314,10 @@ macro_rules! sql_outbox {
         impl $crate::outbox::OutboxSource for $store {
             fn backend(&self) -> &'static str {
                 $backend
+            }
+
+            fn table(&self) -> &str {
+                &self.inner.core.setup.table.name
             }
 
             fn backlog(

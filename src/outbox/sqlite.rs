@@ -90,7 +90,8 @@ fn statements(t: &Table) -> (OutboxSql, Arc<str>) {
         ),
         pending: r("SELECT count(*) FROM {table} WHERE state = 'pending'"),
         backlog: r(
-            "SELECT count(*), coalesce({now} - min(created_at), 0) FROM {table} WHERE state = 'pending'",
+            "SELECT count(*), coalesce({now} - min(created_at), 0), \
+             (SELECT count(*) FROM {table} WHERE state = 'parked') FROM {table} WHERE state = 'pending'",
         ),
         status: r(
             "SELECT coalesce(sum(state = 'pending'), 0), coalesce(sum(state = 'parked'), 0), \

@@ -50,12 +50,18 @@ pub type DeadLetterRewrite<'a> = dyn Fn(&DeadLetter) -> Envelope + Send + Sync +
 /// Counts one re-established connection (a rare event: the handle is looked up here).
 #[cfg_attr(not(any(feature = "amqp", feature = "nats")), allow(dead_code))]
 pub(crate) fn count_reconnect(system: &'static str) {
+    reconnects(system).increment(1);
+}
+
+/// The reconnect counter of `system`, described; a worker registers it at zero when it
+/// is built, so the series exists before the first reconnect (and `increase()` sees it).
+pub(crate) fn reconnects(system: &'static str) -> metrics::Counter {
     metrics::describe_counter!(
         RECONNECTS,
         metrics::Unit::Count,
         "Connections to the broker re-established after a loss."
     );
-    metrics::counter!(RECONNECTS, "messaging.system" => system).increment(1);
+    metrics::counter!(RECONNECTS, "messaging.system" => system)
 }
 
 /// What a worker subscribes to: its consumer group and the message names it handles,

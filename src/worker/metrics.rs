@@ -25,11 +25,15 @@ pub const OUTCOMES: &str = "steadfast.worker.outcomes";
 /// `steadfast.worker.in_flight`: deliveries being processed now, sampled every second
 /// (and every 1024 turns of a busy worker loop).
 pub const IN_FLIGHT: &str = "steadfast.worker.in_flight";
+/// `steadfast.worker.ready`: 1 while the worker is ready (consuming, connected, not
+/// paused by the kill switch, not draining), as `/readyz` says; sampled every second.
+pub const READY: &str = "steadfast.worker.ready";
 
 /// The handles of one worker.
 pub(super) struct WorkerMetrics {
     pub(super) consumed: Counter,
     pub(super) in_flight: Gauge,
+    pub(super) ready: Gauge,
     acked: Counter,
     duplicate: Counter,
     retried: Counter,
@@ -70,6 +74,7 @@ impl Fate {
 impl WorkerMetrics {
     pub(super) fn new(system: &'static str, group: &str) -> Self {
         describe();
+        crate::transport::reconnects(system).increment(0);
         let base = [
             ("messaging.system", system.to_owned()),
             ("messaging.consumer.group.name", group.to_owned()),
@@ -88,6 +93,7 @@ impl WorkerMetrics {
         Self {
             consumed: metrics::counter!(CONSUMED, &base),
             in_flight: metrics::gauge!(IN_FLIGHT, &base[..2]),
+            ready: metrics::gauge!(READY, &base[..2]),
             acked: outcome("acked"),
             duplicate: outcome("duplicate"),
             retried: outcome("retried"),
@@ -138,8 +144,9 @@ fn describe() {
     metrics::describe_counter!(
         OUTCOMES,
         Unit::Count,
-        "Fate deliveries by outcome: acked, duplicate, retried, deferred, dead_lettered, not_settled."
+        "Settled deliveries by outcome: acked, duplicate, retried, deferred, dead_lettered, not_settled."
     );
     metrics::describe_gauge!(IN_FLIGHT, Unit::Count, "Deliveries being processed now.");
+    metrics::describe_gauge!(READY, "1 while the worker is ready to take messages.");
     super::send::describe();
 }

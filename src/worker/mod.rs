@@ -277,6 +277,9 @@ impl Worker {
         let beat_now = |in_flight: usize| {
             self.heartbeat.beat();
             shared.metrics.in_flight.set(in_flight as f64);
+            let ready = *self.state.borrow() == WorkerState::Running
+                && shared.transport.health() == Health::Connected;
+            shared.metrics.ready.set(if ready { 1.0 } else { 0.0 });
         };
         let mut turns: u32 = 0;
         let mut suspects_pause_until = Instant::now();
@@ -358,6 +361,7 @@ impl Worker {
         // Readiness goes false first (Draining), then intake stops: the consumer is
         // cancelled, nothing new arrives.
         self.state.send_replace(WorkerState::Draining);
+        shared.metrics.ready.set(0.0);
         drop(stream);
         tracing::info!(group = %group, in_flight = in_flight.len(), "draining");
         let drained = tokio::time::timeout(self.drain_timeout, async {

@@ -21,10 +21,10 @@ struct JobRequested {
 }
 
 /// A process environment.
-type Env = Vec<(&'static str, String)>;
+pub(crate) type Env = Vec<(&'static str, String)>;
 
 /// The environment of a worker on its own exchange and queue prefix.
-fn env_for(exchange: &str, url: &str) -> Env {
+pub(crate) fn env_for(exchange: &str, url: &str) -> Env {
     vec![
         ("STEADFAST_BROKER_URL", url.to_owned()),
         ("STEADFAST_GROUP", "jobs".to_owned()),
@@ -35,7 +35,7 @@ fn env_for(exchange: &str, url: &str) -> Env {
     ]
 }
 
-async fn publisher(exchange: &str) -> Arc<dyn Transport> {
+pub(crate) async fn publisher(exchange: &str) -> Arc<dyn Transport> {
     Arc::new(
         AmqpTransport::builder(AMQP_URL)
             .exchange(exchange)
@@ -45,12 +45,12 @@ async fn publisher(exchange: &str) -> Arc<dyn Transport> {
     )
 }
 
-async fn publish(t: &Arc<dyn Transport>, job_id: u64, work_ms: u64) {
+pub(crate) async fn publish(t: &Arc<dyn Transport>, job_id: u64, work_ms: u64) {
     let env = Envelope::encode(&JobRequested { job_id, work_ms }).unwrap();
     t.publish(&env).await.expect("published and confirmed");
 }
 
-fn done_line(job_id: u64) -> impl Fn(&str) -> bool {
+pub(crate) fn done_line(job_id: u64) -> impl Fn(&str) -> bool {
     move |l| l.contains("job done") && l.contains(&format!("\"job_id\":{job_id}"))
 }
 

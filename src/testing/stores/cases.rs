@@ -352,6 +352,7 @@ pub async fn failed_rows_retry_and_park(f: &dyn StoreFactory) {
     assert_eq!(again[0].attempts, 1);
     if let Some(b) = o.backlog().await.unwrap() {
         assert_eq!(b.pending, 1, "a parked row is not pending");
+        assert_eq!(b.parked, 1, "the parked row is counted");
     }
     c.db.drop_case().await;
 }
