@@ -104,7 +104,7 @@ impl KillSwitch {
         self
     }
 
-    /// The kill switch configured by the environment ([`env`]), `None` when no
+    /// The kill switch configured by the environment ([`mod@env`]), `None` when no
     /// variable turns it on. A malformed value is an error naming the variable.
     ///
     /// ```
