@@ -44,18 +44,25 @@ impl fmt::Debug for Telemetry {
 impl Telemetry {
     /// Flushes and stops what was set up (spans still buffered are exported).
     pub fn shutdown(self) {
-        #[cfg(feature = "otel")]
-        if let Some(t) = self.tracer
-            && let Err(e) = t.shutdown()
-        {
-            tracing::warn!(error = %e, "could not flush spans");
-        }
-        #[cfg(feature = "otlp")]
-        if let Some(m) = self.meter
-            && let Err(e) = m.shutdown()
-        {
-            tracing::warn!(error = %e, "could not flush metrics");
-        }
+        // Spans and metrics flush at once: a collector that does not answer holds the
+        // exit for one export timeout (the SDK's 5 s), not one per signal.
+        std::thread::scope(|s| {
+            #[cfg(feature = "otlp")]
+            if let Some(m) = self.meter {
+                s.spawn(move || {
+                    if let Err(e) = m.shutdown() {
+                        tracing::warn!(error = %e, "could not flush metrics");
+                    }
+                });
+            }
+            #[cfg(feature = "otel")]
+            if let Some(t) = self.tracer
+                && let Err(e) = t.shutdown()
+            {
+                tracing::warn!(error = %e, "could not flush spans");
+            }
+            let _ = s;
+        });
     }
 }
 

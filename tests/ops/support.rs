@@ -39,7 +39,29 @@ pub(crate) fn unique(tag: &str) -> String {
 pub(crate) fn example_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let out = Command::new(env!("CARGO"))
+        let mut cargo = Command::new(env!("CARGO"));
+        // Without the variables cargo sets for this test process: a build script that
+        // watches one (ring's: CARGO_MANIFEST_DIR) would otherwise see it change, and
+        // ring and everything above it would be rebuilt here, then again by the next
+        // plain cargo command.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .iter()
+            .any(|p| k.starts_with(p))
+            {
+                cargo.env_remove(&*k);
+            }
+        }
+        let out = cargo
             .args([
                 "build",
                 "--quiet",
