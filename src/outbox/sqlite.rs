@@ -89,10 +89,8 @@ fn statements(t: &Table) -> (OutboxSql, Arc<str>) {
                  WHERE id = ?1 AND state = 'parked'",
         ),
         pending: r("SELECT count(*) FROM {table} WHERE state = 'pending'"),
-        backlog: r(
-            "SELECT count(*), coalesce({now} - min(created_at), 0), \
-             (SELECT count(*) FROM {table} WHERE state = 'parked') FROM {table} WHERE state = 'pending'",
-        ),
+        backlog: r("SELECT count(*), coalesce({now} - min(created_at), 0), \
+             (SELECT count(*) FROM {table} WHERE state = 'parked') FROM {table} WHERE state = 'pending'"),
         status: r(
             "SELECT coalesce(sum(state = 'pending'), 0), coalesce(sum(state = 'parked'), 0), \
                  ({now} - min(CASE WHEN state = 'pending' THEN created_at END)) / 1000.0 FROM {table}",
