@@ -1,6 +1,7 @@
 //! The `steadfast` command-line tool (feature `cli`): dead letters on RabbitMQ and NATS
 //! JetStream (`dlq list | groups | show | replay | purge | edit | history`) and outboxes
-//! in PostgreSQL and SQLite (`outbox status | parked | retry-parked | delete-parked`).
+//! in PostgreSQL, SQLite and MySQL / MariaDB (`outbox status | parked | retry-parked |
+//! delete-parked`), and the SQL of the stores' tables (`schema inbox|outbox <database>`).
 //! The binary `src/bin/steadfast.rs` only calls [`main`]; everything is here so it can
 //! be tested. See `docs/dead-letters.md`.
 //!
@@ -27,6 +28,7 @@ mod edit;
 mod outbox;
 mod print;
 mod progress;
+mod schema;
 
 use crate::{
     config::{self, WorkerConfig},
@@ -78,6 +80,19 @@ enum Command {
         broker: Box<BrokerArgs>,
         #[command(flatten)]
         args: console::ConsoleArgs,
+    },
+    /// Prints the SQL that creates the inbox's or outbox's table on a database, with your
+    /// table name, for your own migrations (what `migrate()` runs); no connection needed:
+    /// `steadfast schema outbox postgres --table app.outbox`.
+    Schema {
+        /// `inbox` or `outbox`.
+        store: schema::Store,
+        /// `postgres`, `sqlite` or `mysql` (MySQL / MariaDB).
+        database: schema::Database,
+        /// The table (`name` or `schema.name`); default `steadfast_inbox` or
+        /// `steadfast_outbox`.
+        #[arg(long)]
+        table: Option<String>,
     },
     /// Prints a shell completion script: `steadfast completions bash > /etc/bash_completion.d/steadfast`.
     Completions {
@@ -234,6 +249,14 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let r = console::run(transport.clone(), common.db.clone(), args).await;
             transport.close().await;
             r.map_err(|e| CliError(redact::scrub(&e.0, secret.as_deref())))
+        }
+        Command::Schema {
+            store,
+            database,
+            table,
+        } => {
+            print!("{}", schema::render(store, database, table.as_deref())?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {
             clap_complete::generate(

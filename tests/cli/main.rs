@@ -8,6 +8,7 @@
 
 #[path = "../amqp/raw_frames.rs"]
 mod raw_frames;
+mod schema;
 
 #[cfg(feature = "console")]
 mod browser;
