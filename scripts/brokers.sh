@@ -10,11 +10,16 @@
 # the functions `start`, `stop` and `status` (and may define more actions, which the
 # tests use to act on one node); `scripts/brokers.sh list` names them.
 # `start` installs what it needs on a fresh machine (Debian or PyPI packages, a debootstrap
-# root for a newer RabbitMQ) under target/brokers/, and is idempotent.
+# root for a newer RabbitMQ) under $BROKERS_DIR, and is idempotent.
+#
+# BROKERS_DIR defaults to one directory per machine user (~/.cache/steadfast/brokers), not
+# per checkout: the brokers listen on fixed ports, so their pid files and data must be
+# found by every checkout on the machine (a second clone, CI's fresh clone) — a directory
+# per checkout made a fresh clone start a second cluster on ports already taken. It also
+# keeps the installs (nats-server venvs, the Debian root) between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
-export BROKERS_DIR="${BROKERS_DIR:-$root/target/brokers}"
+export BROKERS_DIR="${BROKERS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/steadfast/brokers}"
 mkdir -p "$BROKERS_DIR"
 
 usage() {
