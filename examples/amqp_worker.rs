@@ -75,7 +75,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let url = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let transport = AmqpTransport::connect(&url).await?;
+    // An exchange and queues of the example's own, so it runs beside any other worker
+    // on the same broker (the two examples share them).
+    let transport = AmqpTransport::builder(url)
+        .exchange("example-amqp")
+        .queue_prefix("example-amqp.")
+        .connect()
+        .await?;
     println!("connected: {transport:?}");
     let worker = Worker::builder(transport, "billing")
         .handle(on_order)

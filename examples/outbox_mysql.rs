@@ -56,7 +56,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
     let transport: Arc<dyn Transport> = Arc::new(
         AmqpTransport::builder(amqp_url)
-            .queue_prefix("example-mysql-")
+            .exchange("example-outbox-mysql") // its own, beside any other worker
+            .queue_prefix("example-outbox-mysql.")
             .connect()
             .await?,
     );

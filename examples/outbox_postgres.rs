@@ -34,7 +34,8 @@ async fn transport() -> Result<Arc<dyn Transport>, Box<dyn std::error::Error>> {
     let url = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
     let amqp = AmqpTransport::builder(url) // the password never shows in errors or Debug
-        .queue_prefix("example-")
+        .exchange("example-outbox-postgres") // its own, beside any other worker
+        .queue_prefix("example-outbox-postgres.")
         .connect()
         .await?;
     Ok(Arc::new(amqp))
