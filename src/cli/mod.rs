@@ -124,8 +124,14 @@ struct BrokerArgs {
     /// subject prefix, `STEADFAST`); dead letters are in `{stream}_DLQ`.
     #[arg(long, global = true)]
     stream: Option<String>,
-    /// NATS: a credentials file (default: `STEADFAST_NATS_CREDENTIALS_FILE`).
-    #[arg(long, global = true, env = "NATS_CREDS")]
+    /// NATS: a `.creds` file, user JWT and NKey seed (default:
+    /// `STEADFAST_NATS_CREDENTIALS_FILE`); also `--nats-creds-file`.
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_CREDS",
+        visible_alias = "nats-creds-file"
+    )]
     nats_creds: Option<std::path::PathBuf>,
     /// NATS: a file holding an NKey seed (default: `STEADFAST_NATS_NKEY_FILE`).
     #[arg(long, global = true, env = "NATS_NKEY_FILE")]

@@ -1,7 +1,7 @@
-//! Authentication against nats-servers that require it (user and password, token, NKey),
-//! started by the tests on 127.0.0.1:4271-4273: the worker (configured from the
-//! environment, as a container is) and the CLI each connect and work, and nothing
-//! either prints at `trace` — async-nats's own lines included — holds the secret.
+//! Authentication against nats-servers that require it (user and password, token, NKey,
+//! a `.creds` file in operator mode), started by the tests on 127.0.0.1:4271-4273 and
+//! 4280: the worker (configured from the environment, as a container is) and the CLI
+//! each connect and work, and nothing either prints at `trace` — async-nats's own lines included — holds the secret.
 
 use crate::{counting_worker, servers::OwnServer, unique};
 use serde::{Deserialize, Serialize};
@@ -277,4 +277,44 @@ async fn nkey_authenticates_and_stays_hidden() {
     // Without the key: refused.
     assert!(NatsTransport::builder(&url).connect().await.is_err());
     assert_log_clean(&canary);
+}
+
+/// A `.creds` file (user JWT + seed) against a server in operator mode (operator and
+/// account JWTs, memory resolver): the worker reads it from
+/// `STEADFAST_NATS_CREDENTIALS_FILE`, the CLI from `--nats-creds-file`; neither the seed
+/// nor the JWT shows in anything printed at `trace`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_file_authenticates_and_stays_hidden() {
+    let keys = crate::jwt::Decentralised::new();
+    let seed_tail = keys.user_seed[keys.user_seed.len() - 20..].to_owned();
+    // The JWT's signature: what makes it a credential.
+    let jwt_sig = keys.user_jwt.rsplit('.').next().unwrap()[..24].to_owned();
+    let (_op, op_path) = secret_file(&keys.operator_jwt);
+    let server = OwnServer::start(4280, &keys.server_conf(&op_path)).await;
+    capture_traces();
+    let (_c, creds_path) = secret_file(&keys.creds());
+    let url = format!("nats://127.0.0.1:{}", server.port);
+    let (prefix, stream) = worker_handles_one(&[
+        ("STEADFAST_BROKER_URL", url.clone()),
+        ("STEADFAST_NATS_CREDENTIALS_FILE", creds_path.clone()),
+    ])
+    .await;
+    let printed = cli_lists(
+        &["--url", &url, "--nats-creds-file", &creds_path],
+        &prefix,
+        &stream,
+    );
+    assert_clean("the CLI", &printed, &seed_tail);
+    assert_clean("the CLI", &printed, &jwt_sig);
+    // Without the file: refused; with a user of another account: refused too.
+    assert!(NatsTransport::builder(&url).connect().await.is_err());
+    let (_o, other_path) = secret_file(&crate::jwt::Decentralised::new().creds());
+    let e = NatsTransport::builder(&url)
+        .credentials_file(&other_path)
+        .connect()
+        .await
+        .unwrap_err();
+    assert_clean("the error", &format!("{e} {e:?}"), &seed_tail);
+    assert_log_clean(&seed_tail);
+    assert_log_clean(&jwt_sig);
 }

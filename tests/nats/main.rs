@@ -9,6 +9,7 @@
 
 mod auth;
 mod cases;
+mod jwt;
 mod servers;
 mod silent;
 mod updates;

@@ -53,18 +53,22 @@ impl OwnServer {
         );
         std::fs::write(&file, text).unwrap();
         let bin = nats_server_bin();
+        let log = dir.join("server.log");
         let child = Command::new(&bin)
             .arg("-c")
             .arg(&file)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin} (STEADFAST_TEST_NATS_SERVER): {e}"));
         let mut server = Self { child, dir, port };
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("{bin} on port {port} exited at start: {status}");
+                panic!(
+                    "{bin} on port {port} exited at start: {status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
             assert!(
                 start.elapsed() < Duration::from_secs(15),
