@@ -7,7 +7,12 @@
 //! Streams have three replicas; a few thousand messages are published while the fault
 //! happens and every handled message is counted. Each scenario checks: none lost, no
 //! publish reported `Unroutable` (an election is retried), duplicates no more than what
-//! was in flight, and states the longest stall in handling and the time to drain. These
+//! was in flight, and states the longest stall in handling and the time to drain. One
+//! scenario publishes through the outbox instead (rows committed in PostgreSQL, a table
+//! of its own on `DATABASE_URL`, a relay publishing them) and also checks that the stream
+//! stored every committed row exactly once (`Nats-Msg-Id`). A last test checks the
+//! replica count: an R1 stream where R3 is asked for fails start-up, and an R1 stream on
+//! the cluster without a count asked for is a warning. These
 //! tests stop and pause nodes of that cluster (never the machine's own server), so they
 //! run one at a time (`*_faults`), and each brings every node back when it ends, passed
 //! or failed.
@@ -24,6 +29,11 @@ use steadfast::{
     transport::{Transport, TransportErrorKind, nats::NatsTransport},
 };
 use tokio_util::sync::CancellationToken;
+
+mod outbox;
+mod replicas;
+
+use outbox::Outbox;
 
 /// Messages per scenario.
 const N: u64 = 3000;
@@ -107,9 +117,52 @@ fn node_of(t: &NatsTransport) -> u32 {
         .unwrap_or_else(|_| panic!("unexpected server name `{name}`"))
 }
 
+/// Everything this process logged at `warn` and above (each test runs in a process of
+/// its own under nextest).
+static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct Sink;
+
+impl std::io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut log = LOG.lock().unwrap_or_else(|p| p.into_inner());
+        if log.len() < 64 << 20 {
+            log.extend_from_slice(b);
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends steadfast's warnings to [`LOG`]; returns what was logged so far.
+fn logged() -> String {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("steadfast=warn"))
+            .with_ansi(false)
+            .with_writer(|| Sink)
+            .try_init();
+    });
+    String::from_utf8_lossy(&LOG.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+}
+
+/// Where a scenario's messages come from.
+#[derive(Clone, Copy, PartialEq)]
+enum Source {
+    /// A publisher task, `publish_batch` of 50, a failed message sent again.
+    Publisher,
+    /// Rows committed to a PostgreSQL outbox, 50 a transaction; a relay publishes them.
+    Outbox,
+}
+
 /// What a scenario gives the fault.
 struct Scene {
     worker: NatsTransport,
+    /// The relay's transport (outbox scenarios).
+    relay: Option<NatsTransport>,
     stream: String,
     consumer: String,
     admin: async_nats::jetstream::Context,
@@ -143,15 +196,54 @@ async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The publisher: batches of 50, paced so publishing spans the fault; a failed message
+/// is sent again (same id: the stream's duplicate window absorbs a copy whose PubAck was
+/// lost) until it is stored. Counts the failures in `retried`, with the text of those
+/// reported unroutable.
+async fn publish(publisher: NatsTransport, retried: Arc<Mutex<(u64, Vec<String>)>>) {
+    let started = Instant::now();
+    for first in (0..N).step_by(50) {
+        let mut batch: Vec<Envelope> = (first..(first + 50).min(N))
+            .map(|n| Envelope::encode(&Job { n }).unwrap())
+            .collect();
+        while !batch.is_empty() {
+            let results = publisher.publish_batch(&batch).await;
+            let mut again = Vec::new();
+            for (env, res) in batch.into_iter().zip(results) {
+                if let Err(e) = res {
+                    let mut r = retried.lock().unwrap();
+                    r.0 += 1;
+                    if e.kind() == TransportErrorKind::Unroutable {
+                        r.1.push(e.to_string());
+                    }
+                    again.push(env);
+                }
+            }
+            if !again.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            batch = again;
+            assert!(
+                started.elapsed() < Duration::from_secs(180),
+                "publishing did not get through in 180 s"
+            );
+        }
+        // About 250 messages a second.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    publisher.close().await;
+}
+
 /// Publishes and consumes `N` messages on R3 streams while `fault` runs, then checks and
 /// prints the figures.
-async fn scenario<F, Fut>(name: &str, fault: F)
+async fn scenario<F, Fut>(name: &str, source: Source, fault: F)
 where
     F: FnOnce(Arc<Scene>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let _heal = Heal;
     cluster(&["start"]);
+    logged();
     let tag = format!(
         "{}{}",
         name.replace(['-', '_'], ""),
@@ -168,7 +260,6 @@ where
             .replicas(3)
             .request_timeout(Duration::from_secs(5))
     };
-    let publisher = build().connect().await.expect("publisher connects");
     let worker_t = build().connect().await.expect("worker connects");
     let server = worker_t.server_version();
 
@@ -203,8 +294,16 @@ where
             .await
             .unwrap(),
     );
+    let outbox = match source {
+        Source::Publisher => None,
+        Source::Outbox => {
+            let relay = build().connect().await.expect("relay connects");
+            Some(Outbox::start(&tag.to_lowercase(), relay).await)
+        }
+    };
     let scene = Arc::new(Scene {
         worker: worker_t.clone(),
+        relay: outbox.as_ref().map(|o| o.transport.clone()),
         stream: stream.clone(),
         consumer: group.to_owned(),
         admin,
@@ -213,44 +312,14 @@ where
     let token = stop.clone();
     let run = tokio::spawn(async move { worker.run_until(token.cancelled_owned()).await });
 
-    // The publisher: batches of 50, paced so publishing spans the fault; a failed
-    // message is sent again (same id: the stream's duplicate window absorbs a copy whose
-    // PubAck was lost) until it is stored.
     let retried = Arc::new(Mutex::new((0u64, Vec::<String>::new())));
-    let r = retried.clone();
-    let publishing = tokio::spawn(async move {
-        let started = Instant::now();
-        for first in (0..N).step_by(50) {
-            let mut batch: Vec<Envelope> = (first..(first + 50).min(N))
-                .map(|n| Envelope::encode(&Job { n }).unwrap())
-                .collect();
-            while !batch.is_empty() {
-                let results = publisher.publish_batch(&batch).await;
-                let mut again = Vec::new();
-                for (env, res) in batch.into_iter().zip(results) {
-                    if let Err(e) = res {
-                        let mut r = r.lock().unwrap();
-                        r.0 += 1;
-                        if e.kind() == TransportErrorKind::Unroutable {
-                            r.1.push(e.to_string());
-                        }
-                        again.push(env);
-                    }
-                }
-                if !again.is_empty() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                batch = again;
-                assert!(
-                    started.elapsed() < Duration::from_secs(180),
-                    "publishing did not get through in 180 s"
-                );
-            }
-            // About 250 messages a second.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+    let publishing = match &outbox {
+        None => {
+            let publisher = build().connect().await.expect("publisher connects");
+            tokio::spawn(publish(publisher, retried.clone()))
         }
-        publisher.close().await;
-    });
+        Some(o) => tokio::spawn(o.commit()),
+    };
 
     // The fault, once handling is under way.
     let e = effects.clone();
@@ -264,6 +333,16 @@ where
     let fault_took = fault_started.elapsed();
 
     publishing.await.expect("publisher finished");
+    let mut stored = String::new();
+    if let Some(o) = outbox {
+        let (messages, retries, unroutable) = o.finish(&scene.admin, &stream).await;
+        stored = format!(", {messages} messages stored for {N} rows");
+        assert_eq!(
+            messages, N,
+            "{name}: the stream stores each committed row once"
+        );
+        *retried.lock().unwrap() = (retries, unroutable);
+    }
     let e = effects.clone();
     wait_for("every message handled", Duration::from_secs(180), || {
         e.lock().unwrap().len() as u64 >= N
@@ -281,7 +360,7 @@ where
     let (publish_retries, unroutable) = retried.lock().unwrap().clone();
     let stall = *longest_stall.lock().unwrap();
     println!(
-        "cluster scenario {name}: nats-server {server}, R3, {N} messages: lost {lost}, duplicate effects {duplicates}, publishes retried {publish_retries}, reported unroutable {}, longest stall in handling {stall:.1?}, fault took {fault_took:.1?}, drained {drained:.1?} after the fault began",
+        "cluster scenario {name}: nats-server {server}, R3, {N} messages: lost {lost}, duplicate effects {duplicates}, publishes retried {publish_retries}, reported unroutable {}, longest stall in handling {stall:.1?}, fault took {fault_took:.1?}, drained {drained:.1?} after the fault began{stored}",
         unroutable.len()
     );
     assert_eq!(lost, 0, "{name}: messages lost");
@@ -304,7 +383,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_node_killed() {
-    scenario("node-sigkill", |s| async move {
+    scenario("node-sigkill", Source::Publisher, |s| async move {
         let node = node_of(&s.worker);
         signal("-KILL", node);
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -315,7 +394,7 @@ async fn workers_node_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_and_consumer_leaders_step_down() {
-    scenario("leader-stepdown", |s| async move {
+    scenario("leader-stepdown", Source::Publisher, |s| async move {
         s.api(format!("STREAM.LEADER.STEPDOWN.{}", s.stream)).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         s.api(format!(
@@ -330,7 +409,7 @@ async fn stream_and_consumer_leaders_step_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart() {
-    scenario("rolling-restart", |_s| async move {
+    scenario("rolling-restart", Source::Publisher, |_s| async move {
         for node in 1..=3 {
             signal("-TERM", node);
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -344,7 +423,7 @@ async fn rolling_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_node_in_lame_duck_mode() {
-    scenario("lame-duck", |s| async move {
+    scenario("lame-duck", Source::Publisher, |s| async move {
         let node = node_of(&s.worker);
         cluster(&["ldm", &node.to_string()]);
         // Lame-duck mode moves the clients off over 30 s, then the node exits.
@@ -356,11 +435,27 @@ async fn workers_node_in_lame_duck_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_node_paused_30s() {
-    scenario("sigstop-30s", |s| async move {
+    scenario("sigstop-30s", Source::Publisher, |s| async move {
         let node = node_of(&s.worker);
         signal("-STOP", node);
         tokio::time::sleep(Duration::from_secs(30)).await;
         signal("-CONT", node);
+    })
+    .await;
+}
+
+/// The outbox relay publishing to the cluster: its node SIGKILLed (restarted after 5 s),
+/// then the stream leader stepped down; the stream stores every committed row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_relay_through_node_kill_and_stepdown() {
+    scenario("outbox-relay", Source::Outbox, |s| async move {
+        let relay = s.relay.as_ref().expect("an outbox scenario");
+        signal("-KILL", node_of(relay));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        cluster(&["start"]);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        s.api(format!("STREAM.LEADER.STEPDOWN.{}", s.stream)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
     })
     .await;
 }
