@@ -1,5 +1,5 @@
 //! nats-servers a test starts for itself (with authentication, on the ports reserved for
-//! them, 4271-4279), stopped when the test ends, passed or failed.
+//! them, 4271-4280), stopped when the test ends, passed or failed.
 
 use std::{
     net::TcpStream,
