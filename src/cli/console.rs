@@ -403,8 +403,52 @@ async fn logout(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) 
     r
 }
 
-fn known<'a>(c: &'a Console, group: &str) -> Option<&'a str> {
-    c.groups.iter().find(|g| *g == group).map(String::as_str)
+/// One of the console's consumer groups, or the not-found page.
+fn known<'a>(c: &'a Console, group: &str) -> Result<&'a str, Box<Response>> {
+    c.groups
+        .iter()
+        .find(|g| *g == group)
+        .map(String::as_str)
+        .ok_or_else(|| {
+            Box::new(page(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "<p>No such consumer group here.</p>",
+            ))
+        })
+}
+
+/// The consumer group and its dead letter `id`, or the page saying why not (unknown
+/// group, not an id, no such dead letter).
+async fn dead_letter<'a>(
+    c: &'a Console,
+    group: &str,
+    id: &str,
+) -> Result<(&'a str, DeadLetter), Box<Response>> {
+    let group = known(c, group)?;
+    let Ok(mid) = id.parse::<MessageId>() else {
+        return Err(Box::new(page(
+            StatusCode::BAD_REQUEST,
+            "Bad id",
+            "<p>Not a message id.</p>",
+        )));
+    };
+    let f = DeadLetterFilter {
+        ids: vec![mid],
+        limit: Some(1),
+        ..DeadLetterFilter::default()
+    };
+    let mut found = None;
+    if let Err(e) = select(c.transport.as_ref(), group, &f, |d| found = Some(d)).await {
+        return Err(Box::new(error_page(&e)));
+    }
+    found.map(|d| (group, d)).ok_or_else(|| {
+        Box::new(page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "<p>No dead letter with that id (replayed or purged?).</p>",
+        ))
+    })
 }
 
 fn error_page(e: &CliError) -> Response {
@@ -502,12 +546,9 @@ async fn group_page(
     let Some(auth) = c.auth(&headers) else {
         return redirect("/login");
     };
-    let Some(group) = known(&c, &group) else {
-        return page(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "<p>No such consumer group here.</p>",
-        );
+    let group = match known(&c, &group) {
+        Ok(g) => g,
+        Err(r) => return *r,
     };
     let sel = form(q.unwrap_or_default().as_bytes());
     let mut f = match filter(&sel) {
@@ -558,35 +599,9 @@ async fn show(
     let Some(auth) = c.auth(&headers) else {
         return redirect("/login");
     };
-    let Some(group) = known(&c, &group) else {
-        return page(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "<p>No such consumer group here.</p>",
-        );
-    };
-    let Ok(mid) = id.parse::<MessageId>() else {
-        return page(
-            StatusCode::BAD_REQUEST,
-            "Bad id",
-            "<p>Not a message id.</p>",
-        );
-    };
-    let f = DeadLetterFilter {
-        ids: vec![mid],
-        limit: Some(1),
-        ..DeadLetterFilter::default()
-    };
-    let mut found = None;
-    if let Err(e) = select(c.transport.as_ref(), group, &f, |d| found = Some(d)).await {
-        return error_page(&e);
-    }
-    let Some(d) = found else {
-        return page(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "<p>No dead letter with that id (replayed or purged?).</p>",
-        );
+    let (group, d) = match dead_letter(&c, &group, &id).await {
+        Ok(found) => found,
+        Err(r) => return *r,
     };
     let j = print::show_json(&d);
     let mut body = String::from("<table>");
@@ -666,12 +681,9 @@ async fn act(c: &Console, group: &str, headers: &HeaderMap, body: &[u8], verb: &
         Ok(a) => a,
         Err(r) => return r.page(),
     };
-    let Some(group) = known(c, group) else {
-        return page(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "<p>No such consumer group here.</p>",
-        );
+    let group = match known(c, group) {
+        Ok(g) => g,
+        Err(r) => return *r,
     };
     let sel = match filter(&f) {
         Ok(s) => s,
@@ -766,37 +778,17 @@ async fn edit(
     if let Err(r) = check_post(&c, &headers, &f) {
         return r.page();
     }
-    let Some(group) = known(&c, &group) else {
-        return page(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "<p>No such consumer group here.</p>",
-        );
+    let (group, dl) = match dead_letter(&c, &group, &id).await {
+        Ok(found) => found,
+        Err(r) => return *r,
     };
-    let Ok(original) = id.parse::<MessageId>() else {
-        return page(
-            StatusCode::BAD_REQUEST,
-            "Bad id",
-            "<p>Not a message id.</p>",
-        );
-    };
+    let original = dl.id();
     let sel = DeadLetterFilter {
         ids: vec![original],
         limit: Some(1),
         ..DeadLetterFilter::default()
     };
     let t = c.transport.as_ref();
-    let mut found = None;
-    if let Err(e) = select(t, group, &sel, |d| found = Some(d)).await {
-        return error_page(&e);
-    }
-    let Some(dl) = found else {
-        return page(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "<p>No dead letter with that id (replayed or purged?).</p>",
-        );
-    };
     let new_body = f
         .get("body")
         .and_then(|v| v.first())

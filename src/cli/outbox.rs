@@ -4,7 +4,7 @@
 
 use super::{
     CliError, Common,
-    audit::{self, Db, bounded},
+    audit::{self, Db},
     dlq::confirm,
 };
 use crate::{
@@ -50,20 +50,20 @@ pub(super) enum OutboxCommand {
 pub(super) struct ParkedArgs {
     /// Only this row id (repeatable).
     #[arg(long = "id")]
-    ids: Vec<MessageId>,
+    pub(super) ids: Vec<MessageId>,
     /// Only rows of messages with this name.
     #[arg(long)]
-    name: Option<String>,
+    pub(super) name: Option<String>,
     /// Only rows whose last error contains this text (case ignored).
     #[arg(long)]
-    error: Option<String>,
+    pub(super) error: Option<String>,
     /// At most this many.
     #[arg(long)]
-    limit: Option<usize>,
+    pub(super) limit: Option<usize>,
 }
 
 impl ParkedArgs {
-    fn matches(&self, r: &ParkedRow) -> bool {
+    pub(super) fn matches(&self, r: &ParkedRow) -> bool {
         (self.ids.is_empty() || self.ids.contains(&r.id))
             && self.name.as_ref().is_none_or(|n| r.name == *n)
             && self.error.as_ref().is_none_or(|e| {
@@ -84,9 +84,9 @@ impl ParkedArgs {
 }
 
 enum Store {
-    Pg(PostgresOutbox, sqlx::PgPool),
-    Lite(SqliteOutbox, sqlx::SqlitePool),
-    My(MySqlOutbox, sqlx::MySqlPool),
+    Pg(PostgresOutbox),
+    Lite(SqliteOutbox),
+    My(MySqlOutbox),
 }
 
 impl Store {
@@ -98,92 +98,65 @@ impl Store {
                 PostgresOutbox::new(p.clone())
                     .with_table(table)
                     .map_err(bad_table)?,
-                p.clone(),
             ),
             Db::Lite(p) => Store::Lite(
                 SqliteOutbox::new(p.clone())
                     .with_table(table)
                     .map_err(bad_table)?,
-                p.clone(),
             ),
             Db::My(p, _) => Store::My(
                 MySqlOutbox::new(p.clone())
                     .with_table(table)
                     .map_err(bad_table)?,
-                p.clone(),
             ),
         })
     }
 
     async fn status(&self) -> Result<OutboxStatus, StoreError> {
         match self {
-            Store::Pg(o, _) => o.status().await,
-            Store::Lite(o, _) => o.status().await,
-            Store::My(o, _) => o.status().await,
+            Store::Pg(o) => o.status().await,
+            Store::Lite(o) => o.status().await,
+            Store::My(o) => o.status().await,
         }
     }
     async fn parked(&self) -> Result<Vec<ParkedRow>, StoreError> {
         match self {
-            Store::Pg(o, _) => o.parked(i64::MAX).await,
-            Store::Lite(o, _) => o.parked(i64::MAX).await,
-            Store::My(o, _) => o.parked(i64::MAX).await,
+            Store::Pg(o) => o.parked(i64::MAX).await,
+            Store::Lite(o) => o.parked(i64::MAX).await,
+            Store::My(o) => o.parked(i64::MAX).await,
         }
     }
     async fn requeue(&self, id: MessageId) -> Result<bool, StoreError> {
         match self {
-            Store::Pg(o, _) => o.requeue(id).await,
-            Store::Lite(o, _) => o.requeue(id).await,
-            Store::My(o, _) => o.requeue(id).await,
+            Store::Pg(o) => o.requeue(id).await,
+            Store::Lite(o) => o.requeue(id).await,
+            Store::My(o) => o.requeue(id).await,
         }
     }
     /// Deletes a row if it is parked (never a pending or sent one).
-    async fn delete_parked(&self, db: &Db, id: MessageId) -> Result<bool, CliError> {
-        let n = match self {
-            Store::Pg(o, pool) => {
-                let q = format!(
-                    "DELETE FROM {} WHERE id = $1 AND state = 'parked'",
-                    o.table()
-                );
-                bounded(
-                    "deleting a parked row",
-                    sqlx::query(sqlx::AssertSqlSafe(q))
-                        .bind(*id.as_uuid())
-                        .execute(pool),
-                )
-                .await?
-                .map(|r| r.rows_affected())
-            }
-            Store::Lite(o, pool) => {
-                let q = format!(
-                    "DELETE FROM {} WHERE id = ?1 AND state = 'parked'",
-                    o.table()
-                );
-                bounded(
-                    "deleting a parked row",
-                    sqlx::query(sqlx::AssertSqlSafe(q))
-                        .bind(id.to_string())
-                        .execute(pool),
-                )
-                .await?
-                .map(|r| r.rows_affected())
-            }
-            Store::My(o, pool) => {
-                let q = format!(
-                    "DELETE FROM {} WHERE id = ? AND state = 'parked'",
-                    o.table()
-                );
-                bounded(
-                    "deleting a parked row",
-                    sqlx::query(sqlx::AssertSqlSafe(q))
-                        .bind(id.to_string())
-                        .execute(pool),
-                )
-                .await?
-                .map(|r| r.rows_affected())
-            }
-        };
-        n.map(|n| n == 1)
-            .map_err(|e| db.err("deleting a parked row", &e))
+    async fn delete_parked(&self, id: MessageId) -> Result<bool, StoreError> {
+        match self {
+            Store::Pg(o) => o.delete_parked(id).await,
+            Store::Lite(o) => o.delete_parked(id).await,
+            Store::My(o) => o.delete_parked(id).await,
+        }
+    }
+}
+
+/// The console's outbox in `table` of its database.
+#[cfg(feature = "console")]
+async fn console_store(db_args: &super::DbArgs, table: &str) -> Result<(Db, Store), CliError> {
+    let Some(db) = audit::open_db(db_args).await? else {
+        return Err(CliError::new(
+            "no outbox database: start the console with --database-url or --sqlite",
+        ));
+    };
+    match Store::open(&db, table) {
+        Ok(store) => Ok((db, store)),
+        Err(e) => {
+            db.close().await;
+            Err(e)
+        }
     }
 }
 
@@ -193,12 +166,7 @@ pub(super) async fn overview(
     db_args: &super::DbArgs,
     table: &str,
 ) -> Result<(OutboxStatus, Vec<ParkedRow>), CliError> {
-    let Some(db) = audit::open_db(db_args).await? else {
-        return Err(CliError::new(
-            "no outbox database: start the console with --database-url or --sqlite",
-        ));
-    };
-    let store = Store::open(&db, table)?;
+    let (db, store) = console_store(db_args, table).await?;
     let r = async {
         let status = store.status().await?;
         let parked = store.parked().await?;
@@ -235,15 +203,6 @@ async fn run_on(
 ) -> Result<ExitCode, CliError> {
     let err = |e: StoreError| db.err("outbox", &e);
     let json = common.json;
-    let selected = |select: &ParkedArgs| {
-        let select = select.clone();
-        async move {
-            let rows = store.parked().await.map_err(err)?;
-            let mut out: Vec<ParkedRow> = rows.into_iter().filter(|r| select.matches(r)).collect();
-            out.truncate(select.limit.unwrap_or(usize::MAX));
-            Ok::<_, CliError>(out)
-        }
-    };
     match cmd {
         OutboxCommand::Status => {
             let s = store.status().await.map_err(err)?;
@@ -273,7 +232,7 @@ async fn run_on(
             Ok(ExitCode::SUCCESS)
         }
         OutboxCommand::Parked { select } => {
-            let rows = selected(&select).await?;
+            let (rows, _) = pick(store, db, &select).await?;
             if json {
                 let v: Vec<_> = rows.iter().map(row_json).collect();
                 println!("{}", serde_json::Value::Array(v));
@@ -306,7 +265,7 @@ async fn run_on(
         } => {
             if !dry_run && !yes {
                 super::dlq::refuse_without_terminal()?;
-                let n = selected(&select).await?.len();
+                let n = pick(store, db, &select).await?.0.len();
                 if n == 0 {
                     println!("no parked row of `{table}` matches; nothing to delete");
                     return Ok(ExitCode::SUCCESS);
@@ -340,6 +299,84 @@ fn row_json(r: &ParkedRow) -> serde_json::Value {
     })
 }
 
+/// The parked rows `select` picks, and the ids it names that are not parked.
+async fn pick(
+    store: &Store,
+    db: &Db,
+    select: &ParkedArgs,
+) -> Result<(Vec<ParkedRow>, Vec<MessageId>), CliError> {
+    let mut rows: Vec<ParkedRow> = store
+        .parked()
+        .await
+        .map_err(|e| db.err("outbox", &e))?
+        .into_iter()
+        .filter(|r| select.matches(r))
+        .collect();
+    rows.truncate(select.limit.unwrap_or(usize::MAX));
+    let not_parked = select
+        .ids
+        .iter()
+        .filter(|id| !rows.iter().any(|r| r.id == **id))
+        .copied()
+        .collect();
+    Ok((rows, not_parked))
+}
+
+/// What a retry or delete of parked rows did.
+pub(super) struct Done {
+    /// The rows requeued or deleted.
+    pub(super) done: Vec<MessageId>,
+    /// Ids selected that were not parked (unknown, pending or sent).
+    pub(super) missed: Vec<MessageId>,
+}
+
+/// Requeues (or deletes, `delete`) `rows`, recorded in the audit trail of `audit_db` as
+/// `action` with `selection`; `missed` are selected ids known not to be parked.
+async fn apply(
+    store: &Store,
+    db: &Db,
+    audit_db: &super::DbArgs,
+    table: &str,
+    (action, delete): (&str, bool),
+    selection: serde_json::Value,
+    (rows, missed): (Vec<ParkedRow>, Vec<MessageId>),
+) -> Result<Done, CliError> {
+    let audit = audit::begin(audit_db, action, &format!("outbox:{table}"), selection).await?;
+    let mut done = Vec::new();
+    let mut missed = missed;
+    let mut failure = None;
+    for r in &rows {
+        let ok = if delete {
+            store.delete_parked(r.id).await
+        } else {
+            store.requeue(r.id).await
+        }
+        .map_err(|e| db.err("outbox", &e));
+        match ok {
+            Ok(true) => done.push(r.id),
+            Ok(false) => missed.push(r.id),
+            Err(e) => {
+                failure = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    audit
+        .finish(
+            &done,
+            serde_json::json!({
+                "done": done.len(),
+                "not_parked": missed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "error": failure,
+            }),
+        )
+        .await?;
+    match failure {
+        Some(f) => Err(CliError(f)),
+        None => Ok(Done { done, missed }),
+    }
+}
+
 /// Retries or deletes the selected parked rows, recorded in the audit trail. Ids given
 /// with --id that are not parked are reported and make the exit code non-zero.
 #[allow(clippy::too_many_arguments)]
@@ -353,21 +390,7 @@ async fn act(
     action: &str,
     delete: bool,
 ) -> Result<ExitCode, CliError> {
-    let err = |e: StoreError| db.err("outbox", &e);
-    let mut rows: Vec<ParkedRow> = store
-        .parked()
-        .await
-        .map_err(err)?
-        .into_iter()
-        .filter(|r| select.matches(r))
-        .collect();
-    rows.truncate(select.limit.unwrap_or(usize::MAX));
-    let not_parked: Vec<MessageId> = select
-        .ids
-        .iter()
-        .filter(|id| !rows.iter().any(|r| r.id == **id))
-        .copied()
-        .collect();
+    let (rows, not_parked) = pick(store, db, select).await?;
     if dry_run {
         if common.json {
             println!(
@@ -392,44 +415,16 @@ async fn act(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let audit = audit::begin(
+    let Done { done, missed } = apply(
+        store,
+        db,
         &common.db,
-        action,
-        &format!("outbox:{table}"),
+        table,
+        (action, delete),
         select.json(),
+        (rows, not_parked),
     )
     .await?;
-    let mut done = Vec::new();
-    let mut missed = not_parked;
-    let mut failure = None;
-    for r in &rows {
-        let ok = if delete {
-            store.delete_parked(db, r.id).await
-        } else {
-            store.requeue(r.id).await.map_err(err)
-        };
-        match ok {
-            Ok(true) => done.push(r.id),
-            Ok(false) => missed.push(r.id),
-            Err(e) => {
-                failure = Some(e.to_string());
-                break;
-            }
-        }
-    }
-    audit
-        .finish(
-            &done,
-            serde_json::json!({
-                "done": done.len(),
-                "not_parked": missed.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "error": failure,
-            }),
-        )
-        .await?;
-    if let Some(f) = failure {
-        return Err(CliError(f));
-    }
     let verb = if delete { "deleted" } else { "requeued" };
     if common.json {
         println!(

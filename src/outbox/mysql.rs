@@ -116,6 +116,7 @@ fn statements(t: &Table) -> (OutboxSql, Arc<str>, Arc<str>) {
             "UPDATE {table} SET state = 'pending', attempts = 0, available_at = {now} \
                  WHERE id = ? AND state = 'parked'",
         ),
+        delete_parked: r("DELETE FROM {table} WHERE id = ? AND state = 'parked'"),
         pending: r("SELECT COUNT(*) FROM {table} WHERE state = 'pending'"),
         backlog: r(
             "SELECT COUNT(*), CAST(COALESCE({now} - MIN(created_at), 0) AS SIGNED), \

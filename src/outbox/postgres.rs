@@ -172,6 +172,7 @@ impl Sql {
                 "UPDATE {table} SET state = 'pending', attempts = 0, available_at = now() \
                  WHERE id = $1 AND state = 'parked'",
             ),
+            delete_parked: r("DELETE FROM {table} WHERE id = $1 AND state = 'parked'"),
             pending: r("SELECT count(*) FROM {table} WHERE state = 'pending'"),
             backlog: r(
                 "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8, \

@@ -8,7 +8,9 @@
 
 use super::{
     Backlog, Claimed, FailedRow, OutboxStatus, ParkedRow, envelope_from_row, headers_json,
-    steps::{BACKLOG, CLAIM, ENQUEUE, FAILED, PARKED, PENDING, PURGE, REQUEUE, STATUS},
+    steps::{
+        BACKLOG, CLAIM, DELETE_PARKED, ENQUEUE, FAILED, PARKED, PENDING, PURGE, REQUEUE, STATUS,
+    },
 };
 use crate::{
     envelope::{Envelope, MessageId},
@@ -49,6 +51,8 @@ pub(crate) struct OutboxSql {
     pub(crate) parked: Arc<str>,
     /// Puts the parked row with the id bound back in line.
     pub(crate) requeue: Arc<str>,
+    /// Deletes the row with the id bound if it is parked (never a pending or sent one).
+    pub(crate) delete_parked: Arc<str>,
     /// The count of pending rows.
     pub(crate) pending: Arc<str>,
     /// The count of pending rows and the oldest one's age, as the dialect's span.
@@ -138,8 +142,23 @@ where
     }
 
     pub(crate) async fn requeue(&self, id: MessageId) -> Result<bool, StoreError> {
-        let q = sqlx::query(AssertSqlSafe(self.sql.requeue.clone())).bind(D::uuid(*id.as_uuid()));
-        let done = run(self.timeout(), REQUEUE, q.execute(&self.pool)).await?;
+        self.on_parked(&self.sql.requeue, id, REQUEUE).await
+    }
+
+    pub(crate) async fn delete_parked(&self, id: MessageId) -> Result<bool, StoreError> {
+        self.on_parked(&self.sql.delete_parked, id, DELETE_PARKED)
+            .await
+    }
+
+    /// Runs `sql` on the parked row `id` (bound first) as `step`: whether it was parked.
+    async fn on_parked(
+        &self,
+        sql: &Arc<str>,
+        id: MessageId,
+        step: Step,
+    ) -> Result<bool, StoreError> {
+        let q = sqlx::query(AssertSqlSafe(sql.clone())).bind(D::uuid(*id.as_uuid()));
+        let done = run(self.timeout(), step, q.execute(&self.pool)).await?;
         Ok(D::rows_affected(&done) == 1)
     }
 
@@ -268,7 +287,7 @@ where
 }
 
 /// A database's public outbox type over [`Outbox`]: the builder methods, `enqueue`,
-/// `parked`, `requeue`, `status`, `pending` and the shared part of
+/// `parked`, `requeue`, `delete_parked`, `status`, `pending` and the shared part of
 /// [`OutboxSource`](super::OutboxSource), written once. The type holds `inner.core`, an
 /// `Outbox`, and has `rebuild(&self, Setup) -> Self` and `enqueue_envelope` of its own;
 /// the items in braces (`claim` and what else the database does its own way) complete
@@ -296,6 +315,15 @@ macro_rules! sql_outbox {
                 id: $crate::MessageId,
             ) -> Result<bool, $crate::sql::StoreError> {
                 self.inner.core.requeue(id).await
+            }
+
+            /// Deletes a parked row (never a pending or sent one). Returns whether it was
+            /// parked.
+            pub async fn delete_parked(
+                &self,
+                id: $crate::MessageId,
+            ) -> Result<bool, $crate::sql::StoreError> {
+                self.inner.core.delete_parked(id).await
             }
 
             /// Pending and parked rows and the age of the oldest pending one, in one query.

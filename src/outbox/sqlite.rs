@@ -88,6 +88,7 @@ fn statements(t: &Table) -> (OutboxSql, Arc<str>) {
             "UPDATE {table} SET state = 'pending', attempts = 0, available_at = {now} \
                  WHERE id = ?1 AND state = 'parked'",
         ),
+        delete_parked: r("DELETE FROM {table} WHERE id = ?1 AND state = 'parked'"),
         pending: r("SELECT count(*) FROM {table} WHERE state = 'pending'"),
         backlog: r("SELECT count(*), coalesce({now} - min(created_at), 0), \
              (SELECT count(*) FROM {table} WHERE state = 'parked') FROM {table} WHERE state = 'pending'"),

@@ -14,6 +14,10 @@ pub(crate) const REQUEUE: Step = Step {
     doing: "requeueing a row",
     failed: "could not requeue the outbox row",
 };
+pub(crate) const DELETE_PARKED: Step = Step {
+    doing: "deleting a parked row",
+    failed: "could not delete the parked outbox row",
+};
 pub(crate) const STATUS: Step = Step {
     doing: "reading the outbox status",
     failed: "could not read the outbox status",

@@ -258,33 +258,7 @@ async fn browse(b: Broker, console_port: u16, driver_port: u16, shots: bool) {
     })
     .await;
 
-    let mut console = tokio::process::Command::new(steadfast_bin())
-        .arg("console")
-        .args([
-            "--group",
-            GROUP,
-            "--listen",
-            &format!("127.0.0.1:{console_port}"),
-        ])
-        .args(&b.args)
-        .env_remove("AMQP_URL")
-        .env_remove("NATS_URL")
-        .env_remove("DATABASE_URL")
-        .env("STEADFAST_CONSOLE_TOKEN", TOKEN)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the console");
-    let mut err = BufReader::new(console.stderr.take().unwrap()).lines();
-    while !err
-        .next_line()
-        .await
-        .unwrap()
-        .expect("the console starts")
-        .contains("steadfast console on")
-    {}
+    let console = ConsoleProcess::start(&b, console_port, TOKEN, &[]).await;
 
     let mut driver = tokio::process::Command::new("chromedriver")
         .arg(format!("--port={driver_port}"))
@@ -402,7 +376,7 @@ async fn browse(b: Broker, console_port: u16, driver_port: u16, shots: bool) {
     )
     .await;
     let _ = driver.start_kill();
-    let _ = console.start_kill();
+    console.stop().await;
     stop.cancel();
     running.await.unwrap();
     b.transport.close().await;

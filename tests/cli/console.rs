@@ -118,32 +118,13 @@ async fn console_over(b: Broker, port: u16) {
     .await
     .unwrap();
     lite.close().await;
-    let mut console = tokio::process::Command::new(steadfast_bin())
-        .arg("console")
-        .args(["--group", GROUP, "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--sqlite")
-        .arg(&audit_db)
-        .args(&b.args)
-        .env_remove("AMQP_URL")
-        .env_remove("NATS_URL")
-        .env_remove("DATABASE_URL")
-        .env("STEADFAST_CONSOLE_TOKEN", TOKEN)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the console");
-    let mut err = BufReader::new(console.stderr.take().unwrap()).lines();
-    let mut log = Vec::new();
-    loop {
-        let line = err.next_line().await.unwrap().expect("the console starts");
-        let up = line.contains("steadfast console on");
-        log.push(line);
-        if up {
-            break;
-        }
-    }
+    let console = ConsoleProcess::start(
+        &b,
+        port,
+        TOKEN,
+        &["--sqlite".as_ref(), audit_db.as_os_str()],
+    )
+    .await;
 
     // Without the token: pages send to the login, actions are refused.
     let (s, head, _) = http(port, "GET", "/", &[], "").await;
@@ -352,11 +333,7 @@ async fn console_over(b: Broker, port: u16) {
     assert!(page.contains("no route to &lt;host&gt;"), "{page}");
     let _ = std::fs::remove_file(&audit_db);
 
-    console.start_kill().unwrap();
-    let _ = console.wait().await;
-    while let Ok(Some(line)) = err.next_line().await {
-        log.push(line);
-    }
+    let log = console.stop().await;
     assert!(
         !log.iter().any(|l| l.contains(TOKEN)),
         "the token is never logged: {log:?}"

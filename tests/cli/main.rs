@@ -290,6 +290,57 @@ fn steadfast_bin() -> String {
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_steadfast").to_owned())
 }
 
+/// A running `steadfast console` and what it wrote to standard error.
+#[cfg(feature = "console")]
+struct ConsoleProcess {
+    child: tokio::process::Child,
+    err: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    log: Vec<String>,
+}
+
+#[cfg(feature = "console")]
+impl ConsoleProcess {
+    /// `steadfast console` over `b`'s `GROUP` on `127.0.0.1:port` with `token` and the
+    /// `extra` arguments, once it says it listens.
+    async fn start(b: &Broker, port: u16, token: &str, extra: &[&std::ffi::OsStr]) -> Self {
+        let mut child = tokio::process::Command::new(steadfast_bin())
+            .arg("console")
+            .args(["--group", GROUP, "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .args(&b.args)
+            .env_remove("AMQP_URL")
+            .env_remove("NATS_URL")
+            .env_remove("DATABASE_URL")
+            .env("STEADFAST_CONSOLE_TOKEN", token)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the console");
+        let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = Vec::new();
+        loop {
+            let line = err.next_line().await.unwrap().expect("the console starts");
+            let up = line.contains("steadfast console on");
+            log.push(line);
+            if up {
+                return Self { child, err, log };
+            }
+        }
+    }
+
+    /// Stops it: everything it wrote to standard error.
+    async fn stop(mut self) -> Vec<String> {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        while let Ok(Some(line)) = self.err.next_line().await {
+            self.log.push(line);
+        }
+        self.log
+    }
+}
+
 /// What a run of the binary printed.
 struct Run {
     ok: bool,
