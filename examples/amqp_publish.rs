@@ -60,15 +60,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })?);
     }
     // Confirms are pipelined; each result says whether the broker took that message.
+    let mut refused = 0;
     for (env, result) in batch.iter().zip(transport.publish_batch(&batch).await) {
         match result {
             Ok(()) => println!("published {} {}", env.name, env.id),
             Err(e) => {
                 eprintln!("not published {} {}: {e}", env.name, env.id);
-                eprintln!("(is `amqp_worker` running? it declares the queue)");
+                refused += 1;
             }
         }
     }
     transport.close().await;
+    if refused > 0 {
+        // A script that runs this must see the failure, not an exit code of 0.
+        return Err(format!(
+            "{refused} of {} messages not published (is `amqp_worker` running? it declares the queue)",
+            batch.len()
+        )
+        .into());
+    }
     Ok(())
 }

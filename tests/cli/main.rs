@@ -492,6 +492,8 @@ async fn scenario(b: Broker) {
             Envelope::encode(&Alpha { n }).unwrap()
         });
     }
+    // The one edited below carries a header the edit removes.
+    envs[n_betas].headers.insert("x-bad", "1");
     let betas: HashSet<MessageId> = envs[..n_betas].iter().map(|e| e.id).collect();
     let all: HashSet<MessageId> = envs.iter().map(|e| e.id).collect();
     for chunk in envs.chunks(100) {
@@ -679,6 +681,45 @@ async fn scenario(b: Broker) {
     std::fs::write(&body, br#"{"n": 424242}"#).unwrap();
     let body_arg = body.to_string_lossy().into_owned();
     let edited_arg = edited.to_string();
+    // Headers set and removed, as a dry run: the copy it would send, nothing changed.
+    let header_of = |v: &Value, k: &str| {
+        v["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p[0] == k)
+            .map(|p| p[1].as_str().unwrap().to_owned())
+    };
+    let shown = json(&b, &["show", GROUP, "--id", &edited_arg, "--json"]).await;
+    let shown = if shown.is_array() {
+        shown[0].clone()
+    } else {
+        shown
+    };
+    assert_eq!(header_of(&shown, "x-bad").as_deref(), Some("1"), "{shown}");
+    let d = json(
+        &b,
+        &[
+            "edit",
+            GROUP,
+            "--id",
+            &edited_arg,
+            "--header",
+            "tenant=acme",
+            "--remove-header",
+            "x-bad",
+            "--dry-run",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(d["dry_run"], true, "{d}");
+    assert_eq!(
+        header_of(&d["message"], "tenant").as_deref(),
+        Some("acme"),
+        "{d}"
+    );
+    assert_eq!(header_of(&d["message"], "x-bad"), None, "{d}");
     let args = audited(&[
         "edit",
         GROUP,
@@ -1066,6 +1107,32 @@ fn refs_resolve(root: &Value, v: &Value) {
         Value::Array(a) => a.iter().for_each(|x| refs_resolve(root, x)),
         _ => {}
     }
+}
+
+/// `steadfast completions bash` (as the docs install it) prints a completion script that
+/// knows the subcommands; a shell it does not know is refused.
+#[test]
+fn completions_print_a_script() {
+    let out = std::process::Command::new(steadfast_bin())
+        .args(["completions", "bash"])
+        .output()
+        .expect("the steadfast binary runs");
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "_steadfast()",
+        "complete -F _steadfast",
+        "dlq",
+        "replay",
+        "--group-id",
+    ] {
+        assert!(script.contains(word), "no {word} in the bash script");
+    }
+    let bad = std::process::Command::new(steadfast_bin())
+        .args(["completions", "cmd.exe"])
+        .output()
+        .expect("the steadfast binary runs");
+    assert!(!bad.status.success());
 }
 
 /// The AsyncAPI document of a worker validates against the AsyncAPI 3.0 JSON Schema
