@@ -9,7 +9,9 @@
 //! session's CSRF token and is refused without it. The token is never logged or shown;
 //! header values that look like secrets are shown as `***`, and the broker URL is never
 //! rendered. Replay and purge take the same selectors as the CLI, have a dry run that lists
-//! the ids, and are recorded in the audit trail.
+//! the ids, and are recorded in the audit trail; so do the outbox page's retry and delete
+//! of parked rows. The workers page shows what the workers' operations servers report
+//! (decision 0121).
 
 use super::{
     CliError, DbArgs, audit,
@@ -57,6 +59,18 @@ pub(super) struct ConsoleArgs {
     /// characters.
     #[arg(long)]
     token_file: Option<std::path::PathBuf>,
+    /// A worker's operations server (`http://host:port`, feature `http`) whose state and
+    /// throughput the workers page shows (repeatable, or comma-separated in
+    /// `STEADFAST_CONSOLE_WORKERS`).
+    #[arg(
+        long = "worker",
+        env = "STEADFAST_CONSOLE_WORKERS",
+        value_delimiter = ','
+    )]
+    workers: Vec<String>,
+    /// How often the workers are read.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    worker_every: std::time::Duration,
 }
 
 /// A login: its CSRF token.
@@ -69,6 +83,7 @@ struct Console {
     outbox_table: String,
     token: String,
     sessions: Sessions,
+    workers: Arc<super::workers::Workers>,
 }
 
 /// How a request proved it holds the token.
@@ -108,6 +123,10 @@ pub(super) async fn run(
             .await
             .map_err(|e| CliError::new(format!("group `{g}`: {e}")))?;
     }
+    let workers = Arc::new(super::workers::Workers::new(&args.workers)?);
+    if !workers.is_empty() {
+        workers.spawn(args.worker_every);
+    }
     let state = Arc::new(Console {
         transport,
         db,
@@ -115,6 +134,7 @@ pub(super) async fn run(
         outbox_table: args.outbox_table,
         token,
         sessions: Mutex::default(),
+        workers,
     });
     let app = Router::new()
         .route("/", get(index))
@@ -125,6 +145,9 @@ pub(super) async fn run(
         .route("/g/{group}/dl/{id}/edit", post(edit))
         .route("/history", get(history))
         .route("/outbox", get(outbox_page))
+        .route("/workers", get(workers_page))
+        .route("/outbox/retry", post(outbox_retry))
+        .route("/outbox/delete", post(outbox_delete))
         .route("/g/{group}/replay", post(replay))
         .route("/g/{group}/purge", post(purge))
         .with_state(state);
@@ -191,7 +214,7 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
          td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}}\
          pre{{background:#f4f4f4;padding:.6em;overflow:auto}}form.inline{{display:inline}}\
          .warn{{color:#a00}}nav a{{margin-right:1em}}</style></head><body>\
-         <nav><a href=\"/\">Failure groups</a><a href=\"/history\">Audit trail</a><a href=\"/outbox\">Outbox</a></nav><h1>{t}</h1>{body}</body></html>",
+         <nav><a href=\"/\">Failure groups</a><a href=\"/history\">Audit trail</a><a href=\"/outbox\">Outbox</a><a href=\"/workers\">Workers</a></nav><h1>{t}</h1>{body}</body></html>",
         t = esc(title)
     );
     let mut r = (status, html).into_response();
@@ -281,11 +304,16 @@ fn filter(f: &HashMap<String, Vec<String>>) -> Result<DeadLetterFilter, String> 
     Ok(d)
 }
 
-/// Hidden fields that repeat a selection in a form.
-fn hidden_selection(f: &HashMap<String, Vec<String>>) -> String {
+/// The fields of a dead-letter selection.
+const DEAD_LETTER_FIELDS: &[&str] = &["id", "group_id", "name", "reason", "limit"];
+/// The fields of a parked-row selection.
+const PARKED_FIELDS: &[&str] = &["id", "name", "error", "limit"];
+
+/// Hidden fields that repeat a selection (its `keys`) in a form.
+fn hidden_selection(f: &HashMap<String, Vec<String>>, keys: &[&str]) -> String {
     let mut o = String::new();
-    for k in ["id", "group_id", "name", "reason", "limit"] {
-        for v in f.get(k).into_iter().flatten().filter(|v| !v.is_empty()) {
+    for k in keys {
+        for v in f.get(*k).into_iter().flatten().filter(|v| !v.is_empty()) {
             let _ = write!(
                 o,
                 "<input type=\"hidden\" name=\"{k}\" value=\"{}\">",
@@ -528,7 +556,11 @@ async fn index(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
 
 /// Dry-run, replay and purge buttons for a selection.
 fn actions(group: &str, auth: &Auth, sel: &HashMap<String, Vec<String>>) -> String {
-    let (csrf, hidden, g) = (csrf_field(auth), hidden_selection(sel), pct(group));
+    let (csrf, hidden, g) = (
+        csrf_field(auth),
+        hidden_selection(sel, DEAD_LETTER_FIELDS),
+        pct(group),
+    );
     format!(
         "<form class=\"inline\" method=\"post\" action=\"/g/{g}/replay\">{csrf}{hidden}\
          <input type=\"hidden\" name=\"dry_run\" value=\"1\"><button>Replay…</button></form> \
@@ -708,7 +740,7 @@ async fn act(c: &Console, group: &str, headers: &HeaderMap, body: &[u8], verb: &
             "</ul><form method=\"post\" action=\"/g/{}/{verb}\">{}{}<button class=\"confirm\">{verb} them</button></form>",
             pct(group),
             csrf_field(&auth),
-            hidden_selection(&f)
+            hidden_selection(&f, DEAD_LETTER_FIELDS)
         );
         return page(StatusCode::OK, &format!("Confirm {verb}"), &body);
     }
@@ -914,12 +946,21 @@ async fn history(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response 
     page(StatusCode::OK, "Audit trail", &body)
 }
 
-/// The outbox: pending and parked counts, and the parked rows with their last errors
-/// (retry or delete them with `steadfast outbox retry-parked | delete-parked`).
-async fn outbox_page(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    if c.auth(&headers).is_none() {
+/// The outbox: pending and parked counts, the parked rows with their last errors (filtered
+/// by name and error), and retry or delete buttons per row and for the selection.
+async fn outbox_page(
+    State(c): State<Arc<Console>>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let Some(auth) = c.auth(&headers) else {
         return redirect("/login");
-    }
+    };
+    let sel = form(q.unwrap_or_default().as_bytes());
+    let select = match parked_filter(&sel) {
+        Ok(s) => s,
+        Err(e) => return page(StatusCode::BAD_REQUEST, "Bad selection", &esc(&e)),
+    };
     let (status, rows) = match super::outbox::overview(&c.db, &c.outbox_table).await {
         Ok(r) => r,
         Err(e) => {
@@ -930,27 +971,177 @@ async fn outbox_page(State(c): State<Arc<Console>>, headers: HeaderMap) -> Respo
             );
         }
     };
+    let rows: Vec<_> = rows.into_iter().filter(|r| select.matches(r)).collect();
+    let v = |k: &str| esc(one(&sel, k).unwrap_or_default());
     let mut body = format!(
         "<p>Table <code>{}</code>: <strong class=\"pending\">{}</strong> pending, \
-         <strong class=\"parked\">{}</strong> parked.</p><table><tr><th>Id</th><th>Message</th>\
-         <th>Attempts</th><th>Last error</th></tr>",
+         <strong class=\"parked\">{}</strong> parked.</p>\
+         <form method=\"get\">Message <input name=\"name\" value=\"{}\"> Error contains \
+         <input name=\"error\" value=\"{}\"> <button>Filter</button></form>\
+         <p>{} parked row(s) shown. {}</p><table><tr><th>Id</th><th>Message</th>\
+         <th>Attempts</th><th>Last error</th><th>Actions</th></tr>",
         esc(&c.outbox_table),
         status.pending,
-        status.parked
+        status.parked,
+        v("name"),
+        v("error"),
+        rows.len(),
+        if rows.is_empty() {
+            String::new()
+        } else {
+            parked_actions(&auth, &sel)
+        }
     );
     for r in &rows {
         let _ = write!(
             body,
-            "<tr class=\"parked-row\"><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr class=\"parked-row\"><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             r.id,
             esc(&r.name),
             r.attempts,
-            esc(&r.error)
+            esc(&r.error),
+            parked_actions(
+                &auth,
+                &HashMap::from([("id".to_owned(), vec![r.id.to_string()])])
+            )
         );
     }
-    body.push_str(
-        "</table><p>Retry or delete parked rows with <code>steadfast outbox retry-parked</code> \
-         or <code>delete-parked</code> (same selectors, dry run, audit trail).</p>",
-    );
+    body.push_str("</table>");
     page(StatusCode::OK, "Outbox", &body)
+}
+
+/// The parked-row selection of a query string or form, as the CLI's flags.
+fn parked_filter(f: &HashMap<String, Vec<String>>) -> Result<super::outbox::ParkedArgs, String> {
+    let mut ids = Vec::new();
+    for id in f.get("id").into_iter().flatten().filter(|v| !v.is_empty()) {
+        ids.push(
+            id.parse::<MessageId>()
+                .map_err(|_| format!("`{id}` is not a row id"))?,
+        );
+    }
+    let limit = match one(f, "limit") {
+        Some(l) => Some(l.parse().map_err(|_| format!("`{l}` is not a number"))?),
+        None => None,
+    };
+    Ok(super::outbox::ParkedArgs {
+        ids,
+        name: one(f, "name").map(str::to_owned),
+        error: one(f, "error").map(str::to_owned),
+        limit,
+    })
+}
+
+/// Retry and delete buttons (each a dry run first) for a parked-row selection.
+fn parked_actions(auth: &Auth, sel: &HashMap<String, Vec<String>>) -> String {
+    let (csrf, hidden) = (csrf_field(auth), hidden_selection(sel, PARKED_FIELDS));
+    format!(
+        "<form class=\"inline\" method=\"post\" action=\"/outbox/retry\">{csrf}{hidden}\
+         <input type=\"hidden\" name=\"dry_run\" value=\"1\"><button>Retry…</button></form> \
+         <form class=\"inline\" method=\"post\" action=\"/outbox/delete\">{csrf}{hidden}\
+         <input type=\"hidden\" name=\"dry_run\" value=\"1\"><button>Delete…</button></form>"
+    )
+}
+
+async fn outbox_retry(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
+    outbox_act(&c, &headers, &body, false).await
+}
+
+async fn outbox_delete(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
+    outbox_act(&c, &headers, &body, true).await
+}
+
+/// Retry or delete parked rows: a dry run lists the rows and asks for confirmation; the
+/// confirmed form acts, records the audit trail (as the CLI's `retry-parked` /
+/// `delete-parked`) and reports.
+async fn outbox_act(c: &Console, headers: &HeaderMap, body: &[u8], delete: bool) -> Response {
+    let f = form(body);
+    let auth = match check_post(c, headers, &f) {
+        Ok(a) => a,
+        Err(r) => return r.page(),
+    };
+    let select = match parked_filter(&f) {
+        Ok(s) => s,
+        Err(e) => return page(StatusCode::BAD_REQUEST, "Bad selection", &esc(&e)),
+    };
+    let (action, verb, path) = if delete {
+        ("delete-parked", "delete", "delete")
+    } else {
+        ("retry-parked", "retry", "retry")
+    };
+    let dry_run = one(&f, "dry_run").is_some();
+    let mut db = c.db.clone();
+    db.actor = Some(db.actor.clone().unwrap_or_else(|| "console".to_owned()));
+    let selection = serde_json::json!({
+        "ids": f.get("id"), "name": one(&f, "name"), "error": one(&f, "error"),
+        "limit": one(&f, "limit"), "via": "console",
+    });
+    let (rows, done) = match super::outbox::console_act(
+        &db,
+        &c.outbox_table,
+        &select,
+        (!dry_run).then_some((action, delete)),
+        selection,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => return error_page(&e),
+    };
+    let table = esc(&c.outbox_table);
+    let Some(done) = done else {
+        let mut body = format!(
+            "<p>{verb} would touch <strong class=\"selected\">{}</strong> parked row(s) of \
+             <code>{table}</code>:</p><table><tr><th>Id</th><th>Message</th><th>Last error</th></tr>",
+            rows.len()
+        );
+        for r in &rows {
+            let _ = write!(
+                body,
+                "<tr class=\"parked-row\"><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
+                r.id,
+                esc(&r.name),
+                esc(&r.error)
+            );
+        }
+        let _ = write!(
+            body,
+            "</table><form method=\"post\" action=\"/outbox/{path}\">{}{}<button class=\"confirm\">{verb} them</button></form>",
+            csrf_field(&auth),
+            hidden_selection(&f, PARKED_FIELDS)
+        );
+        return page(StatusCode::OK, &format!("Confirm {verb}"), &body);
+    };
+    let mut body = format!(
+        "<p class=\"outcome\">{action}: <strong class=\"done\">{}</strong> of {} selected parked row(s) of <code>{table}</code>.</p>",
+        done.done.len(),
+        rows.len(),
+    );
+    if !done.missed.is_empty() {
+        body.push_str("<p class=\"warn\">Not parked (unknown, pending or sent):</p><ul>");
+        for id in &done.missed {
+            let _ = write!(body, "<li><code>{id}</code></li>");
+        }
+        body.push_str("</ul>");
+    }
+    body.push_str("<p><a href=\"/outbox\">Back</a></p>");
+    page(StatusCode::OK, &format!("Done: {verb}"), &body)
+}
+
+/// Each watched worker's consumer groups: ready, state, connected, consuming, draining,
+/// kill switch, in flight, settled and settled per second, from its last read.
+async fn workers_page(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    if c.auth(&headers).is_none() {
+        return redirect("/login");
+    }
+    if c.workers.is_empty() {
+        return page(
+            StatusCode::OK,
+            "Workers",
+            "<p>No worker is watched: start the console with <code>--worker \
+             http://host:port</code> (a worker's operations server) or \
+             <code>STEADFAST_CONSOLE_WORKERS</code>.</p>",
+        );
+    }
+    let body = super::workers::render(&c.workers.seen(), esc);
+    page(StatusCode::OK, "Workers", &body)
 }

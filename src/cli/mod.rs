@@ -29,6 +29,8 @@ mod outbox;
 mod print;
 mod progress;
 mod schema;
+#[cfg(feature = "console")]
+mod workers;
 
 use crate::{
     config::{self, WorkerConfig},

@@ -178,6 +178,32 @@ pub(super) async fn overview(
     r
 }
 
+/// The console's retry or delete of parked rows: the rows `select` picks and the ids it
+/// names that are not parked; with `action` (its name, and whether it deletes) also what
+/// doing it did, recorded in the audit trail with `selection`.
+#[cfg(feature = "console")]
+pub(super) async fn console_act(
+    db_args: &super::DbArgs,
+    table: &str,
+    select: &ParkedArgs,
+    action: Option<(&str, bool)>,
+    selection: serde_json::Value,
+) -> Result<(Vec<ParkedRow>, Option<Done>), CliError> {
+    let (db, store) = console_store(db_args, table).await?;
+    let r = async {
+        let picked = pick(&store, &db, select).await?;
+        let Some(action) = action else {
+            return Ok((picked.0, None));
+        };
+        let rows = picked.0.clone();
+        let done = apply(&store, &db, db_args, table, action, selection, picked).await?;
+        Ok((rows, Some(done)))
+    }
+    .await;
+    db.close().await;
+    r
+}
+
 pub(super) async fn run(
     common: &Common,
     table: &str,

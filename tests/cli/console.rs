@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const TOKEN: &str = "console-test-token-0123456789";
 
 /// One HTTP/1.1 request (connection closed after it): status, head, body.
-async fn http(
+pub(super) async fn http(
     port: u16,
     method: &str,
     path: &str,
@@ -58,6 +58,7 @@ fn form_value<'a>(html: &'a str, name: &str) -> &'a str {
 
 async fn console_over(b: Broker, port: u16) {
     const N: usize = 20;
+    let _ = prometheus();
     let fixed = Arc::new(AtomicBool::new(false));
     let handled: Arc<Mutex<std::collections::HashMap<MessageId, u32>>> = Arc::default();
     let dead = Arc::new(AtomicI64::new(0));
@@ -82,6 +83,7 @@ async fn console_over(b: Broker, port: u16) {
         })
         .build()
         .expect("valid worker");
+    let (ops_url, ops_stop) = ops_server(worker.status()).await;
     let (stop, running) = start(worker).await;
     let mut envs: Vec<Envelope> = (0..N as u32)
         .map(|n| Envelope::encode(&Alpha { n }).unwrap())
@@ -100,7 +102,8 @@ async fn console_over(b: Broker, port: u16) {
         "steadfast-console-{}.db",
         uuid::Uuid::now_v7().simple()
     ));
-    // The audit trail and an outbox in a SQLite file of its own, with one parked row.
+    // The audit trail and an outbox in a SQLite file of its own: one pending row, two
+    // parked ones.
     let lite = steadfast::idempotency::sqlite::open(&audit_db)
         .await
         .expect("a SQLite file");
@@ -108,21 +111,44 @@ async fn console_over(b: Broker, port: u16) {
     outbox.migrate().await.unwrap();
     let mut tx = lite.begin().await.unwrap();
     let parked = outbox.enqueue(&mut tx, &Alpha { n: 5 }).await.unwrap();
-    outbox.enqueue(&mut tx, &Alpha { n: 6 }).await.unwrap();
+    let pending = outbox.enqueue(&mut tx, &Alpha { n: 6 }).await.unwrap();
+    let doomed = outbox.enqueue(&mut tx, &Alpha { n: 7 }).await.unwrap();
     tx.commit().await.unwrap();
-    sqlx::query(
-        "UPDATE steadfast_outbox SET state = 'parked', attempts = 9, last_error = 'no route to <host>' WHERE id = ?1",
-    )
-    .bind(parked.to_string())
-    .execute(&lite)
-    .await
-    .unwrap();
-    lite.close().await;
+    for (id, error) in [
+        (parked, "no route to <host>"),
+        (doomed, "message too large"),
+    ] {
+        sqlx::query(
+            "UPDATE steadfast_outbox SET state = 'parked', attempts = 9, last_error = ?2 WHERE id = ?1",
+        )
+        .bind(id.to_string())
+        .bind(error)
+        .execute(&lite)
+        .await
+        .unwrap();
+    }
+    let row_state = |id: MessageId| {
+        let lite = lite.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state FROM steadfast_outbox WHERE id = ?1")
+                .bind(id.to_string())
+                .fetch_optional(&lite)
+                .await
+                .unwrap()
+        }
+    };
     let console = ConsoleProcess::start(
         &b,
         port,
         TOKEN,
-        &["--sqlite".as_ref(), audit_db.as_os_str()],
+        &[
+            "--sqlite".as_ref(),
+            audit_db.as_os_str(),
+            "--worker".as_ref(),
+            ops_url.as_ref(),
+            "--worker-every".as_ref(),
+            "200ms".as_ref(),
+        ],
     )
     .await;
 
@@ -145,7 +171,7 @@ async fn console_over(b: Broker, port: u16) {
 
     // With the token: one failure group of N (the order ids in the reasons masked).
     let bearer = format!("Bearer {TOKEN}");
-    let (s, head, page) = http(port, "GET", "/", &[("Authorization", &bearer)], "").await;
+    let (s, head, page) = http(port, "GET", "/", &[("Authorization", bearer.as_str())], "").await;
     assert_eq!(s, 200, "{page}");
     assert!(
         head.contains("content-security-policy: default-src 'none'"),
@@ -162,7 +188,7 @@ async fn console_over(b: Broker, port: u16) {
         port,
         "GET",
         &format!("/g/g/dl/{}", envs[0].id),
-        &[("Authorization", &bearer)],
+        &[("Authorization", bearer.as_str())],
         "",
     )
     .await;
@@ -318,7 +344,7 @@ async fn console_over(b: Broker, port: u16) {
         .expect("the edit recorded");
     assert!(replay_at < edit_at, "{page}");
 
-    // The outbox: counts, and the parked row with its error (escaped).
+    // The outbox: counts, and the parked rows with their errors (escaped).
     let (s, _, page) = http(port, "GET", "/outbox", &with_cookie, "").await;
     assert_eq!(s, 200, "{page}");
     assert!(
@@ -326,20 +352,133 @@ async fn console_over(b: Broker, port: u16) {
         "{page}"
     );
     assert!(
-        page.contains("<strong class=\"parked\">1</strong>"),
+        page.contains("<strong class=\"parked\">2</strong>"),
         "{page}"
     );
     assert!(page.contains(&format!("<code>{parked}</code>")), "{page}");
     assert!(page.contains("no route to &lt;host&gt;"), "{page}");
+    assert_eq!(page.matches("class=\"parked-row\"").count(), 2, "{page}");
+    // Filtered by error: only the other one.
+    let (_, _, page) = http(port, "GET", "/outbox?error=TOO+LARGE", &with_cookie, "").await;
+    assert_eq!(page.matches("class=\"parked-row\"").count(), 1, "{page}");
+    assert!(page.contains(&format!("<code>{doomed}</code>")), "{page}");
+
+    // Retry one parked row: refused without the token or the CSRF token; the dry run
+    // lists it and changes nothing; the confirmation puts it back in line, and an id
+    // that is not parked is reported, not touched.
+    let retry = format!("id={parked}&id={pending}");
+    let (s, _, _) = http(port, "POST", "/outbox/retry", &[], &retry).await;
+    assert_eq!(s, 401);
+    let (s, _, _) = http(port, "POST", "/outbox/retry", &with_cookie, &retry).await;
+    assert_eq!(s, 403);
+    let (s, _, page) = http(
+        port,
+        "POST",
+        "/outbox/retry",
+        &with_cookie,
+        &format!("{retry}&dry_run=1&csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(s, 200, "{page}");
+    assert!(
+        page.contains("<strong class=\"selected\">1</strong>"),
+        "{page}"
+    );
+    assert!(page.contains(&format!("<code>{parked}</code>")), "{page}");
+    assert_eq!(row_state(parked).await.as_deref(), Some("parked"));
+    let (s, _, page) = http(
+        port,
+        "POST",
+        "/outbox/retry",
+        &with_cookie,
+        &format!("{retry}&csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(s, 200, "{page}");
+    assert!(page.contains("<strong class=\"done\">1</strong>"), "{page}");
+    assert!(
+        page.contains(&format!("<li><code>{pending}</code></li>")),
+        "{page}"
+    );
+    assert_eq!(row_state(parked).await.as_deref(), Some("pending"));
+    assert_eq!(row_state(pending).await.as_deref(), Some("pending"));
+
+    // Delete the other by its error, bearer token (no CSRF token needed): gone for good.
+    let (s, _, page) = http(
+        port,
+        "POST",
+        "/outbox/delete",
+        &[("Authorization", bearer.as_str())],
+        "error=too+large&dry_run=1",
+    )
+    .await;
+    assert_eq!(s, 200, "{page}");
+    assert!(page.contains(&format!("<code>{doomed}</code>")), "{page}");
+    assert_eq!(row_state(doomed).await.as_deref(), Some("parked"));
+    let (s, _, page) = http(
+        port,
+        "POST",
+        "/outbox/delete",
+        &[("Authorization", bearer.as_str())],
+        "error=too+large",
+    )
+    .await;
+    assert_eq!(s, 200, "{page}");
+    assert!(page.contains("<strong class=\"done\">1</strong>"), "{page}");
+    assert_eq!(row_state(doomed).await, None);
+    assert_eq!(row_state(pending).await.as_deref(), Some("pending"));
+    let (_, _, page) = http(port, "GET", "/outbox", &with_cookie, "").await;
+    assert!(
+        page.contains("<strong class=\"pending\">2</strong>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<strong class=\"parked\">0</strong>"),
+        "{page}"
+    );
+
+    // Both in the audit trail, with the rows they touched.
+    let (_, _, page) = http(port, "GET", "/history", &with_cookie, "").await;
+    assert!(page.contains("class=\"action\">delete-parked"), "{page}");
+    assert!(page.contains("class=\"action\">retry-parked"), "{page}");
+    assert!(page.contains("outbox:steadfast_outbox"), "{page}");
+    lite.close().await;
     let _ = std::fs::remove_file(&audit_db);
+
+    // The worker, read from its operations server: ready, connected, consuming, with the
+    // N dead-lettered and N handled deliveries settled; then stopped, no longer consuming.
+    let addr = ops_url.trim_start_matches("http://").to_owned();
+    let workers = |want: Vec<String>| async move {
+        let (_, _, page) = http(port, "GET", "/workers", &with_cookie, "").await;
+        want.iter().all(|w| page.contains(w.as_str()))
+    };
+    let running_row = vec![
+        format!("<td>{addr}</td><td class=\"group\">{GROUP}</td><td class=\"ready\">yes</td>"),
+        "<td class=\"connected\">yes</td><td class=\"consuming\">yes</td>".to_owned(),
+        "<td class=\"draining\">no</td><td class=\"kill-switch\">no</td>".to_owned(),
+        format!("<td class=\"settled\">{}</td>", 2 * N),
+        "<td class=\"rate\">0.0</td>".to_owned(),
+    ];
+    wait_for("the workers page shows the running worker", || {
+        workers(running_row.clone())
+    })
+    .await;
+    stop.cancel();
+    running.await.unwrap();
+    wait_for("the workers page shows the worker stopped", || {
+        workers(vec![
+            "<td class=\"ready\">no</td><td class=\"state\">stopped</td>".to_owned(),
+            "<td class=\"consuming\">no</td>".to_owned(),
+        ])
+    })
+    .await;
+    ops_stop.cancel();
 
     let log = console.stop().await;
     assert!(
         !log.iter().any(|l| l.contains(TOKEN)),
         "the token is never logged: {log:?}"
     );
-    stop.cancel();
-    running.await.unwrap();
     b.transport.close().await;
     (b.cleanup)().await;
 }

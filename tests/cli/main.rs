@@ -341,6 +341,30 @@ impl ConsoleProcess {
     }
 }
 
+/// The process's Prometheus recorder, installed once (before any worker is built).
+#[cfg(feature = "console")]
+fn prometheus() -> steadfast::http::Prometheus {
+    static P: std::sync::OnceLock<steadfast::http::Prometheus> = std::sync::OnceLock::new();
+    P.get_or_init(|| steadfast::http::Prometheus::install().expect("the recorder installs"))
+        .clone()
+}
+
+/// An operations server watching `status` with the process's metrics, on a free loopback
+/// port: its URL, and the token that stops it.
+#[cfg(feature = "console")]
+async fn ops_server(status: steadfast::worker::StatusHandle) -> (String, CancellationToken) {
+    let server = steadfast::http::OpsServer::new()
+        .watch(status)
+        .prometheus(prometheus())
+        .bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("the ops server binds");
+    let url = format!("http://{}", server.local_addr());
+    let stop = CancellationToken::new();
+    tokio::spawn(server.serve_until(stop.clone().cancelled_owned()));
+    (url, stop)
+}
+
 /// What a run of the binary printed.
 struct Run {
     ok: bool,
