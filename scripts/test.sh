@@ -96,6 +96,10 @@ else
 fi
 stage "doc tests"
 cargo test --workspace --all-features --doc
+# The CLI as `cargo install steadfast --features cli` builds it: the cli feature without
+# the others (console, http, otel, ...). Checked only, reusing the lint run's artifacts.
+stage "cargo check --features cli alone"
+cargo check -p steadfast --features cli --lib --bins
 stage "documented commands, container and deployment checks"
 # Every command README.md and docs/ show: the examples run (the binaries the tests built),
 # the CLI's lines parsed by the binary and exercised by its tests, the rest traced to
