@@ -99,6 +99,23 @@ where
     N as f64 / secs
 }
 
+/// The inbox and outbox of one database (`$store`, `$outbox` on `$pool`), migrated, in
+/// the tables `{$base}_inbox` and `{$base}_outbox`.
+macro_rules! migrated_stores {
+    ($store:ident, $outbox:ident, $pool:expr, $base:expr) => {{
+        let base = $base;
+        let inbox = $store::new($pool.clone())
+            .with_table(&format!("{base}_inbox"))
+            .unwrap();
+        let outbox = $outbox::new($pool.clone())
+            .with_table(&format!("{base}_outbox"))
+            .unwrap();
+        inbox.migrate().await.unwrap();
+        outbox.migrate().await.unwrap();
+        (inbox, outbox)
+    }};
+}
+
 /// `fn $name(pool, table)`: the handler's write on one database, its row in `table` in
 /// one transaction with the inbox `mark` when there is an inbox (`$insert` the statement).
 macro_rules! writer {
@@ -344,14 +361,12 @@ async fn main() {
     .execute(&pool)
     .await
     .unwrap();
-    let inbox = PostgresStore::new(pool.clone())
-        .with_table(&format!("{schema}.steadfast_inbox"))
-        .unwrap();
-    let outbox = PostgresOutbox::new(pool.clone())
-        .with_table(&format!("{schema}.steadfast_outbox"))
-        .unwrap();
-    inbox.migrate().await.unwrap();
-    outbox.migrate().await.unwrap();
+    let (inbox, outbox) = migrated_stores!(
+        PostgresStore,
+        PostgresOutbox,
+        pool,
+        format!("{schema}.steadfast")
+    );
     let version: String = sqlx::query_scalar("SHOW server_version")
         .fetch_one(&pool)
         .await
@@ -687,14 +702,7 @@ mod mysql {
             .execute(&pool)
             .await
             .unwrap();
-        let inbox = MySqlStore::new(pool.clone())
-            .with_table(&format!("{prefix}_inbox"))
-            .unwrap();
-        let outbox = MySqlOutbox::new(pool.clone())
-            .with_table(&format!("{prefix}_outbox"))
-            .unwrap();
-        inbox.migrate().await.unwrap();
-        outbox.migrate().await.unwrap();
+        let (inbox, outbox) = migrated_stores!(MySqlStore, MySqlOutbox, pool, &prefix);
         println!("MySQL {version}, {N} messages per figure, concurrency 16");
         let effects = format!("{prefix}_effects");
 

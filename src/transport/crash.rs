@@ -42,6 +42,97 @@ pub fn is_suspect(returned: u64, explained: u64) -> bool {
     returned > explained
 }
 
+/// What the transports remember of the returns they explain.
+#[cfg(any(feature = "amqp", feature = "nats"))]
+mod explained {
+    use std::{
+        borrow::Borrow,
+        collections::HashMap,
+        hash::Hash,
+        sync::{Mutex, MutexGuard},
+    };
+
+    /// How many explained returns a process remembers before it starts over (forgetting
+    /// only makes a delivery a suspect, run alone once).
+    const MAX_EXPLAINED: usize = 100_000;
+
+    /// The returns of deliveries (keyed by `K`) that one process explains — retries and
+    /// deferrals it made itself, deliveries it dropped, connections it saw die — to be
+    /// subtracted from the broker's count in [`is_suspect`](super::is_suspect). Bounded: past
+    /// [`MAX_EXPLAINED`] entries it starts over.
+    pub(crate) struct Explained<K> {
+        map: Mutex<HashMap<K, u32>>,
+    }
+
+    impl<K> Default for Explained<K> {
+        fn default() -> Self {
+            Self {
+                map: Mutex::new(HashMap::new()),
+            }
+        }
+    }
+
+    impl<K: Eq + Hash> Explained<K> {
+        fn lock(&self) -> MutexGuard<'_, HashMap<K, u32>> {
+            self.map.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        /// Remembers one more return of `key` that is not a crash.
+        pub(crate) fn explain(&self, key: K) {
+            let mut map = self.lock();
+            if map.len() >= MAX_EXPLAINED {
+                map.clear();
+            }
+            *map.entry(key).or_insert(0) += 1;
+        }
+
+        /// The returns of `key` explained so far.
+        pub(crate) fn explained<Q: Eq + Hash + ?Sized>(&self, key: &Q) -> u32
+        where
+            K: Borrow<Q>,
+        {
+            self.lock().get(key).copied().unwrap_or(0)
+        }
+
+        /// Forgets `key` (settled, or moved where the broker's count starts again).
+        pub(crate) fn forget<Q: Eq + Hash + ?Sized>(&self, key: &Q)
+        where
+            K: Borrow<Q>,
+        {
+            let mut map = self.lock();
+            if !map.is_empty() {
+                map.remove(key);
+            }
+        }
+    }
+}
+#[cfg(any(feature = "amqp", feature = "nats"))]
+pub(crate) use explained::Explained;
+
+/// The [`Transport`](super::Transport) methods that hand out suspects, for a broker
+/// transport whose `self.inner.suspects` knows which groups have suspects waiting and whose
+/// `suspects::take(&inner, group)` takes the next one to run alone.
+#[cfg(any(feature = "amqp", feature = "nats"))]
+macro_rules! suspect_methods {
+    () => {
+        fn suspects_waiting(&self, group: &str) -> bool {
+            self.inner.suspects.waiting(group)
+        }
+
+        fn take_suspect<'a>(
+            &'a self,
+            sub: &'a $crate::transport::Subscription,
+        ) -> futures::future::BoxFuture<
+            'a,
+            Result<Option<$crate::transport::Delivery>, $crate::transport::TransportError>,
+        > {
+            Box::pin(suspects::take(&self.inner, &sub.group))
+        }
+    };
+}
+#[cfg(any(feature = "amqp", feature = "nats"))]
+pub(crate) use suspect_methods;
+
 /// The dead letter of a message that crashed its worker `crashes` times while it ran
 /// alone, once that reaches `limit`; `None` while it may be tried again.
 pub fn crash_loop(crashes: u32, limit: u32) -> Option<Failure> {
@@ -76,6 +167,18 @@ mod tests {
         assert!(!is_suspect(2, 2));
         assert!(!is_suspect(1, 3));
         assert!(is_suspect(3, 2));
+    }
+
+    #[cfg(any(feature = "amqp", feature = "nats"))]
+    #[test]
+    fn explained_returns_count_up_and_are_forgotten() {
+        let e = Explained::<String>::default();
+        assert_eq!(e.explained("a"), 0);
+        e.explain("a".to_owned());
+        e.explain("a".to_owned());
+        assert_eq!(e.explained("a"), 2);
+        e.forget("a");
+        assert_eq!(e.explained("a"), 0);
     }
 
     #[test]

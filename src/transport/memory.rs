@@ -231,16 +231,6 @@ impl Transport for MemoryTransport {
     }
 
     /// Moves the selected dead letters to the back of `group`'s queue (never to other groups bound to the name), in their order.
-    fn replay_dead_letters<'a>(
-        &'a self,
-        group: &'a str,
-        filter: &'a DeadLetterFilter,
-        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
-    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
-        let rewrite = |d: &DeadLetter| d.replay_envelope();
-        Box::pin(async move { Ok(self.take_dead_letters(group, filter, progress, Some(&rewrite))) })
-    }
-
     fn replay_dead_letters_as<'a>(
         &'a self,
         group: &'a str,

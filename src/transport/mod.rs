@@ -341,14 +341,20 @@ pub trait Transport: Send + Sync + 'static {
     /// [`header::REPLAY_COUNT`] set. Each dead letter is removed only after the broker
     /// confirmed its republish; the others stay where they were, in their order.
     /// `progress` is called after each one is done. See `docs/dead-letters.md`.
+    ///
+    /// By default [`replay_dead_letters_as`](Self::replay_dead_letters_as) with
+    /// [`DeadLetter::replay_envelope`].
     fn replay_dead_letters<'a>(
         &'a self,
         group: &'a str,
         filter: &'a DeadLetterFilter,
         progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
     ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
-        let _ = (group, filter, progress);
-        Box::pin(async { Err(unsupported("replay dead letters")) })
+        Box::pin(async move {
+            let rewrite = |d: &DeadLetter| d.replay_envelope();
+            self.replay_dead_letters_as(group, filter, &rewrite, progress)
+                .await
+        })
     }
 
     /// Deletes the dead letters of `group` selected by `filter`; the others stay where
@@ -379,6 +385,46 @@ impl fmt::Debug for dyn Transport {
         write!(f, "Transport({})", self.system())
     }
 }
+
+/// What replaying or purging dead letters returns, in [`dead_letter_settling`].
+#[cfg(any(feature = "amqp", feature = "nats"))]
+type Settling<'a> = BoxFuture<'a, Result<DeadLetterReport, TransportError>>;
+
+/// The progress callback of replaying or purging dead letters.
+#[cfg(any(feature = "amqp", feature = "nats"))]
+type Progress<'a> = dyn Fn(&DeadLetter) + Send + Sync + 'a;
+
+/// The [`Transport`] methods that replay and purge dead letters, for a broker transport
+/// whose `dead_letters::settle_selected(&inner, group, filter, action, progress)` does
+/// both; the attributes given (its doc) go on `replay_dead_letters_as`.
+#[cfg(any(feature = "amqp", feature = "nats"))]
+macro_rules! dead_letter_settling {
+    ($(#[$replay_attr:meta])*) => {
+        $(#[$replay_attr])*
+        fn replay_dead_letters_as<'a>(
+            &'a self,
+            group: &'a str,
+            filter: &'a $crate::transport::DeadLetterFilter,
+            rewrite: &'a $crate::transport::DeadLetterRewrite<'_>,
+            progress: &'a $crate::transport::Progress<'a>,
+        ) -> $crate::transport::Settling<'a> {
+            let action = dead_letters::Action::Replay(rewrite);
+            Box::pin(dead_letters::settle_selected(&self.inner, group, filter, action, progress))
+        }
+
+        fn purge_dead_letters<'a>(
+            &'a self,
+            group: &'a str,
+            filter: &'a $crate::transport::DeadLetterFilter,
+            progress: &'a $crate::transport::Progress<'a>,
+        ) -> $crate::transport::Settling<'a> {
+            let action = dead_letters::Action::Purge;
+            Box::pin(dead_letters::settle_selected(&self.inner, group, filter, action, progress))
+        }
+    };
+}
+#[cfg(any(feature = "amqp", feature = "nats"))]
+use dead_letter_settling;
 
 fn unsupported(what: &str) -> TransportError {
     TransportError::new(

@@ -972,6 +972,27 @@ async fn outbox_status_and_retry_parked() {
         assert_eq!(v[2]["ids"][0], id);
     }
 
+    // Three rows in one transaction of `$pool`, the last parked as the relay parks a row
+    // that keeps failing: `$park` is the UPDATE (its id placeholder last), `$id` makes the
+    // value bound to it from the row's id. Evaluates to that id.
+    macro_rules! three_rows_last_parked {
+        ($outbox:expr, $pool:expr, $park:expr, $id:expr) => {{
+            let mut tx = $pool.begin().await.unwrap();
+            let mut parked = None;
+            for n in 0..3 {
+                parked = Some($outbox.enqueue(&mut tx, &Alpha { n }).await.unwrap());
+            }
+            tx.commit().await.unwrap();
+            let parked: MessageId = parked.unwrap();
+            sqlx::query(AssertSqlSafe($park))
+                .bind(($id)(parked))
+                .execute(&$pool)
+                .await
+                .unwrap();
+            parked
+        }};
+    }
+
     // PostgreSQL, in a schema of its own.
     let pg = Pg::new().await;
     let table = format!("{}.steadfast_outbox", pg.schema);
@@ -979,21 +1000,14 @@ async fn outbox_status_and_retry_parked() {
         .with_table(&table)
         .unwrap();
     o.migrate().await.unwrap();
-    let mut tx = pg.pool.begin().await.unwrap();
-    let mut parked = None;
-    for n in 0..3 {
-        parked = Some(o.enqueue(&mut tx, &Alpha { n }).await.unwrap());
-    }
-    tx.commit().await.unwrap();
-    let parked = parked.unwrap();
-    // Parked as the relay parks a row that keeps failing.
-    sqlx::query(AssertSqlSafe(format!(
-        "UPDATE {table} SET state = 'parked', attempts = 9, last_error = 'no route' WHERE id = $1"
-    )))
-    .bind(*parked.as_uuid())
-    .execute(&pg.pool)
-    .await
-    .unwrap();
+    let parked = three_rows_last_parked!(
+        o,
+        pg.pool,
+        format!(
+            "UPDATE {table} SET state = 'parked', attempts = 9, last_error = 'no route' WHERE id = $1"
+        ),
+        |id: MessageId| *id.as_uuid()
+    );
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let audit = format!("{}.steadfast_audit", pg.schema);
@@ -1021,20 +1035,14 @@ async fn outbox_status_and_retry_parked() {
     let (table, audit) = (format!("{prefix}_outbox"), format!("{prefix}_audit"));
     let o = MySqlOutbox::new(pool.clone()).with_table(&table).unwrap();
     o.migrate().await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    let mut parked = None;
-    for n in 0..3 {
-        parked = Some(o.enqueue(&mut tx, &Alpha { n }).await.unwrap());
-    }
-    tx.commit().await.unwrap();
-    let parked = parked.unwrap();
-    sqlx::query(AssertSqlSafe(format!(
-        "UPDATE {table} SET state = 'parked', attempts = 9, last_error = 'no route' WHERE id = ?"
-    )))
-    .bind(parked.to_string())
-    .execute(&pool)
-    .await
-    .unwrap();
+    let parked = three_rows_last_parked!(
+        o,
+        pool,
+        format!(
+            "UPDATE {table} SET state = 'parked', attempts = 9, last_error = 'no route' WHERE id = ?"
+        ),
+        |id: MessageId| id.to_string()
+    );
     let args = [
         "--database-url",
         &url,
@@ -1058,20 +1066,12 @@ async fn outbox_status_and_retry_parked() {
     let pool = steadfast::idempotency::sqlite::open(&path).await.unwrap();
     let o = SqliteOutbox::new(pool.clone());
     o.migrate().await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    let mut parked = None;
-    for n in 0..3 {
-        parked = Some(o.enqueue(&mut tx, &Alpha { n }).await.unwrap());
-    }
-    tx.commit().await.unwrap();
-    let parked = parked.unwrap();
-    sqlx::query(
+    let parked = three_rows_last_parked!(
+        o,
+        pool,
         "UPDATE steadfast_outbox SET state = 'parked', attempts = 9, last_error = 'no route' WHERE id = ?1",
-    )
-    .bind(parked.to_string())
-    .execute(&pool)
-    .await
-    .unwrap();
+        |id: MessageId| id.to_string()
+    );
     let p = path.to_string_lossy().into_owned();
     check(&["--sqlite", &p], parked).await;
     // Parked again, then deleted by selection: gone for good, and recorded.

@@ -53,26 +53,8 @@ fn unknown_group(queue: &ShortString) -> TransportError {
 /// How many dead letters `group` has: a passive declare of its dead-letter queue.
 pub(super) async fn count(inner: &Arc<Inner>, group: &str) -> Result<u64, TransportError> {
     let queue = dlq_queue(inner, group)?;
-    let link = inner.link_bounded().await?;
-    let ch = inner.open_channel(&link).await?;
-    let declared = inner
-        .bounded(
-            "queue.declare (passive)",
-            ch.queue_declare(
-                queue.clone(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            ),
-        )
-        .await;
-    if ch.status().connected() {
-        let _ = tokio::time::timeout(inner.cfg.op_timeout, ch.close(200, "OK".into())).await;
-    }
-    match declared {
-        Ok(q) => Ok(u64::from(q.message_count())),
+    match count_queue(inner, &queue).await {
+        Ok(n) => Ok(n),
         Err(e) if e.kind() == TransportErrorKind::Config => Err(unknown_group(&queue)),
         Err(e) => Err(e),
     }

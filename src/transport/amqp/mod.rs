@@ -32,8 +32,8 @@ mod topology;
 mod wire;
 
 use super::{
-    DeadLetter, DeadLetterFilter, DeadLetterReport, DeadLetterRewrite, DeadLetterVisitor, Delivery,
-    DeliveryStream, Health, Subscription, Transport, TransportError, TransportErrorKind,
+    DeadLetter, DeadLetterVisitor, DeliveryStream, Health, Subscription, Transport, TransportError,
+    TransportErrorKind,
 };
 use crate::envelope::Envelope;
 use futures::future::BoxFuture;
@@ -446,54 +446,13 @@ impl Transport for AmqpTransport {
         Box::pin(dead_letters::read(&self.inner, group, limit))
     }
 
-    fn suspects_waiting(&self, group: &str) -> bool {
-        self.inner.suspects.waiting(group)
-    }
+    super::crash::suspect_methods!();
 
-    fn take_suspect<'a>(
-        &'a self,
-        sub: &'a Subscription,
-    ) -> BoxFuture<'a, Result<Option<Delivery>, TransportError>> {
-        Box::pin(suspects::take(&self.inner, &sub.group))
-    }
-
-    /// Republishes each selected dead letter straight to `group`'s work queue (through
-    /// the default exchange, so other groups bound to the name do not get it again) and
-    /// acks it in the dead-letter queue after the broker confirmed the copy.
-    fn replay_dead_letters<'a>(
-        &'a self,
-        group: &'a str,
-        filter: &'a DeadLetterFilter,
-        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
-    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
-        Box::pin(async move {
-            let rewrite = |d: &DeadLetter| d.replay_envelope();
-            dead_letters::settle_selected(
-                &self.inner,
-                group,
-                filter,
-                dead_letters::Action::Replay(&rewrite),
-                progress,
-            )
-            .await
-        })
-    }
-
-    fn replay_dead_letters_as<'a>(
-        &'a self,
-        group: &'a str,
-        filter: &'a DeadLetterFilter,
-        rewrite: &'a DeadLetterRewrite<'_>,
-        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
-    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
-        Box::pin(dead_letters::settle_selected(
-            &self.inner,
-            group,
-            filter,
-            dead_letters::Action::Replay(rewrite),
-            progress,
-        ))
-    }
+    super::dead_letter_settling!(
+        /// Republishes each selected dead letter straight to `group`'s work queue (through
+        /// the default exchange, so other groups bound to the name do not get it again) and
+        /// acks it in the dead-letter queue after the broker confirmed the copy.
+    );
 
     fn dead_letter_count<'a>(
         &'a self,
@@ -508,21 +467,6 @@ impl Transport for AmqpTransport {
         visit: &'a mut DeadLetterVisitor<'_>,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(dead_letters::scan(&self.inner, group, visit))
-    }
-
-    fn purge_dead_letters<'a>(
-        &'a self,
-        group: &'a str,
-        filter: &'a DeadLetterFilter,
-        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
-    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
-        Box::pin(dead_letters::settle_selected(
-            &self.inner,
-            group,
-            filter,
-            dead_letters::Action::Purge,
-            progress,
-        ))
     }
 
     fn health(&self) -> Health {

@@ -17,7 +17,7 @@ use super::{
     topology::{self, GroupTopology},
     wire,
 };
-use crate::transport::{Delivery, TransportError};
+use crate::transport::{Delivery, TransportError, crash::Explained};
 use lapin::{
     Channel,
     options::{BasicGetOptions, QueueDeclareOptions},
@@ -26,15 +26,11 @@ use lapin::{
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
-
-/// How many explained returns a process remembers before it starts over (forgetting
-/// only makes a delivery a suspect, run alone once).
-const MAX_EXPLAINED: usize = 100_000;
 
 /// How often a subscription looks for suspects that other processes moved.
 const POLL_EVERY: Duration = Duration::from_secs(5);
@@ -44,7 +40,7 @@ const POLL_EVERY: Duration = Duration::from_secs(5);
 pub(super) struct Suspects {
     groups: Mutex<HashMap<String, Arc<GroupSuspects>>>,
     /// Returns this process explains, by message id.
-    explained: Mutex<HashMap<String, u32>>,
+    explained: Explained<String>,
     /// Work queues that kept a lower delivery limit from an earlier version.
     work_limits: Mutex<HashMap<String, u32>>,
 }
@@ -58,34 +54,23 @@ pub(super) struct GroupSuspects {
 }
 
 impl Suspects {
-    fn lock_explained(&self) -> MutexGuard<'_, HashMap<String, u32>> {
-        self.explained.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Remembers that the delivery of message `id` went back to the broker for a reason
     /// that is not a crash.
     pub(super) fn explain(&self, id: Option<&str>) {
-        let Some(id) = id else { return };
-        let mut map = self.lock_explained();
-        if map.len() >= MAX_EXPLAINED {
-            map.clear();
+        if let Some(id) = id {
+            self.explained.explain(id.to_owned());
         }
-        *map.entry(id.to_owned()).or_insert(0) += 1;
     }
 
     /// Returns of message `id` this process explained.
     pub(super) fn explained(&self, id: Option<&str>) -> u32 {
-        let Some(id) = id else { return 0 };
-        let map = self.lock_explained();
-        map.get(id).copied().unwrap_or(0)
+        id.map_or(0, |id| self.explained.explained(id))
     }
 
     /// Forgets message `id` (settled, or moved to a queue whose count starts again).
     pub(super) fn forget(&self, id: Option<&str>) {
-        let Some(id) = id else { return };
-        let mut map = self.lock_explained();
-        if !map.is_empty() {
-            map.remove(id);
+        if let Some(id) = id {
+            self.explained.forget(id);
         }
     }
 

@@ -173,7 +173,8 @@ pub(crate) async fn read(
     Ok(out)
 }
 
-/// Replays or purges the dead letters of `group` that `filter` selects.
+/// Replays or purges the dead letters of `group` that `filter` selects (an error once
+/// the transport is closed).
 pub(crate) async fn settle_selected(
     inner: &Inner,
     group: &str,
@@ -181,6 +182,7 @@ pub(crate) async fn settle_selected(
     action: Action<'_>,
     progress: &(dyn Fn(&DeadLetter) + Send + Sync),
 ) -> Result<DeadLetterReport, TransportError> {
+    inner.check_open()?;
     let st = dlq_stream(inner).await?;
     let last = st.cached_info().state.last_sequence;
     let subject = inner.settings.dlq_subject(group);

@@ -31,9 +31,8 @@ pub use config::NatsBuilder;
 use crate::{
     envelope::Envelope,
     transport::{
-        DeadLetter, DeadLetterFilter, DeadLetterReport, DeadLetterRewrite, DeadLetterVisitor,
-        Delivery, DeliveryStream, Health, Subscription, Transport, TransportError,
-        TransportErrorKind,
+        DeadLetter, DeadLetterVisitor, DeliveryStream, Health, Subscription, Transport,
+        TransportError, TransportErrorKind,
     },
 };
 use config::Settings;
@@ -329,59 +328,13 @@ impl Transport for NatsTransport {
         })
     }
 
-    fn suspects_waiting(&self, group: &str) -> bool {
-        self.inner.suspects.waiting(group)
-    }
+    crate::transport::crash::suspect_methods!();
 
-    fn take_suspect<'a>(
-        &'a self,
-        sub: &'a Subscription,
-    ) -> BoxFuture<'a, Result<Option<Delivery>, TransportError>> {
-        Box::pin(suspects::take(&self.inner, &sub.group))
-    }
-
-    /// Publishes each selected dead letter to its original subject (every group that
-    /// takes the subject gets it again; their idempotency absorbs it) and deletes it from
-    /// the dead-letter stream after the PubAck.
-    fn replay_dead_letters<'a>(
-        &'a self,
-        group: &'a str,
-        filter: &'a DeadLetterFilter,
-        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
-    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
-        Box::pin(async move {
-            self.inner.check_open()?;
-            let rewrite = |d: &DeadLetter| d.replay_envelope();
-            dead_letters::settle_selected(
-                &self.inner,
-                group,
-                filter,
-                dead_letters::Action::Replay(&rewrite),
-                progress,
-            )
-            .await
-        })
-    }
-
-    fn replay_dead_letters_as<'a>(
-        &'a self,
-        group: &'a str,
-        filter: &'a DeadLetterFilter,
-        rewrite: &'a DeadLetterRewrite<'_>,
-        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
-    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
-        Box::pin(async move {
-            self.inner.check_open()?;
-            dead_letters::settle_selected(
-                &self.inner,
-                group,
-                filter,
-                dead_letters::Action::Replay(rewrite),
-                progress,
-            )
-            .await
-        })
-    }
+    crate::transport::dead_letter_settling!(
+        /// Publishes each selected dead letter to its original subject (every group that
+        /// takes the subject gets it again; their idempotency absorbs it) and deletes it from
+        /// the dead-letter stream after the PubAck.
+    );
 
     fn dead_letter_count<'a>(
         &'a self,
@@ -401,25 +354,6 @@ impl Transport for NatsTransport {
         Box::pin(async move {
             self.inner.check_open()?;
             dead_letters::scan(&self.inner, group, visit).await
-        })
-    }
-
-    fn purge_dead_letters<'a>(
-        &'a self,
-        group: &'a str,
-        filter: &'a DeadLetterFilter,
-        progress: &'a (dyn Fn(&DeadLetter) + Send + Sync),
-    ) -> BoxFuture<'a, Result<DeadLetterReport, TransportError>> {
-        Box::pin(async move {
-            self.inner.check_open()?;
-            dead_letters::settle_selected(
-                &self.inner,
-                group,
-                filter,
-                dead_letters::Action::Purge,
-                progress,
-            )
-            .await
         })
     }
 

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     envelope::Envelope,
-    transport::{Delivery, TransportError, TransportErrorKind},
+    transport::{Delivery, TransportError, TransportErrorKind, crash::Explained},
 };
 use async_nats::jetstream::kv;
 use bytes::Bytes;
@@ -31,10 +31,6 @@ pub(crate) const BUCKET: &str = "steadfast-crashes";
 
 /// How long a ledger entry outlives its message's last run alone.
 const ENTRY_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// How many explained returns a process remembers before it starts over (forgetting
-/// only makes a delivery a suspect, run alone once).
-const MAX_EXPLAINED: usize = 100_000;
 
 /// How many suspects a process holds per group; beyond that they go back (`-NAK`) and
 /// are held when the server delivers them again.
@@ -53,7 +49,7 @@ pub(crate) struct Held {
 #[derive(Default)]
 pub(crate) struct Suspects {
     held: Mutex<HashMap<Arc<str>, VecDeque<Held>>>,
-    explained: Mutex<HashMap<SeqKey, u32>>,
+    explained: Explained<SeqKey>,
     ledger: tokio::sync::OnceCell<kv::Store>,
 }
 
@@ -66,10 +62,6 @@ pub(crate) struct Entry {
 }
 
 impl Suspects {
-    fn lock_explained(&self) -> MutexGuard<'_, HashMap<SeqKey, u32>> {
-        self.explained.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn lock_held(&self) -> MutexGuard<'_, HashMap<Arc<str>, VecDeque<Held>>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -77,25 +69,17 @@ impl Suspects {
     /// Remembers that this delivery went back to the server for a reason that is not a
     /// crash.
     pub(crate) fn explain(&self, consumer: &Arc<str>, seq: u64) {
-        let mut map = self.lock_explained();
-        if map.len() >= MAX_EXPLAINED {
-            map.clear();
-        }
-        *map.entry((consumer.clone(), seq)).or_insert(0) += 1;
+        self.explained.explain((consumer.clone(), seq));
     }
 
     /// Returns of this delivery this process explains.
     pub(crate) fn explained(&self, consumer: &Arc<str>, seq: u64) -> u32 {
-        let map = self.lock_explained();
-        map.get(&(consumer.clone(), seq)).copied().unwrap_or(0)
+        self.explained.explained(&(consumer.clone(), seq))
     }
 
     /// Forgets a settled delivery.
     pub(crate) fn forget(&self, consumer: &Arc<str>, seq: u64) {
-        let mut map = self.lock_explained();
-        if !map.is_empty() {
-            map.remove(&(consumer.clone(), seq));
-        }
+        self.explained.forget(&(consumer.clone(), seq));
     }
 
     /// Holds a suspect of `group` until the worker takes it; `Err` gives it back when
