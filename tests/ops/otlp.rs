@@ -7,7 +7,13 @@ use crate::{
     process::{done_line, env_for, publish, publisher},
     support::{AMQP_URL, WorkerProcess, remove_topology, unique, wait_status},
 };
-use axum::{Router, body::Bytes, extract::State, routing::post};
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    routing::post,
+};
 use opentelemetry_proto::tonic::{
     collector::{
         metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse},
@@ -17,33 +23,77 @@ use opentelemetry_proto::tonic::{
     metrics::v1::metric::Data,
     trace::v1::span::SpanKind,
 };
-use prost::Message as _;
 use std::sync::{Arc, Mutex};
 
-/// What the receiver was sent.
+/// What the receiver was sent, and the `authorization` it requires, if any.
 #[derive(Debug, Default)]
 struct Received {
     traces: Vec<ExportTraceServiceRequest>,
     metrics: Vec<ExportMetricsServiceRequest>,
+    required: Option<String>,
+    refused: usize,
 }
 
 type Shared = Arc<Mutex<Received>>;
 
-async fn traces(State(r): State<Shared>, body: Bytes) -> Vec<u8> {
-    let req = ExportTraceServiceRequest::decode(body).expect("an OTLP/protobuf trace request");
-    r.lock().unwrap().traces.push(req);
-    ExportTraceServiceResponse::default().encode_to_vec()
+/// Whether the request carries the authorization the receiver requires (counted if not).
+fn admitted(r: &Shared, headers: &HeaderMap) -> bool {
+    let mut r = r.lock().unwrap();
+    let Some(required) = r.required.clone() else {
+        return true;
+    };
+    let ok = headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&*required);
+    if !ok {
+        r.refused += 1;
+    }
+    ok
 }
 
-async fn metrics(State(r): State<Shared>, body: Bytes) -> Vec<u8> {
-    let req = ExportMetricsServiceRequest::decode(body).expect("an OTLP/protobuf metric request");
-    r.lock().unwrap().metrics.push(req);
-    ExportMetricsServiceResponse::default().encode_to_vec()
+/// One export request: refused without the required authorization, else decoded and kept.
+fn export<Req: prost::Message + Default, Resp: prost::Message + Default>(
+    r: &Shared,
+    headers: &HeaderMap,
+    body: Bytes,
+    keep: impl FnOnce(&mut Received, Req),
+) -> Result<Vec<u8>, StatusCode> {
+    if !admitted(r, headers) {
+        return Err(StatusCode::UNAUTHORIZED);
+    }
+    let req = Req::decode(body).expect("an OTLP/protobuf export request");
+    keep(&mut r.lock().unwrap(), req);
+    Ok(Resp::default().encode_to_vec())
 }
 
-/// An OTLP/HTTP receiver on a free port: its base URL and what it received.
-async fn receiver() -> (String, Shared) {
-    let received = Shared::default();
+async fn traces(
+    State(r): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Vec<u8>, StatusCode> {
+    export::<ExportTraceServiceRequest, ExportTraceServiceResponse>(&r, &headers, body, |r, q| {
+        r.traces.push(q)
+    })
+}
+
+async fn metrics(
+    State(r): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Vec<u8>, StatusCode> {
+    export::<ExportMetricsServiceRequest, ExportMetricsServiceResponse>(
+        &r,
+        &headers,
+        body,
+        |r, q| r.metrics.push(q),
+    )
+}
+
+/// An OTLP/HTTP receiver on a free port, requiring `authorization: <required>` when given:
+/// its base URL and what it received.
+async fn receiver(required: Option<String>) -> (String, Shared) {
+    let received = Shared::new(Mutex::new(Received {
+        required,
+        ..Received::default()
+    }));
     let app = Router::new()
         .route("/v1/traces", post(traces))
         .route("/v1/metrics", post(metrics))
@@ -65,45 +115,65 @@ fn string(kvs: &[KeyValue], key: &str) -> Option<String> {
         })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_and_metrics_reach_an_otlp_collector_and_shutdown_flushes_them() {
-    let (endpoint, received) = receiver().await;
-    let exchange = unique("ops-otlp");
-    let mut env = env_for(&exchange, AMQP_URL);
+/// Runs the example worker exporting to `endpoint` (the delays set far beyond the test, so
+/// only the shutdown's flush exports), with `extra` variables, through jobs `1..=jobs`;
+/// `before_stop` runs before SIGTERM. Returns the worker's output, after checking it
+/// exited 0.
+async fn run_jobs(
+    exchange: &str,
+    endpoint: String,
+    extra: Vec<(&'static str, String)>,
+    jobs: u64,
+    before_stop: impl FnOnce(),
+) -> String {
+    let mut env = env_for(exchange, AMQP_URL);
     env.extend([
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
-        ("OTEL_SERVICE_NAME", "jobs-worker".to_owned()),
-        (
-            "OTEL_RESOURCE_ATTRIBUTES",
-            "deployment.environment.name=test".to_owned(),
-        ),
         ("OTEL_TRACES_SAMPLER", "parentbased_always_on".to_owned()),
         // Ten minutes: within the test only the shutdown's flush exports.
         ("OTEL_BSP_SCHEDULE_DELAY", "600000".to_owned()),
         ("OTEL_METRIC_EXPORT_INTERVAL", "600000".to_owned()),
     ]);
+    env.extend(extra);
     let mut worker = WorkerProcess::start(&env);
     let addr = worker.http_addr().await;
     wait_status(&addr, "/readyz", 200).await;
-    let t = publisher(&exchange).await;
-    for id in 1..=3 {
+    let t = publisher(exchange).await;
+    for id in 1..=jobs {
         publish(&t, id, 0).await;
     }
-    for id in 1..=3 {
+    for id in 1..=jobs {
         worker.line("job done", done_line(id)).await;
     }
-    {
+    before_stop();
+    worker.sigterm();
+    let status = worker.wait().await;
+    let output = worker.output();
+    assert_eq!(status.code(), Some(0), "{output}");
+    t.close().await;
+    remove_topology(exchange, &format!("{exchange}."), "jobs").await;
+    output
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_and_metrics_reach_an_otlp_collector_and_shutdown_flushes_them() {
+    let (endpoint, received) = receiver(None).await;
+    let exchange = unique("ops-otlp");
+    let extra = vec![
+        ("OTEL_SERVICE_NAME", "jobs-worker".to_owned()),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment.name=test".to_owned(),
+        ),
+    ];
+    run_jobs(&exchange, endpoint, extra, 3, || {
         let r = received.lock().unwrap();
         assert!(
             r.traces.is_empty() && r.metrics.is_empty(),
             "nothing is exported before the flush: {r:?}"
         );
-    }
-    worker.sigterm();
-    let status = worker.wait().await;
-    assert_eq!(status.code(), Some(0), "{}", worker.output());
-    t.close().await;
-    remove_topology(&exchange, &format!("{exchange}."), "jobs").await;
+    })
+    .await;
 
     let r = received.lock().unwrap();
     // Spans: one `process` span per job, with the conventions' attributes, from the
@@ -201,4 +271,36 @@ async fn spans_and_metrics_reach_an_otlp_collector_and_shutdown_flushes_them() {
         other => panic!("a sum: {other:?}"),
     }
     find("steadfast.worker.outcomes");
+}
+
+/// A collector that requires an API key in `OTEL_EXPORTER_OTLP_HEADERS` (as hosted
+/// collectors do): the worker's spans and metrics reach it with the key, and the key
+/// appears in none of the worker's output, at `trace` and with every library's lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_headers_authenticate_and_never_reach_the_logs() {
+    let canary = format!("otlp-key-{}", uuid::Uuid::new_v4().simple());
+    let (endpoint, received) = receiver(Some(format!("Bearer {canary}"))).await;
+    let exchange = unique("ops-otlp-key");
+    let extra = vec![
+        // The specification's form: comma-separated key=value, values percent-encoded.
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            format!("authorization=Bearer%20{canary}"),
+        ),
+        ("RUST_LOG", "trace".to_owned()),
+    ];
+    let output = run_jobs(&exchange, endpoint, extra, 1, || {}).await;
+
+    let r = received.lock().unwrap();
+    assert_eq!(r.refused, 0, "every export carried the key");
+    assert!(!r.traces.is_empty(), "the spans reached the collector");
+    assert!(!r.metrics.is_empty(), "the metrics reached the collector");
+    assert!(
+        output.lines().count() > 50,
+        "trace-level output was written: {output}"
+    );
+    assert!(
+        !output.contains(&canary),
+        "the OTLP key is in the worker's output"
+    );
 }
