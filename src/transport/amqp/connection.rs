@@ -377,6 +377,21 @@ impl Inner {
             .await
     }
 
+    /// Gives up a channel an operation timed out on: it is never used again (its
+    /// replies would be out of step with its requests, e.g. a late `basic.get-ok`
+    /// answering the next `basic.get` and leaving a message unacked on it), and it is
+    /// closed in the background, since the broker answers the close only after the
+    /// operation it is still doing (under the operation timeout there too).
+    pub(super) fn abandon(&self, ch: Channel) {
+        if !ch.status().connected() {
+            return;
+        }
+        let timeout = self.cfg.op_timeout;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(timeout, ch.close(200, "OK".into())).await;
+        });
+    }
+
     /// The shared publisher-confirm channel of the current connection.
     pub(super) async fn publisher(self: &Arc<Self>) -> Result<Channel, TransportError> {
         let link = self.link_bounded().await?;

@@ -13,7 +13,9 @@ use super::{
     topology::{self, GroupTopology},
     wire,
 };
-use crate::transport::{Delivery, DeliveryStream, Subscription, TransportError};
+use crate::transport::{
+    Delivery, DeliveryStream, Subscription, TransportError, TransportErrorKind,
+};
 use backon::BackoffBuilder;
 use futures::StreamExt;
 use lapin::{
@@ -126,6 +128,12 @@ async fn start_session(
                 consumer,
                 acks,
             })
+        }
+        Err(e) if e.kind() == TransportErrorKind::Timeout => {
+            // The broker may still register the consumer: the channel goes, and what it
+            // would deliver goes back to the queue when its close is done.
+            inner.abandon(channel);
+            Err(e)
         }
         Err(e) => {
             if channel.status().connected() {

@@ -191,6 +191,15 @@ pub(super) async fn take(
             }
             Err(e) => {
                 gs.waiting.store(false, Ordering::Relaxed);
+                // A late answer to this `basic.get` would take the next one's place:
+                // the channel goes, and with it what it holds (back to the queue).
+                if let Some((ch, old)) = getter.take() {
+                    for id in old.lost() {
+                        inner.suspects.explain(Some(&id));
+                    }
+                    old.retire();
+                    inner.abandon(ch);
+                }
                 return Err(e);
             }
         };
@@ -273,7 +282,11 @@ pub(super) async fn poll(
         match declared {
             Ok(q) if q.message_count() > 0 => gs.waiting.store(true, Ordering::Relaxed),
             Ok(_) => {}
-            Err(_) => ch = None,
+            Err(_) => {
+                if let Some(c) = ch.take() {
+                    inner.abandon(c);
+                }
+            }
         }
     }
     if let Some(c) = ch

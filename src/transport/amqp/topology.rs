@@ -374,7 +374,11 @@ pub(super) async fn declare(
 ) -> Result<(), TransportError> {
     let mut ch = inner.open_channel(link).await?;
     let r = declare_all(inner, link, &mut ch, topo).await;
-    close_quietly(inner, &ch).await;
+    match &r {
+        // The broker is still at it (see `declare_or_reuse`): the close would wait too.
+        Err(e) if e.kind() == TransportErrorKind::Timeout => inner.abandon(ch),
+        _ => close_quietly(inner, &ch).await,
+    }
     r
 }
 
@@ -395,7 +399,10 @@ pub(super) async fn declare_or_reuse(
     };
     let ch = inner.open_channel(link).await?;
     let exists = queue_declare(inner, &ch, &topo.queue, FieldTable::default(), true).await;
-    close_quietly(inner, &ch).await;
+    match &exists {
+        Err(e) if e.kind() == TransportErrorKind::Timeout => inner.abandon(ch),
+        _ => close_quietly(inner, &ch).await,
+    }
     match exists {
         Ok(()) => {
             tracing::warn!(queue = %topo.queue, error = %e, "topology not redeclared (the broker is slow to change it: a cluster node may be unreachable); consuming from the existing queue");
