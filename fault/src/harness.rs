@@ -234,6 +234,10 @@ pub struct Row {
     pub redeliveries: u64,
     /// Deliveries put back because another (possibly dead) worker held the key's lease.
     pub deferrals: u64,
+    /// Deliveries the workers' store recognised as already handled and acked without a
+    /// second effect: the at-least-once copies (a relay publishing a row again, a
+    /// redelivery after the effect committed), counted.
+    pub duplicates: u64,
     /// Worker processes killed or aborted, and restarted.
     pub restarts: u64,
     /// From the end of the fault to the first new effect.
@@ -655,7 +659,7 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     outbox.migrate().await.map_err(e("outbox migrate"))?;
 
     // The harness's own transport: declares the topology, publishes, reads dead letters.
-    let transport = spec.connect().await.map_err(e("connecting the harness"))?;
+    let mut transport = spec.connect().await.map_err(e("connecting the harness"))?;
     build_worker(
         &spec,
         transport.clone(),
@@ -667,6 +671,15 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     .declare()
     .await
     .map_err(e("declaring"))?;
+    if let Fault::ClusterNodePause(_) = s.fault {
+        // The worst case, every time: the node paused leads the work queue, and the
+        // workers, the relay and the harness's own transport are all connected to it.
+        let leader =
+            rabbit_cluster::leader_of(&format!("{}.{}", spec.name, spec.group), None).await?;
+        spec.broker_url = rabbit_cluster::urls_from(leader);
+        transport.close().await;
+        transport = spec.connect().await.map_err(e("connecting the harness"))?;
+    }
 
     // Workers (through the proxy if the fault cuts them off) and the relay.
     let mut fleet = Fleet::new(&env.worker_exe);
@@ -901,6 +914,7 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
         outbox_left,
         redeliveries: 0,
         deferrals: 0,
+        duplicates: 0,
         restarts: fleet.restarts,
         recover,
         publish_after_fault: publish_after,
@@ -933,6 +947,7 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     let settled: u64 = t[1..].iter().sum::<u64>() - t[4];
     row.redeliveries = settled.saturating_sub(row.messages);
     row.deferrals = t[4];
+    row.duplicates = t[2];
     if s.fault.is_rabbit_cluster() {
         // The figure that matters on a cluster: how soon consumption resumed on the other
         // nodes while the fault lasted.
@@ -1362,14 +1377,15 @@ async fn inject_cluster(
             }
         }
         Fault::ClusterNodePause(d) => {
-            let leader = rabbit_cluster::leader_of(&work_queue, None).await?;
-            eprintln!("{work_queue}: leader on node {leader}; pausing node 1");
-            rabbit_cluster::signal(1, "STOP").await?;
+            // The workers' node, chosen (see `run`) as the work queue's leader.
+            let node = rabbit_cluster::leader_of(&work_queue, None).await?;
+            eprintln!("{work_queue}: leader on node {node}, the workers' node; pausing it");
+            rabbit_cluster::signal(node, "STOP").await?;
             let base = progress.now().await;
             go();
             *resumed = progress.resumed(fleet, base, t0, *d).await;
             sleep_supervised(fleet, d.saturating_sub(t0.elapsed())).await;
-            rabbit_cluster::signal(1, "CONT").await?;
+            rabbit_cluster::signal(node, "CONT").await?;
             if resumed.is_none() {
                 // A paused node is not declared down before the distribution's tick
                 // timeout (60 s by default): a queue it leads waits for it. Consumption

@@ -22,6 +22,18 @@ pub fn urls() -> String {
     NODES.map(node_url).join(",")
 }
 
+/// The cluster with node `first` first, then the others in order: workers given it
+/// connect to node `first`.
+pub fn urls_from(first: u8) -> String {
+    let mut order = vec![first];
+    order.extend(NODES.into_iter().filter(|n| *n != first));
+    order
+        .into_iter()
+        .map(node_url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The Erlang node name of node `n`.
 pub fn node_name(n: u8) -> String {
     format!("sf-c{n}@localhost")

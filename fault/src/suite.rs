@@ -251,7 +251,7 @@ pub fn scenario(name: &str, broker: Broker, n: u64) -> Option<Scenario> {
                     Fault::ClusterNodeKill,
                 ),
                 "leader-restart" => (
-                    "cluster: work queue leader stop_app/start_app",
+                    "cluster: work queue leader stop_app/start_app (outbox)",
                     Fault::ClusterLeaderRestart,
                 ),
                 "dlq-leader-restart" => (
@@ -259,11 +259,11 @@ pub fn scenario(name: &str, broker: Broker, n: u64) -> Option<Scenario> {
                     Fault::ClusterDeadLetterLeaderRestart,
                 ),
                 "rolling" => (
-                    "cluster: rolling restart of the 3 nodes",
+                    "cluster: rolling restart of the 3 nodes (outbox)",
                     Fault::ClusterRollingRestart,
                 ),
                 "pause" => (
-                    "cluster: the workers' node SIGSTOPped 30 s",
+                    "cluster: the workers' and relay's node, leading the work queue, SIGSTOPped 30 s (outbox)",
                     Fault::ClusterNodePause(Duration::from_secs(30)),
                 ),
                 _ => return None,
@@ -273,6 +273,17 @@ pub fn scenario(name: &str, broker: Broker, n: u64) -> Option<Scenario> {
             s.special = vec![(50, Mode::Permanent)];
             if name == "cluster-relay-node-kill" {
                 s.name = "cluster: the relay's and workers' node SIGKILLed (outbox)".to_owned();
+            }
+            // The outbox relay goes through the same fault as the workers (every
+            // committed row published); the node kill and the dead-letter queue's leader
+            // keep a publisher of their own.
+            if matches!(
+                name,
+                "cluster-relay-node-kill"
+                    | "cluster-leader-restart"
+                    | "cluster-rolling"
+                    | "cluster-pause"
+            ) {
                 s.publish = Publish::Outbox;
             }
             s

@@ -96,7 +96,12 @@ rc_running_nodes() { # as node n sees them
 start() {
   rc_install
   rc_configure
-  local n
+  local n p
+  # A node left paused (a test stopped before it could resume it) runs again.
+  for n in "${RC_NODES[@]}"; do
+    p=$(cat "$RC_DIR/sf-c$n/pid" 2>/dev/null || true)
+    [ -n "$p" ] && kill -CONT "$p" 2>/dev/null || true
+  done
   for n in "${RC_NODES[@]}"; do
     if ! rc_port_open "$(rc_amqp_port "$n")"; then
       echo "rabbitmq-cluster: starting $(rc_node "$n") on 127.0.0.1:$(rc_amqp_port "$n")" >&2

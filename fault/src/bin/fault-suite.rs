@@ -48,6 +48,10 @@ async fn main() {
                     "{}",
                     harness::table_line(&row, baseline.get(row.broker).copied())
                 );
+                if row.duplicates > 0 {
+                    // At-least-once copies the workers' store absorbed (in redeliveries).
+                    eprintln!("{}: {} duplicate deliveries", row.scenario, row.duplicates);
+                }
             }
             Err(e) => {
                 failed = true;
