@@ -71,6 +71,11 @@ pub(super) struct ConsoleArgs {
     /// How often the workers are read.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     worker_every: std::time::Duration,
+    /// How old the failure groups page's read of every dead letter may be before the
+    /// page asks for a new one (also read after each action; the page's totals are always
+    /// the broker's current counts).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    index_every: std::time::Duration,
 }
 
 /// A login: its CSRF token.
@@ -84,6 +89,120 @@ struct Console {
     token: String,
     sessions: Sessions,
     workers: Arc<super::workers::Workers>,
+    /// Each consumer group's failure groups, from the last full read.
+    index: Index,
+    index_every: std::time::Duration,
+}
+
+/// The failure groups of each consumer group, read in full in the background (every
+/// `--index-every`, and after every action) so the groups page never reads every dead
+/// letter on a request: its rows come from the last read, its total from the broker's
+/// count of the queue or stream.
+#[derive(Default)]
+struct Index {
+    groups: Mutex<HashMap<String, Indexed>>,
+    /// Woken to read again now (after an action).
+    stale: tokio::sync::Notify,
+    /// Woken after each read.
+    fresh: tokio::sync::Notify,
+    /// Counts the actions, so a read that began before one is known as stale.
+    actions: std::sync::atomic::AtomicU64,
+}
+
+/// One consumer group's last read.
+#[derive(Clone)]
+struct Indexed {
+    /// `Groups::json` of the read, or why it failed.
+    rows: Result<serde_json::Value, String>,
+    at: std::time::Instant,
+    /// Whether an action happened since (the page waits briefly for a fresh read).
+    stale: bool,
+}
+
+impl Console {
+    /// Reads every consumer group's failure groups now, then again when an action makes
+    /// them stale or the groups page finds them older than `--index-every`: nothing is
+    /// read while nobody looks (on RabbitMQ a read holds the messages it has read).
+    fn spawn_index(self: &Arc<Self>) {
+        let c = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                for g in &c.groups {
+                    let began = c.index.actions.load(std::sync::atomic::Ordering::SeqCst);
+                    let mut groups = Groups::default();
+                    let rows = select(c.transport.as_ref(), g, &DeadLetterFilter::default(), |d| {
+                        groups.add(&d)
+                    })
+                    .await
+                    .map(|()| groups.json(g))
+                    .map_err(|e| e.to_string());
+                    c.index
+                        .groups
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(
+                            g.clone(),
+                            Indexed {
+                                rows,
+                                at: std::time::Instant::now(),
+                                stale: began
+                                    != c.index.actions.load(std::sync::atomic::Ordering::SeqCst),
+                            },
+                        );
+                }
+                c.index.fresh.notify_waiters();
+                c.index.stale.notified().await;
+            }
+        });
+    }
+
+    /// Marks the index stale after an action and asks for a read now.
+    fn touched(&self) {
+        self.index
+            .actions
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        for i in self
+            .index
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values_mut()
+        {
+            i.stale = true;
+        }
+        self.index.stale.notify_one();
+    }
+
+    /// `group`'s last read; if there is none yet or an action made it stale, waits up to
+    /// two seconds for the next. A read older than `--index-every` is shown and a new
+    /// one asked for.
+    async fn indexed(&self, group: &str) -> Option<Indexed> {
+        let now = || {
+            self.index
+                .groups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(group)
+                .cloned()
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let fresh = self.index.fresh.notified();
+            match now() {
+                Some(i) if !i.stale => {
+                    if i.at.elapsed() > self.index_every {
+                        self.index.stale.notify_one();
+                    }
+                    return Some(i);
+                }
+                last => {
+                    if tokio::time::timeout_at(deadline, fresh).await.is_err() {
+                        return last.or_else(now);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// How a request proved it holds the token.
@@ -135,7 +254,10 @@ pub(super) async fn run(
         token,
         sessions: Mutex::default(),
         workers,
+        index: Index::default(),
+        index_every: args.index_every,
     });
+    state.spawn_index();
     let app = Router::new()
         .route("/", get(index))
         .route("/login", get(login_form).post(login))
@@ -493,23 +615,39 @@ async fn index(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
     };
     let mut body = String::new();
     for g in &c.groups {
-        let mut groups = Groups::default();
-        if let Err(e) = select(c.transport.as_ref(), g, &DeadLetterFilter::default(), |d| {
-            groups.add(&d)
-        })
-        .await
-        {
-            return error_page(&e);
-        }
-        let v = groups.json(g);
-        let rows = v["groups"].as_array().cloned().unwrap_or_default();
-        let total: u64 = rows.iter().filter_map(|r| r["count"].as_u64()).sum();
+        let total = match c.transport.dead_letter_count(g).await {
+            Ok(n) => n,
+            Err(e) => return error_page(&CliError::new(format!("group `{g}`: {e}"))),
+        };
         let _ = write!(
             body,
-            "<h2>Consumer group <a href=\"/g/{}\">{}</a>: {total} dead letter(s)</h2>",
+            "<h2>Consumer group <a href=\"/g/{}\">{}</a>: <span class=\"total\">{total}</span> dead letter(s)</h2>",
             pct(g),
             esc(g)
         );
+        let rows = match c.indexed(g).await {
+            None => {
+                body.push_str("<p>Reading the dead letters for the failure groups…</p>");
+                continue;
+            }
+            Some(Indexed { rows: Err(e), .. }) => {
+                let _ = write!(body, "<p class=\"warn\">{}</p>", esc(&e));
+                continue;
+            }
+            Some(Indexed {
+                rows: Ok(v),
+                at,
+                stale,
+            }) => {
+                let _ = write!(
+                    body,
+                    "<p class=\"as-of\">Failure groups as read {:.0} s ago{}.</p>",
+                    at.elapsed().as_secs_f64(),
+                    if stale { " (reading again)" } else { "" }
+                );
+                v["groups"].as_array().cloned().unwrap_or_default()
+            }
+        };
         if rows.is_empty() {
             body.push_str("<p>No dead letters.</p>");
             continue;
@@ -779,6 +917,7 @@ async fn act(c: &Console, group: &str, headers: &HeaderMap, body: &[u8], verb: &
         t.purge_dead_letters(group, &sel, &tick).await
     };
     let ids = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    c.touched();
     if let Err(e) = audit.finish(&ids, outcome(&report)).await {
         return error_page(&e);
     }
@@ -882,6 +1021,7 @@ async fn edit(
     let mut out = outcome(&report);
     out["new_id"] = env.id.to_string().into();
     let done: &[MessageId] = if ok { &[original] } else { &[] };
+    c.touched();
     if let Err(e) = audit.finish(done, out).await {
         return error_page(&e);
     }
