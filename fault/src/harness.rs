@@ -4,6 +4,8 @@
 //! deadline), stop the workers, then check and measure.
 
 use crate::{
+    db::{Database, Outbox, Pool},
+    mariadb::{self, MariaDb},
     proxy::Proxy,
     rabbit_cluster::{self, RestoreCluster},
     servers::{self, NatsServer, RestoreBroker, RestorePostgres},
@@ -20,8 +22,6 @@ use std::{
 };
 use steadfast::{
     Envelope, MessageId,
-    idempotency::PostgresStore,
-    outbox::PostgresOutbox,
     transport::{DeadLetter, Transport},
 };
 use tokio::{
@@ -72,8 +72,9 @@ pub enum Fault {
     },
     /// Every TCP connection between relay and database cut, new ones refused for 2 s.
     CutRelayDatabase,
-    /// PostgreSQL restarted while the relay and the workers run.
-    PostgresRestart,
+    /// The database restarted while the relay and the workers run (PostgreSQL with
+    /// `pg_ctlcluster restart`; MariaDB, a private server, stopped and started).
+    DatabaseRestart,
     /// Raw bad input from a plain client while good messages flow.
     BadInput,
     /// Three-node RabbitMQ cluster: the node the workers are connected to (node 1, the
@@ -144,6 +145,9 @@ pub struct Scenario {
     pub inbox_mode: bool,
     /// Broker prefetch per worker (at least the concurrency, 32).
     pub prefetch: usize,
+    /// The database of the inbox, the effects and the outbox: the shared PostgreSQL, or
+    /// a private MariaDB the run starts (and stops) on `FAULT_MARIADB_PORT` (3307).
+    pub database: Database,
 }
 
 impl Scenario {
@@ -161,6 +165,7 @@ impl Scenario {
             deadline: Duration::from_secs(120),
             inbox_mode: false,
             prefetch: 32,
+            database: Database::Postgres,
         }
     }
 
@@ -596,12 +601,19 @@ struct Ledger {
 /// Runs `s` and returns its row; the caller asserts [`Row::passed`].
 pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     let tag = format!("sf-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(&env.db_url)
-        .await
-        .map_err(e("PostgreSQL must be running on DATABASE_URL"))?;
+    // MariaDB scenarios restart or cut their database: a private server, never the
+    // shared one; stopped when `_mariadb` drops, however the run ends.
+    let mut _mariadb: Option<MariaDb> = None;
+    let db_url = match s.database {
+        Database::Postgres => env.db_url.clone(),
+        Database::MariaDb => {
+            let srv = MariaDb::start(mariadb::private_port()).await?;
+            let url = srv.url();
+            _mariadb = Some(srv);
+            url
+        }
+    };
+    let pool = Pool::connect(&db_url, 4).await?;
 
     // Servers and proxies for this scenario.
     let mut _nats: Option<NatsServer> = None;
@@ -618,7 +630,7 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
         broker_url = srv.url();
         _nats = Some(srv);
     }
-    let mut spec = Spec::new(s.broker, broker_url.clone(), env.db_url.clone(), &tag);
+    let mut spec = Spec::new(s.broker, broker_url.clone(), db_url.clone(), &tag);
     spec.delivery_limit = s.delivery_limit;
     spec.inbox_mode = s.inbox_mode;
     spec.prefetch = s.prefetch;
@@ -633,7 +645,7 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     };
     let db_proxy = if s.fault == Fault::CutRelayDatabase {
         Some(
-            Proxy::start(servers::addr_of(&env.db_url)?)
+            Proxy::start(servers::addr_of(&db_url)?)
                 .await
                 .map_err(e("proxy"))?,
         )
@@ -643,20 +655,11 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
 
     // Schema: effects without a unique constraint, the inbox, the outbox.
     let schema = spec.schema.clone();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.effects (n bigint NOT NULL, id uuid NOT NULL, attempt int NOT NULL, pid int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp());"
-    )))
-    .execute(&pool)
-    .await
-    .map_err(e("creating the schema"))?;
-    let inbox = PostgresStore::new(pool.clone())
-        .with_table(&spec.inbox_table())
-        .map_err(e("inbox"))?;
-    inbox.migrate().await.map_err(e("inbox migrate"))?;
-    let outbox = PostgresOutbox::new(pool.clone())
-        .with_table(&spec.outbox_table())
-        .map_err(e("outbox"))?;
-    outbox.migrate().await.map_err(e("outbox migrate"))?;
+    pool.create_schema(&schema).await?;
+    let inbox = pool.inbox(&spec.inbox_table())?;
+    inbox.migrate().await?;
+    let outbox = pool.outbox(&spec.outbox_table(), Duration::from_secs(10))?;
+    outbox.migrate().await?;
 
     // The harness's own transport: declares the topology, publishes, reads dead letters.
     let mut transport = spec.connect().await.map_err(e("connecting the harness"))?;
@@ -708,7 +711,7 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
         let mut r = spec.clone();
         r.role = Role::Relay;
         if let Some(p) = &db_proxy {
-            r.db_url = servers::with_addr(&env.db_url, p.addr())?;
+            r.db_url = servers::with_addr(&db_url, p.addr())?;
         }
         if let Fault::Window { point, hit } = &s.fault
             && point.starts_with("steadfast::relay")
@@ -785,6 +788,7 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
             &mut fleet,
             &spec,
             _nats.as_mut(),
+            _mariadb.as_mut(),
             broker_proxy.as_ref(),
             db_proxy.as_ref(),
             &mut raw_bad,
@@ -975,17 +979,15 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     if s.broker == Broker::Amqp {
         let _ = servers::amqp_delete_topology(&spec).await;
     }
-    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&pool)
-        .await;
+    pool.drop_schema(&schema).await;
     Ok(row)
 }
 
 async fn publish_all(
     how: Publish,
     transport: Arc<dyn Transport>,
-    outbox: PostgresOutbox,
-    pool: sqlx::PgPool,
+    outbox: Outbox,
+    pool: Pool,
     messages: Vec<Work>,
     ledger: Arc<Mutex<Ledger>>,
     held_back: Option<(usize, tokio::sync::oneshot::Receiver<()>)>,
@@ -1044,16 +1046,7 @@ async fn publish_all(
                 // database outages (a rolled-back one published nothing).
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
-                    let attempt = async {
-                        let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
-                        for w in chunk {
-                            outbox
-                                .enqueue(&mut tx, w)
-                                .await
-                                .map_err(|e| e.to_string())?;
-                        }
-                        tx.commit().await.map_err(|e| e.to_string())
-                    };
+                    let attempt = outbox.enqueue_all(&pool, chunk);
                     match tokio::time::timeout(Duration::from_secs(10), attempt).await {
                         Ok(Ok(())) => {
                             ledger
@@ -1078,31 +1071,23 @@ async fn publish_all(
     Ok(())
 }
 
-async fn count_effects(pool: &sqlx::PgPool, table: &str) -> Res<u64> {
-    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
-        .fetch_one(pool)
+async fn count_effects(pool: &Pool, table: &str) -> Res<u64> {
+    pool.scalar(format!("SELECT count(*) FROM {table}"))
         .await
-        .map_err(e("counting effects"))?;
-    Ok(n as u64)
+        .map_err(e("counting effects"))
 }
 
-async fn count_distinct(pool: &sqlx::PgPool, table: &str) -> Res<u64> {
-    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(DISTINCT n) FROM {table}"
-    )))
-    .fetch_one(pool)
-    .await
-    .map_err(e("counting effects"))?;
-    Ok(n as u64)
+async fn count_distinct(pool: &Pool, table: &str) -> Res<u64> {
+    pool.scalar(format!("SELECT count(DISTINCT n) FROM {table}"))
+        .await
+        .map_err(e("counting effects"))
 }
 
-async fn effect_counts(pool: &sqlx::PgPool, table: &str) -> Res<HashMap<u64, u64>> {
-    let rows: Vec<(i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT n, count(*) FROM {table} GROUP BY n"
-    )))
-    .fetch_all(pool)
-    .await
-    .map_err(e("reading effects"))?;
+async fn effect_counts(pool: &Pool, table: &str) -> Res<HashMap<u64, u64>> {
+    let rows = pool
+        .pairs(format!("SELECT n, count(*) FROM {table} GROUP BY n"))
+        .await
+        .map_err(e("reading effects"))?;
     Ok(rows
         .into_iter()
         .map(|(n, c)| (n as u64, c as u64))
@@ -1110,7 +1095,7 @@ async fn effect_counts(pool: &sqlx::PgPool, table: &str) -> Res<HashMap<u64, u64
 }
 
 async fn wait_effects(
-    pool: &sqlx::PgPool,
+    pool: &Pool,
     table: &str,
     at_least: u64,
     fleet: &mut Fleet,
@@ -1175,6 +1160,7 @@ async fn inject(
     fleet: &mut Fleet,
     spec: &Spec,
     nats: Option<&mut NatsServer>,
+    mariadb: Option<&mut MariaDb>,
     broker_proxy: Option<&Proxy>,
     db_proxy: Option<&Proxy>,
     raw_bad: &mut u64,
@@ -1256,9 +1242,16 @@ async fn inject(
             p.cut(Duration::from_secs(2)).await;
             Ok(Some(Instant::now()))
         }
-        Fault::PostgresRestart => {
-            let _restore = RestorePostgres;
-            servers::pg_ctl("restart").await?;
+        Fault::DatabaseRestart => {
+            match s.database {
+                Database::Postgres => {
+                    let _restore = RestorePostgres;
+                    servers::pg_ctl("restart").await?;
+                }
+                Database::MariaDb => {
+                    mariadb.ok_or("no private MariaDB")?.restart().await?;
+                }
+            }
             Ok(Some(Instant::now()))
         }
         Fault::BadInput => {
@@ -1272,7 +1265,7 @@ async fn inject(
 /// How far the workers got: distinct effects, and how many may still land from
 /// deliveries in flight when a fault began (they do not show that consumption resumed).
 struct Progress<'a> {
-    pool: &'a sqlx::PgPool,
+    pool: &'a Pool,
     table: &'a str,
     margin: u64,
 }

@@ -22,6 +22,7 @@ pub fn addr_of(url: &str) -> Res<SocketAddr> {
         "amqp" => Some(5672),
         "nats" => Some(4222),
         "postgres" | "postgresql" => Some(5432),
+        "mysql" | "mariadb" => Some(3306),
         _ => None,
     });
     format!("{host}:{}", port.ok_or("url without a port")?)
@@ -216,20 +217,7 @@ impl NatsServer {
 
     /// Stops it with SIGTERM (a clean shutdown, as a restart would) and waits.
     pub async fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if let Some(pid) = c.id() {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status()
-                    .await;
-            }
-            if tokio::time::timeout(Duration::from_secs(20), c.wait())
-                .await
-                .is_err()
-            {
-                let _ = c.kill().await;
-            }
-        }
+        crate::mariadb::terminate(self.child.take(), Duration::from_secs(20)).await;
     }
 }
 
@@ -507,5 +495,9 @@ pub async fn versions(env: &crate::harness::Env) -> String {
             .unwrap_or_else(|_| "?".to_owned()),
         Err(_) => "?".to_owned(),
     };
-    format!("RabbitMQ {rabbit}, {nats}, PostgreSQL {pg}")
+    let maria = run("/usr/sbin/mariadbd", &["--version"])
+        .await
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".to_owned());
+    format!("RabbitMQ {rabbit}, {nats}, PostgreSQL {pg}, {maria} (private)")
 }

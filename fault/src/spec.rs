@@ -79,7 +79,7 @@ pub struct Spec {
     pub name: String,
     /// The consumer group.
     pub group: String,
-    /// PostgreSQL URL (possibly through the proxy).
+    /// The database URL, PostgreSQL or `mysql://` (possibly through the proxy).
     pub db_url: String,
     /// The run's schema: `effects`, `inbox`, `outbox` tables.
     pub schema: String,

@@ -1,6 +1,8 @@
-//! The scenarios: every fault of `docs/reliability.md` on both brokers.
+//! The scenarios: every fault of `docs/reliability.md` on both brokers (the database
+//! faults on PostgreSQL and on MariaDB).
 
 use crate::{
+    db::Database,
     harness::{Fault, Publish, Scenario},
     spec::{Broker, Mode},
 };
@@ -24,6 +26,16 @@ pub mod point {
 
 fn sc(name: &str, broker: Broker, n: u64, fault: Fault) -> Scenario {
     Scenario::new(name, broker, n, fault)
+}
+
+/// The database scenarios run on the shared PostgreSQL, or (names with `mariadb`) on a
+/// private MariaDB server.
+fn database_of(name: &str) -> Database {
+    if name.contains("mariadb") {
+        Database::MariaDb
+    } else {
+        Database::Postgres
+    }
 }
 
 /// One scenario by name for `broker` with `n` messages; `None` for a name that does not
@@ -221,24 +233,28 @@ pub fn scenario(name: &str, broker: Broker, n: u64) -> Option<Scenario> {
             }
             s
         }
-        "relay-pg-restart" => {
+        "relay-pg-restart" | "relay-mariadb-restart" => {
+            let db = database_of(name);
             let mut s = sc(
-                "PostgreSQL restart under relay and workers",
+                &format!("{} restart under relay and workers", db.as_str()),
                 broker,
                 n,
-                Fault::PostgresRestart,
+                Fault::DatabaseRestart,
             );
             s.publish = Publish::Outbox;
+            s.database = db;
             s
         }
-        "relay-cut-db" => {
+        "relay-cut-db" | "relay-cut-mariadb" => {
+            let db = database_of(name);
             let mut s = sc(
-                "TCP cut relay <-> PostgreSQL",
+                &format!("TCP cut relay <-> {}", db.as_str()),
                 broker,
                 n,
                 Fault::CutRelayDatabase,
             );
             s.publish = Publish::Outbox;
+            s.database = db;
             s
         }
         name if name.starts_with("cluster-") => {
@@ -315,6 +331,9 @@ pub const ALL: &[&str] = &[
     "relay-window",
     "relay-pg-restart",
     "relay-cut-db",
+    // The same two on MySQL / MariaDB (a private server on FAULT_MARIADB_PORT, 3307).
+    "relay-mariadb-restart",
+    "relay-cut-mariadb",
     // The same model with workers that use their store as an inbox (a look, no lease).
     "sigkill+inbox",
     "before-settle+inbox",

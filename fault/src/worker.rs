@@ -5,7 +5,10 @@
 //! so a second effect of the same message shows — in the same transaction as the inbox
 //! key. The message itself says how the handler misbehaves ([`Mode`]).
 
-use crate::spec::{Mode, Role, Spec, Work};
+use crate::{
+    db::{Inbox, Outbox, Pool},
+    spec::{Mode, Role, Spec, Work},
+};
 use std::{
     sync::{
         Arc,
@@ -15,8 +18,7 @@ use std::{
 };
 use steadfast::{
     Context, HandlerError, Worker,
-    idempotency::PostgresStore,
-    outbox::{PostgresOutbox, Relay},
+    outbox::{OutboxSource, Relay},
     transport::Transport,
     worker::{Outcome, Processed},
 };
@@ -59,13 +61,13 @@ impl Tally {
 }
 
 /// Builds the model's worker on `transport`: the `Work` handler writing effects through
-/// the PostgreSQL inbox, the suite's retry policy and limits. The harness builds the same
-/// worker to declare the topology before it publishes.
+/// the inbox (PostgreSQL or MariaDB), the suite's retry policy and limits. The harness
+/// builds the same worker to declare the topology before it publishes.
 pub fn build_worker(
     spec: &Spec,
     transport: Arc<dyn Transport>,
-    pool: sqlx::PgPool,
-    inbox: PostgresStore,
+    pool: Pool,
+    inbox: Inbox,
     tally: Arc<Tally>,
 ) -> Result<Worker, steadfast::worker::BuildError> {
     let effects = format!("{}.effects", spec.schema);
@@ -78,10 +80,11 @@ pub fn build_worker(
             async move { handle(job, cx, &pool, &inbox, &effects).await }
         },
     );
-    let builder = if spec.inbox_mode {
-        builder.inbox(inbox)
-    } else {
-        builder.idempotency(inbox)
+    let builder = match (spec.inbox_mode, inbox) {
+        (true, Inbox::Pg(s)) => builder.inbox(s),
+        (true, Inbox::My(s)) => builder.inbox(s),
+        (false, Inbox::Pg(s)) => builder.idempotency(s),
+        (false, Inbox::My(s)) => builder.idempotency(s),
     };
     builder
         .retry(spec.retry_policy())
@@ -97,8 +100,8 @@ pub fn build_worker(
 async fn handle(
     job: Work,
     cx: Context,
-    pool: &sqlx::PgPool,
-    inbox: &PostgresStore,
+    pool: &Pool,
+    inbox: &Inbox,
     effects: &str,
 ) -> Result<(), HandlerError> {
     let attempt = cx.attempt();
@@ -129,24 +132,7 @@ async fn handle(
         }
         Mode::Transient(_) | Mode::Panic(_) | Mode::Hang(_) => {}
     }
-    let mut tx = pool.begin().await?;
-    if !inbox.mark(&mut tx, &cx).await? {
-        return Ok(()); // handled before: no second effect
-    }
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO {effects} (n, id, attempt, pid) VALUES ($1, $2, $3, $4)"
-    )))
-    .bind(i64::try_from(job.n).unwrap_or(i64::MAX))
-    .bind(*cx.id().as_uuid())
-    .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
-    .bind(i32::try_from(std::process::id()).unwrap_or(0))
-    .execute(&mut *tx)
-    .await?;
-    // Crash window: the effect is written, the transaction not committed.
-    #[cfg(feature = "failpoints")]
-    fail::fail_point!("fault::handler::before_commit");
-    tx.commit().await?;
-    Ok(())
+    pool.write_effect(inbox, effects, &job, &cx).await
 }
 
 /// Arms the failpoints named in `FW_ABORT_AT` (`name@k,...`): the process aborts — no
@@ -184,11 +170,7 @@ pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let spec = Spec::from_env()?;
     arm_failpoints(&spec)?;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(&spec.db_url)
-        .await?;
+    let pool = Pool::connect(&spec.db_url, 8).await?;
     let transport = spec.connect().await?;
     match spec.role {
         Role::Worker => run_worker(&spec, transport, pool).await,
@@ -199,9 +181,9 @@ pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn run_worker(
     spec: &Spec,
     transport: Arc<dyn Transport>,
-    pool: sqlx::PgPool,
+    pool: Pool,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let inbox = PostgresStore::new(pool.clone()).with_table(&spec.inbox_table())?;
+    let inbox = pool.inbox(&spec.inbox_table())?;
     let tally = Arc::new(Tally::default());
     let worker = build_worker(spec, transport.clone(), pool, inbox, tally.clone())?;
     let status = worker.status();
@@ -230,11 +212,18 @@ async fn run_worker(
 async fn run_relay(
     spec: &Spec,
     transport: Arc<dyn Transport>,
-    pool: sqlx::PgPool,
+    pool: Pool,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let outbox = PostgresOutbox::new(pool)
-        .with_table(&spec.outbox_table())?
-        .with_timeout(Duration::from_secs(5));
+    match pool.outbox(&spec.outbox_table(), Duration::from_secs(5))? {
+        Outbox::Pg(o) => relay_from(o, transport).await,
+        Outbox::My(o) => relay_from(o, transport).await,
+    }
+}
+
+async fn relay_from(
+    outbox: impl OutboxSource,
+    transport: Arc<dyn Transport>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let relay = Relay::builder(outbox, transport.clone())
         .batch_size(200)
         .poll_interval(Duration::from_millis(200))

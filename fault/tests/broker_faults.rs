@@ -4,8 +4,9 @@
 //! no duplicate effect, every poison message dead-lettered with its reason and no
 //! healthy one, nothing left unacked, the outbox empty, the system drained by itself.
 //!
-//! These tests restart RabbitMQ and PostgreSQL: `scripts/test.sh` runs this binary
-//! alone, one test at a time. `FAULT_N` sets the messages per scenario.
+//! These tests restart RabbitMQ and PostgreSQL (and a private MariaDB on
+//! `FAULT_MARIADB_PORT`, 3307): `scripts/test.sh` runs this binary alone, one test at a
+//! time. `FAULT_N` sets the messages per scenario.
 
 use std::time::Duration;
 use steadfast_fault::{
@@ -87,6 +88,10 @@ scenarios! {
     amqp_relay_killed_after_confirm: "relay-window" on Amqp;
     amqp_postgres_restart_under_relay: "relay-pg-restart" on Amqp;
     amqp_tcp_cut_relay_to_database: "relay-cut-db" on Amqp;
+    amqp_mariadb_restart_under_relay: "relay-mariadb-restart" on Amqp;
+    nats_mariadb_restart_under_relay: "relay-mariadb-restart" on Nats;
+    amqp_tcp_cut_relay_to_mariadb: "relay-cut-mariadb" on Amqp;
+    nats_tcp_cut_relay_to_mariadb: "relay-cut-mariadb" on Nats;
     amqp_random_sigkills_inbox_mode: "sigkill+inbox" on Amqp;
     nats_concurrent_duplicates_inbox_mode: "duplicates+inbox" on Nats;
 }

@@ -1,7 +1,8 @@
 //! A database restarted while the outbox relay runs (PostgreSQL, and MySQL / MariaDB
 //! with the `mysql` feature): every row committed before or after the restart is
-//! dispatched once the server is back. Runs alone (it restarts the shared servers); a
-//! guard starts the server again even if the test fails.
+//! dispatched once the server is back. Runs alone (it restarts the shared PostgreSQL; a
+//! guard starts it again even if the test fails). MariaDB is a private server on
+//! `FAULT_MARIADB_PORT` (3307), never the shared one, stopped when the test ends.
 #![cfg(feature = "postgres")]
 
 use sqlx::AssertSqlSafe;
@@ -27,28 +28,11 @@ fn pg_ctl(action: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Stops (`--stop`, waiting up to 30 s) or starts (`--start`) the MariaDB server the way
-/// `scripts/services.sh` starts it.
+/// The fault suite's private MariaDB server (`fault/src/mariadb.rs`).
 #[cfg(feature = "mysql")]
-fn mariadb(action: &str) -> bool {
-    let mut cmd = std::process::Command::new("start-stop-daemon");
-    if action == "stop" {
-        cmd.args(["--stop", "--retry", "30", "--exec", "/usr/sbin/mariadbd"]);
-    } else {
-        let _ = std::fs::create_dir_all("/run/mysqld");
-        let _ = std::process::Command::new("chown")
-            .args(["mysql:mysql", "/run/mysqld"])
-            .status();
-        cmd.args([
-            "--start",
-            "--oknodo",
-            "--background",
-            "--exec",
-            "/usr/sbin/mariadbd",
-        ]);
-    }
-    cmd.status().map(|s| s.success()).unwrap_or(false)
-}
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../fault/src/mariadb.rs"]
+mod mariadb;
 
 /// Starts the server on drop, whatever happened.
 struct RestoreServer(fn(&str) -> bool);
@@ -86,10 +70,11 @@ macro_rules! enqueue_retrying {
     };
 }
 
-/// The relay across a restart of the server `$server` controls, on `$outbox` in a table
-/// of its own; waits up to 60 s for every row. Evaluates to nothing; panics on a loss.
+/// The relay across a restart of the database (`$stop` and `$start` are `bool`
+/// expressions, evaluated in place), on `$outbox` in a table of its own; waits up to 60 s
+/// for every row. Evaluates to nothing; panics on a loss.
 macro_rules! relay_across_restart {
-    ($pool:expr, $outbox:expr, $server:expr) => {{
+    ($pool:expr, $outbox:expr, $stop:expr, $start:expr) => {{
         let (pool, outbox) = (&$pool, &$outbox);
         outbox.migrate().await.unwrap();
         let broker = MemoryTransport::new();
@@ -104,9 +89,9 @@ macro_rules! relay_across_restart {
 
         // Rows committed just before the restart: some are still pending when it hits.
         enqueue_retrying!(pool, outbox, 0..50);
-        assert!($server("stop"), "could not stop the database server");
+        assert!($stop, "could not stop the database server");
         tokio::time::sleep(Duration::from_secs(2)).await; // the relay fails and backs off
-        assert!($server("start"), "could not start the database server");
+        assert!($start, "could not start the database server");
         // Rows committed after the restart, through a pool whose connections died.
         enqueue_retrying!(pool, outbox, 50..100);
 
@@ -144,7 +129,7 @@ async fn relay_dispatches_every_row_across_a_postgres_restart() {
     let outbox = PostgresOutbox::new(pool.clone())
         .with_table(&format!("{schema}.steadfast_outbox"))
         .unwrap();
-    relay_across_restart!(pool, outbox, pg_ctl);
+    relay_across_restart!(pool, outbox, pg_ctl("stop"), pg_ctl("start"));
     let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
         .execute(&pool)
         .await;
@@ -153,16 +138,23 @@ async fn relay_dispatches_every_row_across_a_postgres_restart() {
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_dispatches_every_row_across_a_mariadb_restart() {
-    let _restore = RestoreServer(mariadb);
-    let url = std::env::var("MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
-    let pool = steadfast::idempotency::mysql::connect(&url).await.unwrap();
-    let table = format!("f_{}_outbox", uuid::Uuid::now_v7().simple());
-    let outbox = steadfast::outbox::MySqlOutbox::new(pool.clone())
-        .with_table(&table)
+    // Dropped (stopped, its files removed) however the test ends.
+    let mut server = mariadb::MariaDb::start(mariadb::private_port())
+        .await
         .unwrap();
-    relay_across_restart!(pool, outbox, mariadb);
-    let _ = sqlx::query(AssertSqlSafe(format!("DROP TABLE {table}")))
-        .execute(&pool)
-        .await;
+    let pool = steadfast::idempotency::mysql::connect(&server.url())
+        .await
+        .unwrap();
+    let outbox = steadfast::outbox::MySqlOutbox::new(pool.clone())
+        .with_table("steadfast_outbox")
+        .unwrap();
+    relay_across_restart!(
+        pool,
+        outbox,
+        {
+            server.stop().await;
+            true
+        },
+        server.start_again().await.is_ok()
+    );
 }
