@@ -321,7 +321,9 @@ impl ConsoleProcess {
         let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
         let mut log = Vec::new();
         loop {
-            let line = err.next_line().await.unwrap().expect("the console starts");
+            let Some(line) = err.next_line().await.unwrap() else {
+                panic!("the console did not start: {log:?}");
+            };
             let up = line.contains("steadfast console on");
             log.push(line);
             if up {
