@@ -170,7 +170,7 @@ pub(super) async fn take(
             }
             let link = inner.link_bounded().await?;
             let ch = inner.open_channel(&link).await?;
-            let acks = ChannelAcks::start(ch.clone(), inner.cfg.op_timeout, 1);
+            let acks = ChannelAcks::start(ch.clone(), inner.cfg.op_timeout, 1, None);
             inner.track(&acks);
             *getter = Some((ch.clone(), acks.clone()));
             (ch, acks)
