@@ -8,4 +8,5 @@ mod common;
 mod conformance;
 mod pg_inbox;
 mod pg_outbox;
+mod pg_tls;
 mod sqlite;
