@@ -6,7 +6,6 @@
 //! BENCH_ONLY=steadfast cargo bench --features amqp --bench amqp   # the worker alone
 //! BENCH_ONLY=coalesced cargo bench --features amqp --bench amqp   # the raw ceiling alone
 //! BENCH_ONLY=coalesced-2ch cargo bench --features amqp --bench amqp  # on two channels
-//! BENCH_ONLY=ack-batches cargo bench --features amqp --bench amqp    # acks by the batch or not
 //! ```
 //!
 //! Scenarios, each with prefetch 100 and payloads of 256 B and 1 KiB:
@@ -30,10 +29,7 @@
 //! the properties and CloudEvents headers a steadfast publisher sets, so every consumer
 //! parses the same frames. Every raw loop runs as a spawned task. `BENCH_ROUNDS` (default
 //! 2) repeats the six, interleaved. `BENCH_CHANNELS=n` sets the worker's consumer
-//! channels (default: the transport's default, 1), `BENCH_ACK_BATCH_MS=n` its ack batch
-//! wait (default 0, off). `BENCH_ONLY=ack-batches` runs the worker alone, alternating
-//! acks as soon as they may be (`steadfast`) and acks by the batch with a 1 ms wait
-//! (`sf-ack-batch`), `BENCH_ROUNDS` (default 5) times.
+//! channels (default: the transport's default, 1).
 //!
 //! Prints msgs/s, client CPU µs/msg (user+system time of this process from
 //! `/proc/self/stat`, the figures `getrusage` gives; `unsafe` is forbidden here) and,
@@ -390,24 +386,12 @@ async fn raw_consume_split(conn: &Connection, queue: &str, n: usize, channels: u
     took
 }
 
-/// The worker's ack batch wait: `BENCH_ACK_BATCH_MS`, default 0 (acks as soon as they
-/// may be).
-fn ack_batch_wait() -> Duration {
-    Duration::from_millis(
-        std::env::var("BENCH_ACK_BATCH_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
-    )
-}
-
-async fn steadfast_run(size: usize, n: usize, ack_batch_wait: Duration) -> Took {
+async fn steadfast_run(size: usize, n: usize) -> Took {
     let name = format!("sf-bench-{}", uuid::Uuid::now_v7().simple());
     let mut builder = AmqpTransport::builder(url())
         .exchange(name.clone())
         .queue_prefix(format!("{name}."))
-        .queue_expiry(Duration::from_secs(120))
-        .ack_batch_wait(ack_batch_wait);
+        .queue_expiry(Duration::from_secs(120));
     if let Some(n) = std::env::var("BENCH_CHANNELS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -476,32 +460,7 @@ fn main() {
         match std::env::var("BENCH_ONLY").as_deref() {
             Ok("steadfast") => {
                 for size in [256usize, 1024] {
-                    let took = steadfast_run(size, n, ack_batch_wait()).await;
-                    report(&out, 1, "steadfast", size, n, took);
-                }
-                return;
-            }
-            Ok("ack-batches") => {
-                let rounds: usize = std::env::var("BENCH_ROUNDS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(5);
-                let batched = Duration::from_millis(1);
-                for round in 1..=rounds {
-                    for size in [256usize, 1024] {
-                        // Which goes first alternates, so a drift in the machine's load
-                        // does not always land on the same one.
-                        let order = if round % 2 == 1 {
-                            [Duration::ZERO, batched]
-                        } else {
-                            [batched, Duration::ZERO]
-                        };
-                        for wait in order {
-                            let name = if wait.is_zero() { "steadfast" } else { "sf-ack-batch" };
-                            let took = steadfast_run(size, n, wait).await;
-                            report(&out, round, name, size, n, took);
-                        }
-                    }
+                    report(&out, 1, "steadfast", size, n, steadfast_run(size, n).await);
                 }
                 return;
             }
@@ -536,7 +495,7 @@ fn main() {
                 let awaited = report(&out, round, "raw-ack-await", size, n, raw(Ack::Await, Shape::Steadfast).await);
                 let spawned = report(&out, round, "raw-ack-spawn", size, n, raw(Ack::Spawn, Shape::Steadfast).await);
                 let ceiling = report(&out, round, "raw-coalesced", size, n, raw(Ack::Coalesce, Shape::Steadfast).await);
-                let ours = report(&out, round, "steadfast", size, n, steadfast_run(size, n, ack_batch_wait()).await);
+                let ours = report(&out, round, "steadfast", size, n, steadfast_run(size, n).await);
                 let split = report(&out, round, "raw-coal-2ch", size, n, raw(Ack::Split(2), Shape::Steadfast).await);
                 let plain = report(&out, round, "raw-coal-plain", size, n, raw(Ack::Coalesce, Shape::Plain).await);
                 println!(

@@ -192,9 +192,6 @@ pub struct Env {
     pub db_url: String,
     /// The `fault-worker` binary.
     pub worker_exe: PathBuf,
-    /// RabbitMQ workers send their acks by the batch, waiting up to this long
-    /// (`FAULT_AMQP_ACK_BATCH_MS`; zero, the default: as soon as they may be).
-    pub amqp_ack_batch_wait: Duration,
 }
 
 impl Env {
@@ -206,12 +203,6 @@ impl Env {
             nats_url: get("NATS_URL", "nats://127.0.0.1:4222"),
             db_url: get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"),
             worker_exe: worker_exe.to_owned(),
-            amqp_ack_batch_wait: Duration::from_millis(
-                std::env::var("FAULT_AMQP_ACK_BATCH_MS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
-            ),
         }
     }
 }
@@ -643,7 +634,6 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     spec.delivery_limit = s.delivery_limit;
     spec.inbox_mode = s.inbox_mode;
     spec.prefetch = s.prefetch;
-    spec.ack_batch_wait = env.amqp_ack_batch_wait;
     let broker_proxy = if matches!(s.fault, Fault::CutBroker | Fault::Flapping { .. }) {
         Some(
             Proxy::start(servers::addr_of(&broker_url)?)
@@ -910,15 +900,7 @@ pub async fn run(env: &Env, s: &Scenario, baseline: Option<f64>) -> Res<Row> {
     let total_effects: u64 = effects.values().sum();
 
     let mut row = Row {
-        scenario: if s.broker == Broker::Amqp && !env.amqp_ack_batch_wait.is_zero() {
-            format!(
-                "{} (acks by the batch, {} ms)",
-                s.name,
-                env.amqp_ack_batch_wait.as_millis()
-            )
-        } else {
-            s.name.clone()
-        },
+        scenario: s.name.clone(),
         broker: s.broker.as_str(),
         messages: ok.len() as u64 + raw_bad,
         failed_or_unknown: failed + indeterminate,

@@ -100,8 +100,6 @@ pub struct Spec {
     /// The worker uses its store with `.inbox(store)` (a look, no lease) instead of
     /// `.idempotency(store)`.
     pub inbox_mode: bool,
-    /// RabbitMQ: `AmqpBuilder::ack_batch_wait` (zero: acks sent as soon as they may be).
-    pub ack_batch_wait: Duration,
 }
 
 fn var(name: &str) -> Result<String, String> {
@@ -136,7 +134,6 @@ impl Spec {
             delivery_limit: 20,
             abort_at: BTreeMap::new(),
             inbox_mode: false,
-            ack_batch_wait: Duration::ZERO,
         }
     }
 
@@ -179,7 +176,6 @@ impl Spec {
             delivery_limit: num("FW_DELIVERY_LIMIT", 20)?,
             abort_at,
             inbox_mode: std::env::var("FW_INBOX_MODE").is_ok_and(|v| v == "1"),
-            ack_batch_wait: Duration::from_millis(num("FW_ACK_BATCH_MS", 0)?),
         })
     }
 
@@ -224,10 +220,6 @@ impl Spec {
             ("FW_DELIVERY_LIMIT", self.delivery_limit.to_string()),
             ("FW_ABORT_AT", abort.join(",")),
             ("FW_INBOX_MODE", u8::from(self.inbox_mode).to_string()),
-            (
-                "FW_ACK_BATCH_MS",
-                self.ack_batch_wait.as_millis().to_string(),
-            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -272,7 +264,6 @@ impl Spec {
                     .operation_timeout(Duration::from_secs(5))
                     .max_reconnect_delay(Duration::from_secs(1))
                     .heartbeat(5)
-                    .ack_batch_wait(self.ack_batch_wait)
                     .connect()
                     .await?,
             ),

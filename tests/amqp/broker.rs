@@ -574,37 +574,23 @@ async fn settling_after_the_stream_is_dropped_still_acks() {
 /// with a prefetch of 1 keeps one channel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_consumer_channels_ack_every_burst_and_a_prefetch_of_one_keeps_one() {
-    use steadfast::transport::Subscription;
+    use futures::{StreamExt, stream::FuturesUnordered};
+    use steadfast::{Disposition, transport::Subscription};
     let name = support::unique("channels");
-    let t = support::builder(&support::url(), &name)
+    let t = AmqpTransport::builder(support::url())
+        .exchange(name.as_str())
+        .queue_prefix(format!("{name}."))
+        .queue_expiry(Duration::from_secs(300))
         .consumer_channels(2)
         .connect()
         .await
         .expect("RabbitMQ on AMQP_URL");
-    let (_conn, ch) = support::raw_channel().await;
-    every_burst_and_trickle_is_acked(&t, 2).await;
-
-    let mut one = Subscription::new("h", [Task::NAME]);
-    one.prefetch = 1;
-    let stream = t.subscribe(&one).await.unwrap();
-    assert_eq!(support::consumers(&ch, &t.queue_name("h")).await, 1);
-    drop(stream);
-    t.close().await;
-}
-
-/// Group `g` of `t`, prefetch 100, consumed on `channels` consumers: every ack goes out
-/// for bursts of 1 to 120 messages and for settles trickling in 2 ms apart, so nothing
-/// comes back to the next consumer (an acknowledger that waited for a batch that never
-/// comes would leave them unsettled).
-pub(crate) async fn every_burst_and_trickle_is_acked(t: &AmqpTransport, channels: u32) {
-    use futures::{StreamExt, stream::FuturesUnordered};
-    use steadfast::{Disposition, transport::Subscription};
     let mut sub = Subscription::new("g", [Task::NAME]);
     sub.prefetch = 100;
     let mut stream = t.subscribe(&sub).await.unwrap();
     let (_conn, ch) = support::raw_channel().await;
     let q = t.queue_name("g");
-    assert_eq!(support::consumers(&ch, &q).await, channels);
+    assert_eq!(support::consumers(&ch, &q).await, 2);
     let mut next = 0u64;
     let mut seen = Vec::new();
     for burst in [1usize, 7, 24, 25, 26, 49, 120] {
@@ -678,7 +664,20 @@ pub(crate) async fn every_burst_and_trickle_is_acked(t: &AmqpTransport, channels
     assert_eq!(seen, (0..next).collect::<Vec<_>>(), "each message once");
     // Every ack reached the broker: nothing comes back to a new consumer.
     assert_eq!(support::ready(&ch, &q).await, 0);
-    support::nothing_comes_back(t, &sub).await;
+    let mut again = t.subscribe(&sub).await.unwrap();
+    let redelivered = tokio::time::timeout(Duration::from_secs(2), again.next()).await;
+    assert!(
+        redelivered.is_err(),
+        "a message came back: its ack was never sent"
+    );
+    drop(again);
+
+    let mut one = Subscription::new("h", [Task::NAME]);
+    one.prefetch = 1;
+    let stream = t.subscribe(&one).await.unwrap();
+    assert_eq!(support::consumers(&ch, &t.queue_name("h")).await, 1);
+    drop(stream);
+    t.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

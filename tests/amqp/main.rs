@@ -3,7 +3,6 @@
 //! real broker shows — broker-held delays, killed workers, raw bad input, dead-letter
 //! headers, delivery limits.
 
-mod ack_batches;
 mod bad_input;
 mod broker;
 mod raw_frames;

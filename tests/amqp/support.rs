@@ -29,20 +29,14 @@ pub(crate) fn unique(tag: &str) -> String {
 /// A transport on exchange `name` with queue prefix `{name}.`, the delivery limit
 /// given, and queues that expire when unused so test runs do not pile up.
 pub(crate) async fn transport_named(name: &str, delivery_limit: u32) -> AmqpTransport {
-    builder(&url(), name)
+    AmqpTransport::builder(url())
+        .exchange(name)
+        .queue_prefix(format!("{name}."))
+        .queue_expiry(Duration::from_secs(300))
         .delivery_limit(delivery_limit)
         .connect()
         .await
         .expect("RabbitMQ must be running on AMQP_URL (default 127.0.0.1:5672)")
-}
-
-/// A transport builder for the broker at `url` on exchange `name`, queue prefix
-/// `{name}.`, with queues that expire when unused.
-pub(crate) fn builder(url: &str, name: &str) -> steadfast::transport::amqp::AmqpBuilder {
-    AmqpTransport::builder(url)
-        .exchange(name)
-        .queue_prefix(format!("{name}."))
-        .queue_expiry(Duration::from_secs(300))
 }
 
 /// A transport with its own exchange and queue prefix.
@@ -178,19 +172,4 @@ pub(crate) async fn wait_for_async<F: std::future::Future<Output = bool>>(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Every ack of `sub`'s group reached the broker: a new consumer gets nothing in 2 s.
-pub(crate) async fn nothing_comes_back(
-    t: &AmqpTransport,
-    sub: &steadfast::transport::Subscription,
-) {
-    use futures::StreamExt;
-    use steadfast::transport::Transport;
-    let mut again = t.subscribe(sub).await.unwrap();
-    let redelivered = tokio::time::timeout(Duration::from_secs(2), again.next()).await;
-    assert!(
-        redelivered.is_err(),
-        "a message came back: its ack was never sent"
-    );
 }

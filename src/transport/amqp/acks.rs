@@ -8,12 +8,6 @@
 //! out first, one by one, so a later `multiple` ack can never cover them. When idle an
 //! in-order ack goes out at once; under load one frame covers many messages.
 //!
-//! With [`Batching`] (`AmqpBuilder::ack_batch_wait`, off by default; decision 0103) the
-//! in-order acks wait until they number half the channel's prefetch or the oldest has
-//! waited the batch wait, and the flusher is woken by the first ack it has to send and
-//! by the one that completes a batch, not by every ack; acks queued while it sends are
-//! taken at once. A tag above the lowest in flight then waits up to the batch wait too.
-//!
 //! The whole structure belongs to one channel *generation*: after a reconnect the new
 //! channel has new tags and a new `ChannelAcks`, and a delivery of the dead channel can
 //! only fail to settle — it is never acked on the new one.
@@ -46,32 +40,11 @@ struct State {
     /// Tags handed out and not yet queued for settling.
     in_flight: BTreeSet<u64>,
     queue: Vec<Op>,
-    /// With batching: acks queued or held by the flusher, not yet sent.
-    unsent: usize,
     /// No new deliveries will arrive on this channel.
     retired: bool,
     /// Message ids of the latest deliveries handed out (at most `recent_cap`): when the
     /// channel dies, these are the ones the broker may hand out again.
     recent: std::collections::VecDeque<String>,
-}
-
-/// In-order acks sent by the batch rather than as soon as they may be.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Batching {
-    /// How many in-order acks make a frame worth sending at once.
-    pub(super) size: usize,
-    /// How long the oldest of them may wait for the batch to fill.
-    pub(super) wait: Duration,
-}
-
-impl Batching {
-    /// Half the channel's `prefetch`, or `None` when `wait` is zero (batching off).
-    pub(super) fn half_prefetch(prefetch: u16, wait: Duration) -> Option<Self> {
-        (!wait.is_zero()).then(|| Self {
-            size: usize::from(prefetch / 2).max(1),
-            wait,
-        })
-    }
 }
 
 pub(super) struct ChannelAcks {
@@ -80,28 +53,18 @@ pub(super) struct ChannelAcks {
     state: Mutex<State>,
     wake: Notify,
     timeout: Duration,
-    batching: Option<Batching>,
-    /// How long a held ack may wait: [`HOLD`], or the batch wait with batching.
-    hold: Duration,
 }
 
 impl ChannelAcks {
     /// Starts the flusher of `channel`, which remembers the ids of its latest
-    /// `recent_cap` deliveries and sends its acks by the batch if `batching` is set.
-    pub(super) fn start(
-        channel: Channel,
-        timeout: Duration,
-        recent_cap: usize,
-        batching: Option<Batching>,
-    ) -> Arc<Self> {
+    /// `recent_cap` deliveries.
+    pub(super) fn start(channel: Channel, timeout: Duration, recent_cap: usize) -> Arc<Self> {
         let acks = Arc::new(Self {
             channel,
             recent_cap,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             timeout,
-            batching,
-            hold: batching.map_or(HOLD, |b| b.wait),
         });
         tokio::spawn(acks.clone().flusher());
         acks
@@ -114,7 +77,7 @@ impl ChannelAcks {
     /// Nothing handed out is waiting to be settled.
     pub(super) fn is_idle(&self) -> bool {
         let st = self.lock();
-        st.in_flight.is_empty() && st.queue.is_empty() && st.unsent == 0
+        st.in_flight.is_empty() && st.queue.is_empty()
     }
 
     /// Records a tag handed out to the worker, with its message id.
@@ -150,20 +113,8 @@ impl ChannelAcks {
     /// Acks `tag`; `Ok` once the ack frame went out on this channel.
     pub(super) async fn ack(&self, tag: u64) -> Result<(), TransportError> {
         let (tx, rx) = oneshot::channel();
-        let wake = {
-            let mut st = self.lock();
-            st.queue.push(Op::Ack(tag, tx));
-            match self.batching {
-                None => true,
-                Some(b) => {
-                    st.unsent += 1;
-                    st.unsent == 1 || st.unsent >= b.size
-                }
-            }
-        };
-        if wake {
-            self.wake.notify_one();
-        }
+        self.lock().queue.push(Op::Ack(tag, tx));
+        self.wake.notify_one();
         match rx.await {
             Ok(r) => r,
             Err(_) => Err(not_settled("the acknowledger stopped")),
@@ -183,7 +134,7 @@ impl ChannelAcks {
         let mut held: Vec<(u64, Done, Instant)> = Vec::new();
         loop {
             let notified = self.wake.notified();
-            let (requeues, low, done, retired) = {
+            let (requeues, low, done) = {
                 let mut st = self.lock();
                 let ops = std::mem::take(&mut st.queue);
                 let now = Instant::now();
@@ -201,7 +152,7 @@ impl ChannelAcks {
                     }
                 }
                 let done = st.retired && st.in_flight.is_empty() && held.is_empty();
-                (requeues, st.in_flight.first().copied(), done, st.retired)
+                (requeues, st.in_flight.first().copied(), done)
             };
             if done && requeues.is_empty() {
                 return;
@@ -220,23 +171,12 @@ impl ChannelAcks {
                     tracing::debug!(tag = t, error = %e, "requeue not sent; the broker requeues it when the channel closes");
                 }
             }
-            let before = held.len();
-            self.flush(&mut held, low, retired).await;
-            if self.batching.is_some() {
-                let sent = before - held.len();
-                let mut st = self.lock();
-                st.unsent -= sent;
-                if !st.queue.is_empty() {
-                    // Settled while the frames went out: those acks did not wake the
-                    // flusher (only the first and the batch-completing one do).
-                    continue;
-                }
-            }
+            self.flush(&mut held, low).await;
             match held.iter().map(|h| h.2).min() {
                 Some(oldest) => {
                     tokio::select! {
                         () = notified => {}
-                        () = tokio::time::sleep_until((oldest + self.hold).into()) => {}
+                        () = tokio::time::sleep_until((oldest + HOLD).into()) => {}
                     }
                 }
                 None => notified.await,
@@ -244,32 +184,15 @@ impl ChannelAcks {
         }
     }
 
-    /// Sends what `held` allows: one `multiple` ack for every tag below `low` (with
-    /// batching: once they make a batch, the oldest of them waited the batch wait or the
-    /// channel is retired), and single acks for the tags above it that were held long
-    /// enough already.
-    async fn flush(&self, held: &mut Vec<(u64, Done, Instant)>, low: Option<u64>, retired: bool) {
+    /// Sends what `held` allows: one `multiple` ack for every tag below `low`, and single
+    /// acks for the tags above it that were held for [`HOLD`] already.
+    async fn flush(&self, held: &mut Vec<(u64, Done, Instant)>, low: Option<u64>) {
         if held.is_empty() {
             return;
         }
         held.sort_unstable_by_key(|h| h.0);
         let split = low.map_or(held.len(), |low| held.partition_point(|h| h.0 < low));
-        let due = match self.batching {
-            None => true,
-            Some(b) => {
-                let now = Instant::now();
-                retired
-                    || split >= b.size
-                    || held[..split]
-                        .iter()
-                        .any(|h| now.duration_since(h.2) >= b.wait)
-            }
-        };
-        let below: Vec<_> = if due {
-            held.drain(..split).collect()
-        } else {
-            Vec::new()
-        };
+        let below: Vec<_> = held.drain(..split).collect();
         if let Some((max, _, _)) = below.last() {
             let multiple = below.len() > 1;
             let r = self
@@ -280,10 +203,9 @@ impl ChannelAcks {
             }
         }
         let now = Instant::now();
-        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(held).into_iter().partition(|h| {
-            low.is_some_and(|low| h.0 > low)
-                && (now.duration_since(h.2) >= self.hold || self.lock().retired)
-        });
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(held)
+            .into_iter()
+            .partition(|h| now.duration_since(h.2) >= HOLD || self.lock().retired);
         *held = keep;
         if due.is_empty() {
             return;

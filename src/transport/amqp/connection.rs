@@ -34,8 +34,6 @@ pub(super) struct Config {
     pub(super) op_timeout: Duration,
     pub(super) max_reconnect_delay: Duration,
     pub(super) consumer_channels: u16,
-    /// Zero: acks sent as soon as they may be; else the batch wait (decision 0103).
-    pub(super) ack_batch_wait: Duration,
 }
 
 /// One live connection, numbered: deliveries remember the generation they came from.
@@ -144,7 +142,6 @@ impl Inner {
             op_timeout: b.operation_timeout,
             max_reconnect_delay: b.max_reconnect_delay,
             consumer_channels: b.consumer_channels,
-            ack_batch_wait: b.ack_batch_wait,
         };
         let (slot, _) = watch::channel(Slot::Down);
         Ok(Self {

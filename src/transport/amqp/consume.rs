@@ -6,7 +6,7 @@
 //! delivery it handed out is settled or dropped.
 
 use super::{
-    acks::{Batching, ChannelAcks},
+    acks::ChannelAcks,
     connection::Inner,
     settle::{AmqpAcker, Origin},
     suspects,
@@ -121,7 +121,6 @@ async fn start_session(
                 channel.clone(),
                 inner.cfg.op_timeout,
                 usize::from(prefetch) * 2 + 64,
-                Batching::half_prefetch(prefetch, inner.cfg.ack_batch_wait),
             );
             inner.track(&acks);
             Ok(Session {

@@ -71,7 +71,6 @@ pub struct AmqpBuilder {
     heartbeat: u16,
     max_reconnect_delay: Duration,
     consumer_channels: u16,
-    ack_batch_wait: Duration,
 }
 
 impl fmt::Debug for AmqpBuilder {
@@ -95,7 +94,6 @@ impl fmt::Debug for AmqpBuilder {
             .field("heartbeat", &self.heartbeat)
             .field("max_reconnect_delay", &self.max_reconnect_delay)
             .field("consumer_channels", &self.consumer_channels)
-            .field("ack_batch_wait", &self.ack_batch_wait)
             .finish()
     }
 }
@@ -125,7 +123,6 @@ impl AmqpBuilder {
             heartbeat: 10,
             max_reconnect_delay: Duration::from_secs(10),
             consumer_channels: DEFAULT_CONSUMER_CHANNELS,
-            ack_batch_wait: Duration::ZERO,
         }
     }
 
@@ -284,32 +281,6 @@ impl AmqpBuilder {
         self
     }
 
-    /// Sends in-order acks by the batch: each consumer channel holds them until they
-    /// number half its prefetch or the oldest has waited `wait`, then acks them all with
-    /// one `basic.ack(multiple=true)` (acks above a tag still in flight may wait as
-    /// long). Off by default (zero): an ack goes out as soon as every tag below it is
-    /// settled, so a crash returns as few handled messages as possible.
-    ///
-    /// Nothing is acked before its outcome is durable either way; what a batch changes
-    /// is how many *handled* messages a crash or a lost connection returns (up to half
-    /// the prefetch per channel), and each returned message is handled again, or found
-    /// in the inbox or idempotency store. In return the broker receives fewer ack frames.
-    /// At most 1 s. Measured in decision 0103 and `docs/rabbitmq.md`.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use steadfast::transport::amqp::AmqpTransport;
-    ///
-    /// let builder = AmqpTransport::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
-    ///     .ack_batch_wait(Duration::from_millis(1));
-    /// # let _ = builder;
-    /// ```
-    #[must_use]
-    pub fn ack_batch_wait(mut self, wait: Duration) -> Self {
-        self.ack_batch_wait = wait;
-        self
-    }
-
     /// Checks the settings, connects and declares the exchange.
     pub async fn connect(self) -> Result<AmqpTransport, TransportError> {
         let problems = self.problems();
@@ -338,9 +309,6 @@ impl AmqpBuilder {
         }
         if self.consumer_channels == 0 {
             p.push("a subscription needs at least 1 consumer channel".to_owned());
-        }
-        if self.ack_batch_wait > Duration::from_secs(1) {
-            p.push("the ack batch wait must be at most 1 s".to_owned());
         }
         if self.initial_group_size == Some(0) {
             p.push("the initial group size must be at least 1".to_owned());
@@ -571,20 +539,6 @@ mod tests {
         assert!(
             AmqpTransport::builder("amqp://h/")
                 .consumer_channels(1)
-                .problems()
-                .is_empty()
-        );
-    }
-
-    #[test]
-    fn an_ack_batch_wait_above_a_second_is_refused() {
-        let p = AmqpTransport::builder("amqp://h/")
-            .ack_batch_wait(Duration::from_millis(1001))
-            .problems();
-        assert_eq!(p, ["the ack batch wait must be at most 1 s"]);
-        assert!(
-            AmqpTransport::builder("amqp://h/")
-                .ack_batch_wait(Duration::from_secs(1))
                 .problems()
                 .is_empty()
         );

@@ -170,7 +170,7 @@ pub(super) async fn take(
             }
             let link = inner.link_bounded().await?;
             let ch = inner.open_channel(&link).await?;
-            let acks = ChannelAcks::start(ch.clone(), inner.cfg.op_timeout, 1, None);
+            let acks = ChannelAcks::start(ch.clone(), inner.cfg.op_timeout, 1);
             inner.track(&acks);
             *getter = Some((ch.clone(), acks.clone()));
             (ch, acks)

@@ -500,7 +500,6 @@ mod tests {
             op_timeout: Duration::from_secs(1),
             max_reconnect_delay: Duration::from_secs(1),
             consumer_channels: 2,
-            ack_batch_wait: Duration::ZERO,
         }
     }
 
