@@ -156,6 +156,20 @@ impl Headers {
     /// ASCII-case-insensitively) replaces an earlier one in its place, as
     /// [`insert`](Self::insert) does.
     fn from_pairs(pairs: Vec<(String, String)>) -> Self {
+        // A delivery's usual few headers (trace context, a handful of the user's): a
+        // search per pair costs less than hashing a lowercased copy of every name. Past
+        // that the index keeps the pass linear.
+        const SEARCHED_UP_TO: usize = 16;
+        if pairs.len() <= SEARCHED_UP_TO {
+            let mut out: Vec<(String, String)> = Vec::with_capacity(pairs.len());
+            for (k, v) in pairs {
+                match out.iter_mut().find(|(o, _)| o.eq_ignore_ascii_case(&k)) {
+                    Some(slot) => slot.1 = v,
+                    None => out.push((k, v)),
+                }
+            }
+            return Self(out);
+        }
         let mut index: HashMap<String, usize> = HashMap::with_capacity(pairs.len());
         let mut out: Vec<(String, String)> = Vec::with_capacity(pairs.len());
         for (k, v) in pairs {
@@ -366,7 +380,7 @@ impl Envelope {
             headers: Headers::new(),
             payload,
         };
-        let mut id: Option<String> = None;
+        let mut id: Option<Cow<'a, str>> = None;
         let (mut count, mut bytes, mut kept_bytes) = (0usize, 0usize, 0usize);
         let mut kept: Vec<(String, String)> = Vec::new();
         for (k, v) in headers {
@@ -378,7 +392,7 @@ impl Envelope {
                 .filter(|p| p.eq_ignore_ascii_case(prefix))
                 .map(|_| &k[prefix.len()..]);
             match attr {
-                Some("id") => id = Some(v.into_owned()),
+                Some("id") => id = Some(v),
                 Some("type") => env.name = v.into_owned(),
                 Some("source") => env.source = Some(v.into_owned()),
                 Some("time") => env.time = Some(v.into_owned()),

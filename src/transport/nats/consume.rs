@@ -164,15 +164,14 @@ fn to_delivery(st: &PullState, msg: async_nats::jetstream::Message) -> Option<De
     let subject = message.subject.to_string();
     let fallback_name = subject
         .strip_prefix(prefix.as_str())
-        .and_then(|s| s.strip_prefix('.'))
-        .map(str::to_owned);
+        .and_then(|s| s.strip_prefix('.'));
     let empty = async_nats::HeaderMap::new();
     let headers = message.headers.as_ref().unwrap_or(&empty);
     let (mut env, defect) = Envelope::read_wire(
         "ce-",
         pairs(headers),
         get(headers, MSG_ID),
-        fallback_name.as_deref(),
+        fallback_name,
         message.payload.clone(),
     );
     env.headers.remove(MSG_ID);
