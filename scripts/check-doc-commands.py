@@ -52,6 +52,7 @@ RUN_BY = [
     (r"^scripts/install-chromium\.sh$", "scripts/test.sh", "scripts/install-chromium.sh"),
     (r"^scripts/check-docker-context\.py$", "scripts/test.sh", "scripts/check-docker-context.py"),
     (r"^scripts/validate-deploy\.sh$", "scripts/test.sh", "scripts/validate-deploy.sh"),
+    (r"^scripts/check-doc-commands\.py$", "scripts/test.sh", "scripts/check-doc-commands.py"),
     (r"^rabbitmqctl add_user ", "tests/ops/process.rs", "add_user"),
     (r"^rabbitmqctl set_permissions ", "tests/ops/process.rs", "set_permissions"),
     (r"^cargo nextest run --features nats --test nats_faults", "scripts/test.sh", "binary(/_faults$/)"),
