@@ -12,7 +12,7 @@ runs it, so a documented command cannot rot unnoticed.
 - `cargo add` / `cargo install`: the crates' features exist (the CLI's binary is built by
   the test build; `cargo install` would be a second release build).
 - `scripts/...`, `cargo deny ...`, `rabbitmqctl ...`, `docker ...`: the CI step or test that
-  runs it must contain it (below, `RUN_BY`), or its arguments must be ones the script
+  runs it must contain it (below, `CHECKS`), or its arguments must be ones the script
   accepts.
 
 Needs the brokers and databases of scripts/test.sh, and the test build (`cargo nextest run
@@ -41,22 +41,6 @@ README_DLQ_LIST = next(l for l in open("README.md", encoding="utf-8").read().spl
 # Commands named in prose as ones that do not exist.
 NOT_COMMANDS = {("docs/asyncapi.md", "steadfast asyncapi")}
 SAMPLE_ID = "0193c1e2-7c1a-7d3e-9a50-2b6a1f0c9d11"
-
-# Commands other CI steps or tests run, and the file and text that show it.
-RUN_BY = [
-    (r"^scripts/test\.sh$", ".ci/run", "scripts/test.sh"),
-    (r"^cargo deny check licenses bans sources$", ".ci/run", "cargo deny check licenses bans sources"),
-    (r"^cargo deny check$", ".ci/run", "cargo deny check advisories"),
-    (r"^cargo install --locked cargo-deny", ".ci/run", "cargo install --locked cargo-deny"),
-    (r"^scripts/brokers\.sh ", "scripts/test.sh", "scripts/brokers.sh"),
-    (r"^scripts/install-chromium\.sh$", "scripts/test.sh", "scripts/install-chromium.sh"),
-    (r"^scripts/check-docker-context\.py$", "scripts/test.sh", "scripts/check-docker-context.py"),
-    (r"^scripts/validate-deploy\.sh$", "scripts/test.sh", "scripts/validate-deploy.sh"),
-    (r"^scripts/check-doc-commands\.py$", "scripts/test.sh", "scripts/check-doc-commands.py"),
-    (r"^rabbitmqctl add_user ", "tests/ops/process.rs", "add_user"),
-    (r"^rabbitmqctl set_permissions ", "tests/ops/process.rs", "set_permissions"),
-    (r"^cargo nextest run --features nats --test nats_faults", "scripts/test.sh", "binary(/_faults$/)"),
-]
 
 failures = []
 report = []
@@ -270,118 +254,171 @@ def cli_tests_text():
     return "\n".join(open(p, encoding="utf-8").read() for p in sorted(glob.glob("tests/cli/*.rs")))
 
 
-def main():
-    meta = metadata()
-    exes = built_targets()
-    tests = cli_tests_text()
-    examples_run = {}
-    sessions = {"amqp_worker": amqp_worker_session, "console": console_session}
+class Run:
+    """What the checks share: cargo's metadata, the built binaries, the CLI tests' text and
+    the examples already run (each runs once, however many lines show it)."""
 
+    def __init__(self):
+        self.meta = metadata()
+        self.exes = built_targets()
+        self.tests = cli_tests_text()
+        self.examples_run = {}
+        self.sessions = {"amqp_worker": amqp_worker_session, "console": console_session}
+
+
+def check_export(run, where, text, w):
+    name = w[1].split("=", 1)[0]
+    if subprocess.run(["grep", "-rqF", name, "src"]).returncode != 0:
+        fail(where, text, f"{name} is read nowhere in src/")
+    else:
+        ok(where, text, "read by src")
+
+
+def check_docker(run, where, text, w):
+    compose = open("docker-compose.yml").read()
+    prof = flag_values(w, "--profile")
+    if prof and not all(f"- {p}" in compose or f"[{p}]" in compose for p in prof):
+        fail(where, text, f"docker-compose.yml has no profile {prof}")
+    else:
+        ok(where, text, "validated")  # compose/Dockerfile checked offline in CI
+
+
+def not_checked(run, where, text, w):
+    """kubectl and docker-compose lines: they need a cluster or Docker (not in CI)."""
+
+
+def check_example(run, where, text, w):
+    name = flag_values(w, "--example")
+    feats = set(flag_values(w, "--features"))
+    if not name:
+        fail(where, text, "not an example")
+        return
+    name = name[0]
+    need = required_features(run.meta, "example", name)
+    if need is None:
+        fail(where, text, f"there is no example {name}")
+        return
+    missing = [f for f in need if f not in feats]
+    if missing:
+        fail(where, text, f"example {name} needs --features {','.join(need)}")
+        return
+    if name not in run.examples_run:
+        if name in run.sessions:
+            run.examples_run[name] = run.sessions[name](run.exes, where)
+        elif name == "container_worker":
+            run.examples_run[name] = None  # tests/ops run it under every setting
+        else:
+            rc, out = run_example(run.exes[name], name)
+            run.examples_run[name] = None if rc == 0 else f"exited {rc}:\n{out[-2000:]}"
+    if run.examples_run[name]:
+        fail(where, text, run.examples_run[name])
+    else:
+        ok(where, text, "run")
+
+
+def check_cargo_add(run, where, text, w):
+    if check_features(where, text, run.meta, w[2], flag_values(w, "--features")):
+        ok(where, text, "features")
+
+
+def check_cargo_install(run, where, text, w):
+    feats = flag_values(w, "--features")
+    if "--path" not in w and w[2] == "steadfast":
+        fail(where, text, "steadfast is not on crates.io yet: `cargo install --path . --features ...` from a clone")
+        return
+    need = required_features(run.meta, "bin", "steadfast")
+    implied = set(feats)
+    for f in feats:
+        implied |= set(features_of(run.meta, "steadfast")["features"].get(f, []))
+    if check_features(where, text, run.meta, "steadfast", feats) and not set(need) - implied:
+        ok(where, text, "features")
+    elif set(need) - implied:
+        fail(where, text, f"the binary needs --features {','.join(need)}")
+
+
+def check_cli(run, where, text, w):
+    args = [SAMPLE_ID if re.match(r"^[0-9a-f]{4,8}(-\.\.\.|\.\.\.)$", a) else a for a in w[1:]]
+    p = subprocess.run([run.exes["steadfast"], *args, "--help"], capture_output=True,
+                       text=True, timeout=30)
+    if p.returncode != 0:
+        fail(where, text, f"the CLI refuses it: {p.stderr.strip().splitlines()[0] if p.stderr.strip() else p.returncode}")
+        return
+    subs = [a for a in args if not a.startswith("-")][:2]
+    flags = [a.split("=", 1)[0] for a in args if a.startswith("--")]
+    untested = [t for t in subs[:1] + flags if f'"{t}"' not in run.tests and f'"{t}=' not in run.tests]
+    if untested:
+        fail(where, text, f"no CLI test uses {', '.join(untested)}")
+    else:
+        ok(where, text, "parsed+test")
+
+
+def check_script_args(run, where, text, w):
+    usage = re.search(r"usage: \$0 (.*)\"", open(w[0]).read()).group(1)
+    accepted = set(re.findall(r"--?[a-z]+|[a-z]+", usage))
+    bad = [a for a in w[1:] if a not in accepted]
+    if bad:
+        fail(where, text, f"{w[0]} does not take {bad}")
+    else:
+        ok(where, text, "arguments")  # benchmarks run for minutes: not in CI
+
+
+def run_by(path, needle):
+    """A command another CI step or test runs: `path` must still contain `needle`."""
+    def check(run, where, text, w):
+        if needle in open(path, encoding="utf-8").read():
+            ok(where, text, f"CI:{os.path.basename(path)}")
+        else:
+            fail(where, text, f"{path} no longer contains {needle!r}")
+    return check
+
+
+# Every kind of documented command and how it is checked: the first pattern that matches
+# the command (its words joined by single spaces) decides.
+CHECKS = [
+    (r"^export ", check_export),
+    (r"^docker ", check_docker),
+    (r"^(kubectl|docker-compose)( |$)", not_checked),
+    (r"^cargo run( |$)", check_example),
+    (r"^cargo add ", check_cargo_add),
+    (r"^cargo install (?!.*cargo-deny)", check_cargo_install),
+    (r"^steadfast( |$)", check_cli),
+    (r"^scripts/bench\.sh( |$)", check_script_args),
+    (r"^scripts/test\.sh$", run_by(".ci/run", "scripts/test.sh")),
+    (r"^cargo deny check licenses bans sources$", run_by(".ci/run", "cargo deny check licenses bans sources")),
+    (r"^cargo deny check$", run_by(".ci/run", "cargo deny check advisories")),
+    (r"^cargo install --locked cargo-deny", run_by(".ci/run", "cargo install --locked cargo-deny")),
+    (r"^scripts/brokers\.sh ", run_by("scripts/test.sh", "scripts/brokers.sh")),
+    (r"^scripts/install-chromium\.sh$", run_by("scripts/test.sh", "scripts/install-chromium.sh")),
+    (r"^scripts/check-docker-context\.py$", run_by("scripts/test.sh", "scripts/check-docker-context.py")),
+    (r"^scripts/validate-deploy\.sh$", run_by("scripts/test.sh", "scripts/validate-deploy.sh")),
+    (r"^scripts/check-doc-commands\.py$", run_by("scripts/test.sh", "scripts/check-doc-commands.py")),
+    (r"^rabbitmqctl add_user ", run_by("tests/ops/process.rs", "add_user")),
+    (r"^rabbitmqctl set_permissions ", run_by("tests/ops/process.rs", "set_permissions")),
+    (r"^cargo nextest run --features nats --test nats_faults", run_by("scripts/test.sh", "binary(/_faults$/)")),
+]
+
+
+def main():
+    run = Run()
     for where, text, inline in commands():
         try:
             w = words(text)
         except ValueError as e:
             fail(where, text, f"cannot be split as a shell line: {e}")
             continue
-        if not w or w[0] in ("export", "kubectl", "docker", "docker-compose"):
-            if w and w[0] == "export":
-                name = w[1].split("=", 1)[0]
-                src = subprocess.run(["grep", "-rqF", name, "src"]).returncode
-                if src != 0:
-                    fail(where, text, f"{name} is read nowhere in src/")
-                else:
-                    ok(where, text, "read by src")
-            elif w and w[0] == "docker":
-                compose = open("docker-compose.yml").read()
-                prof = flag_values(w, "--profile")
-                if prof and not all(f"- {p}" in compose or f"[{p}]" in compose for p in prof):
-                    fail(where, text, f"docker-compose.yml has no profile {prof}")
-                else:
-                    ok(where, text, "validated")  # compose/Dockerfile checked offline in CI
+        if not w:
             continue
         cmd = " ".join(w)
-
-        if w[:2] == ["cargo", "run"]:
-            name = flag_values(w, "--example")
-            feats = set(flag_values(w, "--features"))
-            if not name:
-                fail(where, text, "not an example")
-                continue
-            name = name[0]
-            need = required_features(meta, "example", name)
-            if need is None:
-                fail(where, text, f"there is no example {name}")
-                continue
-            missing = [f for f in need if f not in feats]
-            if missing:
-                fail(where, text, f"example {name} needs --features {','.join(need)}")
-                continue
-            if name not in examples_run:
-                if name in sessions:
-                    examples_run[name] = sessions[name](exes, where)
-                elif name == "container_worker":
-                    examples_run[name] = None  # tests/ops run it under every setting
-                else:
-                    rc, out = run_example(exes[name], name)
-                    examples_run[name] = None if rc == 0 else f"exited {rc}:\n{out[-2000:]}"
-            if examples_run[name]:
-                fail(where, text, examples_run[name])
-            else:
-                ok(where, text, "run")
-        elif w[:2] == ["cargo", "add"]:
-            crate = w[2]
-            if check_features(where, text, meta, crate, flag_values(w, "--features")):
-                ok(where, text, "features")
-        elif w[:2] == ["cargo", "install"] and "cargo-deny" not in w:
-            feats = flag_values(w, "--features")
-            if "--path" not in w and w[2] == "steadfast":
-                fail(where, text, "steadfast is not on crates.io yet: `cargo install --path . --features ...` from a clone")
-                continue
-            need = required_features(meta, "bin", "steadfast")
-            implied = set(feats)
-            for f in feats:
-                implied |= set(features_of(meta, "steadfast")["features"].get(f, []))
-            if check_features(where, text, meta, "steadfast", feats) and not set(need) - implied:
-                ok(where, text, "features")
-            elif set(need) - implied:
-                fail(where, text, f"the binary needs --features {','.join(need)}")
-        elif w[0] == "steadfast":
-            args = [SAMPLE_ID if re.match(r"^[0-9a-f]{4,8}(-\.\.\.|\.\.\.)$", a) else a for a in w[1:]]
-            p = subprocess.run([exes["steadfast"], *args, "--help"], capture_output=True,
-                               text=True, timeout=30)
-            if p.returncode != 0:
-                fail(where, text, f"the CLI refuses it: {p.stderr.strip().splitlines()[0] if p.stderr.strip() else p.returncode}")
-                continue
-            subs = [a for a in args if not a.startswith("-")][:2]
-            flags = [a.split("=", 1)[0] for a in args if a.startswith("--")]
-            untested = [t for t in subs[:1] + flags if f'"{t}"' not in tests and f'"{t}=' not in tests]
-            if untested:
-                fail(where, text, f"no CLI test uses {', '.join(untested)}")
-            else:
-                ok(where, text, "parsed+test")
-        elif w[0] in ("scripts/bench.sh",):
-            usage = re.search(r"usage: \$0 (.*)\"", open(w[0]).read()).group(1)
-            accepted = set(re.findall(r"--?[a-z]+|[a-z]+", usage))
-            bad = [a for a in w[1:] if a not in accepted]
-            if bad:
-                fail(where, text, f"{w[0]} does not take {bad}")
-            else:
-                ok(where, text, "arguments")  # benchmarks run for minutes: not in CI
+        check = next((c for pattern, c in CHECKS if re.search(pattern, cmd)), None)
+        if check is None:
+            fail(where, text, "no test or CI step is known to run it (add it to CHECKS)")
         else:
-            for pattern, path, needle in RUN_BY:
-                if re.search(pattern, cmd):
-                    if needle in open(path, encoding="utf-8").read():
-                        ok(where, text, f"CI:{os.path.basename(path)}")
-                    else:
-                        fail(where, text, f"{path} no longer contains {needle!r}")
-                    break
-            else:
-                fail(where, text, "no test or CI step is known to run it (add it to RUN_BY)")
+            check(run, where, text, w)
 
     for line in report:
         print(line)
     print(f"check-doc-commands: {len(report)} documented commands covered, "
-          f"{len(examples_run)} examples run, {len(failures)} problem(s)")
+          f"{len(run.examples_run)} examples run, {len(failures)} problem(s)")
     for f in failures:
         print(f"PROBLEM {f}", file=sys.stderr)
     sys.exit(1 if failures else 0)

@@ -6,9 +6,10 @@
 //! in `NAME_FILE` (a mounted secret); the file's content, less a trailing newline, is the
 //! value. Secrets (passwords, whole URLs) never appear in `Debug` output or error text.
 //!
-//! The broker is an attached resource chosen by its URL's scheme: `amqp://` and `amqps://`
-//! for RabbitMQ (feature `amqp`), `nats://` and `tls://` for NATS JetStream (feature
-//! `nats`), `memory://` for the in-memory transport. `docs/operations.md` has the table
+//! The broker is an attached resource chosen by its URL's scheme (see
+//! [`BrokerKind`]): `amqp://` and `amqps://` for RabbitMQ (feature `amqp`), `nats://`,
+//! `tls://`, `ws://` and `wss://` for NATS JetStream (feature `nats`), `memory://` for
+//! the in-memory transport. `docs/operations.md` has the table
 //! of every variable.
 //!
 //! ```
@@ -35,12 +36,12 @@
 //! ```
 
 use crate::{
-    transport::{Transport, TransportError, TransportErrorKind, memory::MemoryTransport},
+    transport::{ConnectOptions, Transport, TransportError, TransportErrorKind},
     worker::MAX_CONCURRENCY,
 };
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
-/// The broker URL (`amqp://`, `amqps://`, `nats://`, `tls://` or `memory://`), or several
+/// The broker URL (a scheme of [`BrokerKind`]: `amqp://`, `nats://`, `memory://`, ...), or several
 /// of one scheme separated by commas (the nodes of a cluster, tried in turn). Required.
 pub const BROKER_URL: &str = "STEADFAST_BROKER_URL";
 /// A password that replaces the one in each broker URL that names a user (usually given
@@ -124,13 +125,7 @@ impl SecretUrl {
 
 impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, u) in self.urls().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            f.write_str(&crate::redact::redact_userinfo(u))?;
-        }
-        Ok(())
+        f.write_str(&crate::redact::redact_list(&self.0))
     }
 }
 
@@ -157,17 +152,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Which transport the broker URL selects.
-#[non_exhaustive]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BrokerKind {
-    /// `amqp://` or `amqps://`: RabbitMQ.
-    Amqp,
-    /// `nats://` or `tls://`: NATS JetStream.
-    Nats,
-    /// `memory://`: the in-process transport (trials and tests; nothing leaves the process).
-    Memory,
-}
+pub use crate::transport::BrokerKind;
 
 /// How logs are written.
 #[non_exhaustive]
@@ -403,12 +388,18 @@ impl WorkerConfig {
                 if !r.problems.iter().any(|(v, _)| v.starts_with(BROKER_URL)) {
                     r.problem(
                         BROKER_URL,
-                        "missing: set the broker URL (amqp://, amqps://, nats://, tls:// or memory://)",
+                        format!("missing: set the broker URL ({})", BrokerKind::expected()),
                     );
                 }
                 None
             }
-            Some(u) => broker_kind(&mut r, &u.scheme()),
+            Some(u) => match BrokerKind::from_scheme(&u.scheme()) {
+                Ok(kind) => Some(kind),
+                Err(e) => {
+                    r.problem(BROKER_URL, e.to_string());
+                    None
+                }
+            },
         };
         let group = r.raw(GROUP).map(|g| g.trim().to_owned());
         if let Some(g) = &group
@@ -556,7 +547,9 @@ impl WorkerConfig {
         self.group.clone().unwrap_or_else(|| default.to_owned())
     }
 
-    /// Connects the transport the broker URL selects, within the connect timeout.
+    /// Connects the transport the broker URL selects, within the connect timeout,
+    /// through [`transport::connect`](crate::transport::connect) with the options this
+    /// configuration holds.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -568,100 +561,34 @@ impl WorkerConfig {
     /// # Ok(()) }
     /// ```
     pub async fn connect(&self) -> Result<Arc<dyn Transport>, TransportError> {
-        let connect = self.connect_inner();
-        match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(r) => r,
-            Err(_) => Err(TransportError::new(
-                TransportErrorKind::Timeout,
-                format!(
-                    "could not connect to {} within {} ({CONNECT_TIMEOUT})",
-                    self.broker_url,
-                    humantime::format_duration(self.connect_timeout)
+        crate::transport::connect(self.broker_url.expose_secret(), &self.connect_options())
+            .await
+            .map_err(|e| match e.kind() {
+                TransportErrorKind::Timeout => TransportError::new(
+                    TransportErrorKind::Timeout,
+                    format!("{e} ({CONNECT_TIMEOUT})"),
                 ),
-            )),
-        }
+                _ => e,
+            })
     }
 
-    async fn connect_inner(&self) -> Result<Arc<dyn Transport>, TransportError> {
-        match self.broker {
-            BrokerKind::Memory => Ok(Arc::new(MemoryTransport::new())),
-            #[cfg(feature = "amqp")]
-            BrokerKind::Amqp => {
-                use crate::transport::amqp::AmqpTransport;
-                let t = AmqpTransport::builder(self.broker_url.expose_secret())
-                    .exchange(self.amqp_exchange.clone())
-                    .queue_prefix(self.amqp_queue_prefix.clone())
-                    .operation_timeout(self.connect_timeout)
-                    .connect()
-                    .await?;
-                Ok(Arc::new(t))
-            }
-            #[cfg(feature = "nats")]
-            BrokerKind::Nats => {
-                use crate::transport::nats::NatsTransport;
-                let mut b = NatsTransport::builder(self.broker_url.expose_secret())
-                    .subject_prefix(self.nats_subject_prefix.clone());
-                if let Some(s) = &self.nats_stream {
-                    b = b.stream(s.clone());
-                }
-                if let Some(p) = &self.nats_credentials_file {
-                    b = b.credentials_file(p.clone());
-                }
-                if let Some(k) = &self.nats_nkey {
-                    b = b.nkey(k.expose_secret());
-                }
-                if let Some(t) = &self.nats_token {
-                    b = b.token(t.expose_secret());
-                }
-                if let Some(n) = self.nats_replicas {
-                    b = b.replicas(n);
-                }
-                Ok(Arc::new(b.connect().await?))
-            }
-            #[allow(unreachable_patterns)]
-            _ => Err(TransportError::new(
-                TransportErrorKind::Config,
-                format!(
-                    "{BROKER_URL}: this build of steadfast has no transport for `{}`",
-                    self.broker_url.scheme()
-                ),
-            )),
+    /// The options [`connect`](Self::connect) hands to
+    /// [`transport::connect`](crate::transport::connect). RabbitMQ's operation timeout is
+    /// the connect timeout.
+    pub fn connect_options(&self) -> ConnectOptions {
+        let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.expose_secret().to_owned());
+        ConnectOptions {
+            timeout: self.connect_timeout,
+            amqp_exchange: Some(self.amqp_exchange.clone()),
+            amqp_queue_prefix: Some(self.amqp_queue_prefix.clone()),
+            amqp_operation_timeout: Some(self.connect_timeout),
+            nats_subject_prefix: Some(self.nats_subject_prefix.clone()),
+            nats_stream: self.nats_stream.clone(),
+            nats_credentials_file: self.nats_credentials_file.clone(),
+            nats_nkey: secret(&self.nats_nkey),
+            nats_token: secret(&self.nats_token),
+            nats_replicas: self.nats_replicas,
         }
-    }
-}
-
-fn broker_kind<F: FnMut(&str) -> Option<String>>(
-    r: &mut Reader<F>,
-    scheme: &str,
-) -> Option<BrokerKind> {
-    let (kind, feature) = match scheme {
-        "amqp" | "amqps" => (BrokerKind::Amqp, "amqp"),
-        "nats" | "tls" => (BrokerKind::Nats, "nats"),
-        "memory" => return Some(BrokerKind::Memory),
-        other => {
-            let shown = crate::envelope::truncate(other, 20).to_owned();
-            r.problem(
-                BROKER_URL,
-                format!(
-                    "unknown scheme `{shown}` (expected amqp://, amqps://, nats://, tls:// or memory://)"
-                ),
-            );
-            return None;
-        }
-    };
-    let built = match kind {
-        BrokerKind::Amqp => cfg!(feature = "amqp"),
-        BrokerKind::Nats => cfg!(feature = "nats"),
-        BrokerKind::Memory => true,
-    };
-    if built {
-        Some(kind)
-    } else {
-        r.problem(
-            BROKER_URL,
-            format!("scheme `{scheme}` needs steadfast's `{feature}` feature"),
-        );
-        None
     }
 }
 

@@ -1,4 +1,6 @@
-//! Handler errors: what a handler returns when it fails, and how steadfast classifies it.
+//! Errors: what a handler returns when it fails and how steadfast classifies it
+//! ([`HandlerError`], [`ErrorKind`]), and the one shape of the errors its backends return
+//! ([`BackendError`]: transports and stores).
 
 use std::{error::Error as StdError, fmt, time::Duration};
 
@@ -179,6 +181,74 @@ impl fmt::Debug for HandlerError {
 impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} error: {}", self.kind, self.chain_text())
+    }
+}
+
+/// The one shape of the errors steadfast's backends return:
+/// [`TransportError`](crate::transport::TransportError) (a broker) and
+/// [`StoreError`](crate::sql::StoreError) (a database) are this struct over their kind
+/// enums. Each is a kind to match on, a message that never holds credentials, and the
+/// underlying error, if any; its text is the message, then `: ` and the source's text.
+///
+/// Both convert into a [`HandlerError`] with `?` (as transient failures).
+///
+/// ```
+/// use steadfast::{
+///     sql::{StoreError, StoreErrorKind},
+///     transport::{TransportError, TransportErrorKind},
+/// };
+/// let t = TransportError::new(TransportErrorKind::Timeout, "publish: no confirm");
+/// let s = StoreError::of(StoreErrorKind::Timeout, "inbox mark: no answer")
+///     .with_source(std::io::Error::other("reset"));
+/// assert_eq!(t.kind(), TransportErrorKind::Timeout);
+/// assert_eq!(s.kind(), StoreErrorKind::Timeout);
+/// assert_eq!(s.to_string(), "inbox mark: no answer: reset");
+/// ```
+#[derive(Debug)]
+pub struct BackendError<K> {
+    kind: K,
+    message: String,
+    source: Option<BoxError>,
+}
+
+impl<K: Copy> BackendError<K> {
+    /// An error of `kind` with a message (never containing credentials).
+    pub fn of(kind: K, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying error. Its text must not contain credentials either.
+    #[must_use]
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> K {
+        self.kind
+    }
+}
+
+impl<K> fmt::Display for BackendError<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(s) = &self.source {
+            write!(f, ": {s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl<K: fmt::Debug> StdError for BackendError<K> {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static))
     }
 }
 

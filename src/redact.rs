@@ -43,6 +43,17 @@ pub(crate) fn redact_userinfo(url: &str) -> String {
     }
 }
 
+/// A comma-separated list of URLs (or one URL), each with its user information hidden
+/// as by [`redact_userinfo`].
+pub(crate) fn redact_list(urls: &str) -> String {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(redact_userinfo)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The password of `url`, if it has one (to scrub it from third-party error text).
 #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn password(url: &str) -> Option<String> {

@@ -224,14 +224,8 @@ async fn relay_from(
     outbox: impl OutboxSource,
     transport: Arc<dyn Transport>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let relay = Relay::builder(outbox, transport.clone())
-        .batch_size(200)
-        .poll_interval(Duration::from_millis(200))
-        .claim_lease(Duration::from_secs(8))
-        .publish_timeout(Duration::from_secs(5))
-        .retry_delay(Duration::from_millis(200), Duration::from_secs(2))
-        .max_attempts(1000)
-        .build()?;
+    let relay =
+        steadfast::testing::fault_relay(Relay::builder(outbox, transport.clone())).build()?;
     println!("ready");
     relay.run_until(steadfast::shutdown_signal()).await;
     transport.close().await;

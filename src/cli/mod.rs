@@ -107,9 +107,10 @@ enum Command {
 /// flag defaults to the worker's `STEADFAST_*` variable.
 #[derive(Debug, Clone, Default, Args)]
 struct BrokerArgs {
-    /// Broker URL: `amqp://`/`amqps://` for RabbitMQ, `nats://`/`tls://` for NATS; for a
-    /// cluster, every node's URL, comma-separated. Default: `STEADFAST_BROKER_URL`, else
-    /// `AMQP_URL` or `NATS_URL`, whichever is set.
+    /// Broker URL: `amqp://`/`amqps://` for RabbitMQ, `nats://`/`tls://`/`ws://`/`wss://`
+    /// for NATS (as `steadfast::transport::connect`); for a cluster, every node's URL,
+    /// comma-separated. Default: `STEADFAST_BROKER_URL`, else `AMQP_URL` or `NATS_URL`,
+    /// whichever is set.
     #[arg(long, global = true)]
     url: Option<String>,
     /// RabbitMQ: the exchange the workers use (default: `STEADFAST_AMQP_EXCHANGE`, `steadfast`).

@@ -1,6 +1,8 @@
-//! The one error of every store: a kind to match on, a message and a source.
+//! The one error of every store: a kind to match on, a message and a source
+//! ([`BackendError`] over [`StoreErrorKind`]).
 
-use std::{error::Error as StdError, fmt, time::Duration};
+use crate::error::BackendError;
+use std::time::Duration;
 
 /// What kind of store failure a [`StoreError`] is. The worker treats every kind as
 /// transient (the message is retried); callers match on it to decide more.
@@ -22,50 +24,22 @@ pub enum StoreErrorKind {
     Other,
 }
 
-/// A store failed; the worker treats it as a transient failure (the message is retried).
-/// Its text never contains credentials.
-#[derive(Debug)]
-pub struct StoreError {
-    kind: StoreErrorKind,
-    message: String,
-    source: Option<Box<dyn StdError + Send + Sync + 'static>>,
-}
+/// A store failed: a [`StoreErrorKind`], a message and a source, in the shape every
+/// backend error has ([`BackendError`]). The worker treats it as a transient failure (the
+/// message is retried). Its text never contains credentials.
+///
+/// ```
+/// use steadfast::sql::{StoreError, StoreErrorKind};
+/// let e = StoreError::of(StoreErrorKind::Timeout, "inbox mark: no answer");
+/// assert_eq!(e.kind(), StoreErrorKind::Timeout);
+/// ```
+pub type StoreError = BackendError<StoreErrorKind>;
 
 impl StoreError {
     /// A store error with a message (never containing credentials), of kind
     /// [`StoreErrorKind::Other`].
     pub fn new(message: impl Into<String>) -> Self {
         Self::of(StoreErrorKind::Other, message)
-    }
-
-    /// A store error of `kind` with a message.
-    pub fn of(kind: StoreErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            source: None,
-        }
-    }
-
-    /// Attaches the underlying error.
-    #[must_use]
-    pub fn with_source(
-        mut self,
-        source: impl Into<Box<dyn StdError + Send + Sync + 'static>>,
-    ) -> Self {
-        self.source = Some(source.into());
-        self
-    }
-
-    /// What went wrong.
-    ///
-    /// ```
-    /// use steadfast::sql::{StoreError, StoreErrorKind};
-    /// let e = StoreError::of(StoreErrorKind::Timeout, "inbox mark: no answer");
-    /// assert_eq!(e.kind(), StoreErrorKind::Timeout);
-    /// ```
-    pub fn kind(&self) -> StoreErrorKind {
-        self.kind
     }
 
     /// The error for a statement that did not finish within `limit`.
@@ -77,24 +51,6 @@ impl StoreError {
                 humantime::format_duration(limit)
             ),
         )
-    }
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)?;
-        if let Some(s) = &self.source {
-            write!(f, ": {s}")?;
-        }
-        Ok(())
-    }
-}
-
-impl StdError for StoreError {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
-            .as_deref()
-            .map(|s| s as &(dyn StdError + 'static))
     }
 }
 

@@ -142,6 +142,19 @@ pub(crate) async fn bounded<T>(
     }
 }
 
+/// Creates a store's table within `timeout` (`apply`, idempotent), then warns about the
+/// database's settings that could lose a commit (`warn`): the migration of every backend.
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+pub(crate) async fn migrate(
+    timeout: Duration,
+    apply: impl std::future::Future<Output = Result<(), StoreError>>,
+    warn: impl std::future::Future<Output = ()>,
+) -> Result<(), StoreError> {
+    bounded(timeout, "creating steadfast's table", apply).await?;
+    warn.await;
+    Ok(())
+}
+
 /// Runs one database call as `step`: bounded by `limit`, its error wrapped.
 #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 pub(crate) async fn run<T>(

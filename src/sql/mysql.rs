@@ -1,7 +1,7 @@
 //! MySQL 8.0+ and MariaDB 10.6+ beneath the inbox and the outbox: connecting, the
 //! settings warned about, applying a schema under a named lock, and the server's clock.
 
-use super::{StoreError, StoreErrorKind, bounded, db_err, url_param};
+use super::{StoreError, StoreErrorKind, db_err, url_param};
 use sqlx::{AssertSqlSafe, MySqlPool};
 use std::time::Duration;
 
@@ -20,14 +20,7 @@ pub(crate) async fn migrate(
     sql: String,
     timeout: Duration,
 ) -> Result<(), StoreError> {
-    bounded(
-        timeout,
-        "creating steadfast's table",
-        apply_schema(pool, sql),
-    )
-    .await?;
-    warn_unsafe_settings(pool).await;
-    Ok(())
+    super::migrate(timeout, apply_schema(pool, sql), warn_unsafe_settings(pool)).await
 }
 
 /// Runs a schema script on one connection under a named lock (MySQL's DDL commits by

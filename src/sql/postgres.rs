@@ -1,7 +1,7 @@
 //! PostgreSQL beneath the inbox and the outbox: connecting, the settings warned about,
 //! applying a schema under an advisory lock.
 
-use super::{Step, StoreError, bounded, db_err, run, url_param};
+use super::{Step, StoreError, db_err, run, url_param};
 use sqlx::{AssertSqlSafe, PgPool};
 use std::time::Duration;
 
@@ -16,14 +16,7 @@ pub(crate) async fn migrate(
     sql: String,
     timeout: Duration,
 ) -> Result<(), StoreError> {
-    bounded(
-        timeout,
-        "creating steadfast's table",
-        apply_schema(pool, sql),
-    )
-    .await?;
-    warn_unsafe_settings(pool).await;
-    Ok(())
+    super::migrate(timeout, apply_schema(pool, sql), warn_unsafe_settings(pool)).await
 }
 
 /// Runs a schema script in one transaction under steadfast's advisory lock.

@@ -15,16 +15,14 @@ pub(crate) async fn migrate(
     sql: String,
     timeout: Duration,
 ) -> Result<(), StoreError> {
-    bounded(timeout, "creating steadfast's table", async {
+    let apply = async {
         sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(pool)
             .await
             .map(drop)
             .map_err(db_err("could not create steadfast's table"))
-    })
-    .await?;
-    warn_unsafe_settings(pool).await;
-    Ok(())
+    };
+    super::migrate(timeout, apply, warn_unsafe_settings(pool)).await
 }
 
 /// Adds `column` (of SQL type `ty`) to `table` if it lacks it: SQLite has no

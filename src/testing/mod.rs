@@ -43,6 +43,7 @@ pub mod stores;
 use crate::{
     envelope::{EncodeError, Envelope, MessageId},
     message::Message,
+    outbox::RelayBuilder,
     transport::{DeadLetter, Transport, TransportError, memory::MemoryTransport},
     worker::{BuildError, Outcome, Processed, WorkerBuilder, WorkerError},
 };
@@ -52,6 +53,33 @@ use std::{
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// The relay settings steadfast's own fault tests run with, for a user's fault tests to
+/// start from: claims of 200 rows, a poll every 200 ms, an 8 s claim lease, a 5 s publish
+/// timeout, and retries from 200 ms up to 2 s for 1,000 attempts, so that a broker node
+/// that is away for a minute delays rows instead of parking them.
+///
+/// ```
+/// use std::sync::Arc;
+/// use steadfast::outbox::{OutboxSource, Relay};
+/// use steadfast::transport::memory::MemoryTransport;
+///
+/// fn relay_for_my_fault_test(outbox: impl OutboxSource) -> Relay {
+///     let broker = Arc::new(MemoryTransport::new());
+///     steadfast::testing::fault_relay(Relay::builder(outbox, broker))
+///         .build()
+///         .expect("valid settings")
+/// }
+/// ```
+pub fn fault_relay(builder: RelayBuilder) -> RelayBuilder {
+    builder
+        .batch_size(200)
+        .poll_interval(Duration::from_millis(200))
+        .claim_lease(Duration::from_secs(8))
+        .publish_timeout(Duration::from_secs(5))
+        .retry_delay(Duration::from_millis(200), Duration::from_secs(2))
+        .max_attempts(1000)
+}
 
 /// A worker running on an in-memory broker, with everything it did recorded.
 #[derive(Debug)]

@@ -16,20 +16,24 @@
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+#[cfg(any(feature = "amqp", feature = "nats"))]
+mod backoff;
+mod connect;
 pub mod crash;
 mod failure_group;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(any(feature = "amqp", feature = "nats"))]
+mod settle_dead_letters;
 
 use crate::{
     envelope::{Envelope, Headers, MessageId, header},
-    error::ErrorKind,
+    error::{BackendError, ErrorKind},
     retry::Disposition,
 };
 use futures::{future::BoxFuture, stream::BoxStream};
 use std::{
-    error::Error as StdError,
     fmt,
     time::{Duration, SystemTime},
 };
@@ -38,6 +42,7 @@ use std::{
 /// labelled `messaging.system`.
 pub const RECONNECTS: &str = "steadfast.transport.reconnects";
 
+pub use connect::{BrokerKind, ConnectOptions, DEFAULT_CONNECT_TIMEOUT, connect};
 pub use failure_group::normalise_reason;
 
 /// Called with each dead letter a scan reads, oldest first; `false` stops the scan.
@@ -426,6 +431,15 @@ macro_rules! dead_letter_settling {
 #[cfg(any(feature = "amqp", feature = "nats"))]
 use dead_letter_settling;
 
+/// One copy of `e` for each of `n` envelopes of a batch that could not be sent at all.
+#[cfg(any(feature = "amqp", feature = "nats"))]
+fn batch_failed(n: usize, e: &TransportError) -> Vec<Result<(), TransportError>> {
+    let text = e.to_string();
+    (0..n)
+        .map(|_| Err(TransportError::new(e.kind(), text.clone())))
+        .collect()
+}
+
 fn unsupported(what: &str) -> TransportError {
     TransportError::new(
         TransportErrorKind::Unsupported,
@@ -728,54 +742,13 @@ pub enum TransportErrorKind {
     Protocol,
 }
 
-/// An error from a transport. Its text never contains credentials.
-#[derive(Debug)]
-pub struct TransportError {
-    kind: TransportErrorKind,
-    message: String,
-    source: Option<Box<dyn StdError + Send + Sync + 'static>>,
-}
+/// An error from a transport: a [`TransportErrorKind`], a message and a source, in the
+/// shape every backend error has ([`BackendError`]). Its text never contains credentials.
+pub type TransportError = BackendError<TransportErrorKind>;
 
 impl TransportError {
     /// An error of `kind` with a message.
     pub fn new(kind: TransportErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            source: None,
-        }
-    }
-
-    /// Attaches the underlying error. Its text must not contain credentials either.
-    #[must_use]
-    pub fn with_source(
-        mut self,
-        source: impl Into<Box<dyn StdError + Send + Sync + 'static>>,
-    ) -> Self {
-        self.source = Some(source.into());
-        self
-    }
-
-    /// What went wrong.
-    pub fn kind(&self) -> TransportErrorKind {
-        self.kind
-    }
-}
-
-impl fmt::Display for TransportError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)?;
-        if let Some(s) = &self.source {
-            write!(f, ": {s}")?;
-        }
-        Ok(())
-    }
-}
-
-impl StdError for TransportError {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
-            .as_deref()
-            .map(|s| s as &(dyn StdError + 'static))
+        Self::of(kind, message)
     }
 }

@@ -250,25 +250,20 @@ async fn run_typed<M: Message, H: Handler<M>>(
         }
     };
     let key: Option<String> = msg.idempotency_key().map(|k| k.into_owned());
-    // Only an idempotency store keeps it: hashing every payload without one cost about
-    // a tenth of the worker's CPU per message.
-    let fingerprint = shared
-        .store
-        .is_some()
-        .then(|| Fingerprint::of(&envelope.payload));
-
     // Idempotency: take the key before the handler, mark it done only after success.
     let mut lease: Option<Lease> = None;
     let mut key = key;
+    // The payload's fingerprint, hashed only when a store keeps it (hashing every payload
+    // cost about a tenth of the worker's CPU per message).
+    let mut fingerprint: Option<Fingerprint> = None;
     if let Some(store) = &shared.store {
-        let k = Key {
-            fingerprint,
-            ..Key::new(
-                &shared.group,
-                M::NAME,
-                key.get_or_insert_with(|| envelope.id.to_string()),
-            )
-        };
+        let fp = *fingerprint.insert(Fingerprint::of(&envelope.payload));
+        let k = Key::new(
+            &shared.group,
+            M::NAME,
+            key.get_or_insert_with(|| envelope.id.to_string()),
+        )
+        .with_fingerprint(fp);
         // `None`: run the handler without a lease (an inbox whose key is not done).
         let begun = if shared.inbox_only {
             bounded(store.is_done(k))
@@ -327,11 +322,10 @@ async fn run_typed<M: Message, H: Handler<M>>(
     // without a handler. Only after the store was asked, so a message whose effect is
     // recorded is acked above whatever its crashes.
     if let Some(failure) = crashes.and_then(|c| crash::crash_loop(c, shared.crash_limit)) {
-        if let (Some(store), Some(l), Some(key)) = (&shared.store, &lease, key.as_deref()) {
-            let k = Key {
-                fingerprint,
-                ..Key::new(&shared.group, M::NAME, key)
-            };
+        if let (Some(store), Some(l), Some(key), Some(fp)) =
+            (&shared.store, &lease, key.as_deref(), fingerprint)
+        {
+            let k = Key::new(&shared.group, M::NAME, key).with_fingerprint(fp);
             if let Err(e) = bounded(store.release(k, l)).await {
                 tracing::warn!(error = %e, "could not release the idempotency key; it frees itself when the lease ends");
             }
@@ -388,11 +382,8 @@ async fn run_typed<M: Message, H: Handler<M>>(
         }
     }
 
-    if let (Some(store), Some(key)) = (&shared.store, key.as_deref()) {
-        let k = Key {
-            fingerprint,
-            ..Key::new(&shared.group, M::NAME, key)
-        };
+    if let (Some(store), Some(key), Some(fp)) = (&shared.store, key.as_deref(), fingerprint) {
+        let k = Key::new(&shared.group, M::NAME, key).with_fingerprint(fp);
         match (&result, &lease) {
             // The handler marked the key in its own transaction (the inbox): the `done`
             // row committed with its effects, and the inbox is what deduplicates. A

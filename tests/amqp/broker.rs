@@ -14,7 +14,7 @@ use std::{
 use steadfast::{
     Context, Envelope, HandlerError, Message, RetryPolicy, Worker,
     envelope::header,
-    transport::{Health, Transport, TransportErrorKind, amqp::AmqpTransport},
+    transport::{DeadLetterFilter, Health, Transport, TransportErrorKind, amqp::AmqpTransport},
     worker::Outcome,
 };
 
@@ -441,6 +441,130 @@ async fn dead_letters_carry_every_header_and_reading_them_changes_nothing() {
     t.close().await;
 }
 
+/// A read takes the dead letters with consumers whose windows grow (256, 512, 1,024, …):
+/// 1,500 span several. Nothing is acked by a read, a read that stops early or finds
+/// fewer ready than it counted ends, and a purge across the windows removes exactly its
+/// selection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_reads_span_windows_ack_nothing_and_purge_only_the_selection() {
+    const N: u64 = 1500;
+    let t = support::transport("dlqwin").await;
+    let w = Running::start(
+        Worker::builder(t.clone(), "g")
+            .handle(|_: Task, _cx: Context| async {
+                Err::<(), _>(HandlerError::msg("bad task").permanent())
+            })
+            .concurrency(64),
+    )
+    .await;
+    let batch: Vec<Envelope> = (0..N)
+        .map(|n| Envelope::encode(&Task { n }).unwrap())
+        .collect();
+    for r in t.publish_batch(&batch).await {
+        r.unwrap();
+    }
+    let outcomes = w.outcomes.clone();
+    support::wait_for(
+        "every message dead-lettered",
+        Duration::from_secs(60),
+        || outcomes.lock().unwrap().len() == N as usize,
+    )
+    .await;
+    w.stop().await;
+    let (_conn, ch) = support::raw_channel().await;
+    let dlq = t.dead_letter_queue_name("g");
+    assert_eq!(support::ready(&ch, &dlq).await, N as u32);
+    // Stopped early by the visitor.
+    let mut seen = 0;
+    let mut visit = |_| {
+        seen += 1;
+        seen < 300
+    };
+    t.scan_dead_letters("g", &mut visit).await.unwrap();
+    assert_eq!(seen, 300);
+    support::wait_for_async("the early stop's messages back", || {
+        let ch = ch.clone();
+        let dlq = dlq.clone();
+        async move { support::ready(&ch, &dlq).await == N as u32 }
+    })
+    .await;
+    // A full read: every dead letter once, none removed.
+    let all = t.dead_letters("g", usize::MAX).await.unwrap();
+    let ids: std::collections::HashSet<_> = all.iter().map(|d| d.id()).collect();
+    let want: std::collections::HashSet<_> = batch.iter().map(|e| e.id).collect();
+    assert_eq!(all.len(), N as usize);
+    assert_eq!(ids, want, "every dead letter read once");
+    support::wait_for_async("the read's messages back", || {
+        let ch = ch.clone();
+        let dlq = dlq.clone();
+        async move { support::ready(&ch, &dlq).await == N as u32 }
+    })
+    .await;
+    // Another channel takes 100 while a read runs: the read finds 1,400 and ends.
+    let (_other, holder) = support::raw_channel().await;
+    let (go, started) = tokio::sync::oneshot::channel::<()>();
+    let (took, taken) = std::sync::mpsc::channel::<()>();
+    let take = {
+        let (holder, dlq) = (holder.clone(), dlq.clone());
+        tokio::spawn(async move {
+            started.await.unwrap();
+            for _ in 0..100 {
+                holder
+                    .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await
+                    .unwrap()
+                    .expect("a dead letter");
+            }
+            took.send(()).unwrap();
+        })
+    };
+    let mut go = Some(go);
+    let mut read = 0u64;
+    let count = &mut read;
+    let mut visit = move |_| {
+        if let Some(go) = go.take() {
+            go.send(()).unwrap();
+            taken.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        *count += 1;
+        true
+    };
+    let at = std::time::Instant::now();
+    t.scan_dead_letters("g", &mut visit).await.unwrap();
+    assert_eq!(read, N - 100);
+    assert!(at.elapsed() < Duration::from_secs(15), "{:?}", at.elapsed());
+    take.await.unwrap();
+    holder.close(200, "OK".into()).await.unwrap();
+    support::wait_for_async("the held messages back", || {
+        let ch = ch.clone();
+        let dlq = dlq.clone();
+        async move { support::ready(&ch, &dlq).await == N as u32 }
+    })
+    .await;
+    // A purge of every third one, spread over every window.
+    let mut f = DeadLetterFilter::default();
+    for e in batch.iter().step_by(3) {
+        f = f.id(e.id);
+    }
+    let report = t.purge_dead_letters("g", &f, &|_| {}).await.unwrap();
+    assert_eq!((report.selected, report.done), (500, 500), "{report:?}");
+    let left: std::collections::HashSet<_> = t
+        .dead_letters("g", usize::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id())
+        .collect();
+    let kept: std::collections::HashSet<_> = batch
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 0)
+        .map(|(_, e)| e.id)
+        .collect();
+    assert_eq!(left, kept, "exactly the selection purged");
+    t.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_publish_is_an_error() {
     let t = support::transport("unroutable").await;
@@ -525,6 +649,8 @@ async fn settling_after_the_stream_is_dropped_still_acks() {
     let mut sub = Subscription::new("g", [Task::NAME]);
     sub.prefetch = 10;
     let mut stream = t.subscribe(&sub).await.unwrap();
+    let (_conn, ch) = support::raw_channel().await;
+    let q = t.queue_name("g");
     for n in 0..3 {
         t.publish(&Envelope::encode(&Task { n }).unwrap())
             .await
@@ -532,7 +658,16 @@ async fn settling_after_the_stream_is_dropped_still_acks() {
     }
     let first = stream.next().await.unwrap().unwrap();
     let second = stream.next().await.unwrap().unwrap();
-    // Stop intake with two deliveries in hand and one prefetched or waiting.
+    // Stop intake with two deliveries in hand and the third waiting in the stream. Its
+    // requeue must wait for the consumer's cancel: requeued before, RabbitMQ may hand it
+    // back to the consumer being cancelled, after `cancel-ok`, where the client drops it
+    // and it comes back only with the channel, as an unexplained return (a suspect, which
+    // this stream would never see).
+    support::wait_for_async("the third delivery in the stream", || async {
+        support::ready(&ch, &q).await == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     drop(stream);
     tokio::time::sleep(Duration::from_millis(200)).await;
     first
@@ -540,8 +675,6 @@ async fn settling_after_the_stream_is_dropped_still_acks() {
         .await
         .expect("acked on the kept channel");
     drop(second); // dropped unsettled: back to the queue
-    let (_conn, ch) = support::raw_channel().await;
-    let q = t.queue_name("g");
     support::wait_for_async("two messages back in the queue", || async {
         support::ready(&ch, &q).await == 2
     })
@@ -552,7 +685,7 @@ async fn settling_after_the_stream_is_dropped_still_acks() {
     for _ in 0..2 {
         let d = tokio::time::timeout(Duration::from_secs(5), stream.next())
             .await
-            .expect("redelivered")
+            .expect("redelivered to this stream, not moved to the suspects queue")
             .unwrap()
             .unwrap();
         got.push(
@@ -713,6 +846,82 @@ async fn classic_work_queues_retry_through_quorum_delay_queues() {
             .iter()
             .any(|p| p.outcome == Outcome::Acked && p.attempt == 2)
     })
+    .await;
+    w.stop().await;
+    t.close().await;
+}
+
+/// With `queue_expiry`, a group's queues stay while its worker runs, with their
+/// messages. RabbitMQ counts consumers and `basic.get` as use, not publishing, and a
+/// declaration does not renew a quorum queue's lease: the dead-letter and delay queues,
+/// which a worker only publishes to, expired under it with their dead letters (retries
+/// and dead letters unroutable, the messages redelivered for ever). A dead letter made
+/// before three expiries is still in its queue after them, and a retry and a dead letter
+/// after them go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiring_queues_stay_while_their_worker_runs() {
+    let name = support::unique("expiry");
+    let t = AmqpTransport::builder(support::url())
+        .exchange(&name)
+        .queue_prefix(format!("{name}."))
+        .queue_expiry(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect("RabbitMQ must be running on AMQP_URL");
+    let w = Running::start(
+        Worker::builder(t.clone(), "g")
+            .handle(|m: Task, cx: Context| async move {
+                match m.n % 10 {
+                    1 if cx.attempt() == 1 => Err(HandlerError::msg("not yet")),
+                    2 => Err(HandlerError::msg("never").permanent()),
+                    _ => Ok(()),
+                }
+            })
+            .retry(RetryPolicy::fixed(Duration::from_millis(500)).jitter(0.0)),
+    )
+    .await;
+    let (_conn, ch) = support::raw_channel().await;
+    let dlq = format!("{}.dlq", t.queue_name("g"));
+    let outcomes = w.outcomes.clone();
+    for (round, wait) in [(0u64, 0u64), (10, 7)] {
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        for n in [round + 1, round + 2] {
+            t.publish(&Envelope::encode(&Task { n }).unwrap())
+                .await
+                .expect("the work queue is still there");
+        }
+        let want = 3 * (round as usize / 10 + 1);
+        support::wait_for("a retry and a dead letter", Duration::from_secs(20), || {
+            outcomes.lock().unwrap().len() >= want
+        })
+        .await;
+    }
+    let seen: Vec<_> = outcomes
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| (p.attempt, p.outcome.clone()))
+        .collect();
+    let count = |f: &dyn Fn(&(u32, Outcome)) -> bool| seen.iter().filter(|s| f(s)).count();
+    assert_eq!(
+        (
+            count(&|(a, o)| *a == 1 && matches!(o, Outcome::Retried { .. })),
+            count(&|(a, o)| *a == 2 && *o == Outcome::Acked),
+            count(&|(_, o)| matches!(o, Outcome::DeadLettered(_))),
+            seen.len(),
+        ),
+        (2, 2, 2, 6),
+        "each round: retried then acked, and dead-lettered, nothing unsettled: {seen:?}"
+    );
+    // A message the worker has just taken and requeued to keep the queue in use is
+    // counted again a moment later.
+    support::wait_for_async(
+        "the dead letter from before the expiries still there, beside the new one",
+        || {
+            let (ch, dlq) = (&ch, &dlq);
+            async move { support::ready(ch, dlq).await == 2 }
+        },
+    )
     .await;
     w.stop().await;
     t.close().await;

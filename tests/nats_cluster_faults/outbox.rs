@@ -41,15 +41,12 @@ impl Outbox {
             .with_timeout(Duration::from_secs(5));
         store.migrate().await.expect("the outbox table");
         // The fault suite's relay settings.
-        let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
-            .batch_size(200)
-            .poll_interval(Duration::from_millis(200))
-            .claim_lease(Duration::from_secs(8))
-            .publish_timeout(Duration::from_secs(5))
-            .retry_delay(Duration::from_millis(200), Duration::from_secs(2))
-            .max_attempts(1000)
-            .build()
-            .unwrap();
+        let relay = steadfast::testing::fault_relay(Relay::builder(
+            store.clone(),
+            Arc::new(transport.clone()),
+        ))
+        .build()
+        .unwrap();
         let stop = CancellationToken::new();
         let relay = tokio::spawn(relay.run_until(stop.clone().cancelled_owned()));
         Self {

@@ -2,10 +2,16 @@
 //! shared publisher-confirm channel, and health.
 
 use super::{
-    AmqpBuilder, QueueType, acks::ChannelAcks, guard, redact_url, suspects::Suspects, topology,
+    acks::ChannelAcks,
+    builder::{AmqpBuilder, Settings},
+    guard,
+    suspects::Suspects,
+    topology,
 };
-use crate::transport::{Health, TransportError, TransportErrorKind};
-use backon::BackoffBuilder;
+use crate::{
+    redact::redact_url,
+    transport::{Health, TransportError, TransportErrorKind, backoff::Backoff},
+};
 use lapin::{
     Channel, Connection, ConnectionProperties, options::ConfirmSelectOptions, uri::AMQPUri,
 };
@@ -20,21 +26,6 @@ use std::{
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-/// The settings, checked.
-#[derive(Debug, Clone)]
-pub(super) struct Config {
-    pub(super) exchange: String,
-    pub(super) queue_prefix: String,
-    pub(super) queue_type: QueueType,
-    pub(super) dlq_type: QueueType,
-    pub(super) initial_group_size: Option<u32>,
-    pub(super) delivery_limit: u32,
-    pub(super) queue_expiry: Option<Duration>,
-    pub(super) op_timeout: Duration,
-    pub(super) max_reconnect_delay: Duration,
-    pub(super) consumer_channels: u16,
-}
 
 /// One live connection, numbered: deliveries remember the generation they came from.
 #[derive(Clone)]
@@ -75,7 +66,7 @@ enum Slot {
 }
 
 pub(super) struct Inner {
-    pub(super) cfg: Config,
+    pub(super) cfg: Settings,
     /// Every node's URL without its password, comma-separated.
     pub(super) redacted_url: String,
     /// Hold the passwords: never printed.
@@ -131,7 +122,7 @@ impl Inner {
             .map(|n| n.redacted.as_str())
             .collect::<Vec<_>>()
             .join(",");
-        let cfg = Config {
+        let cfg = Settings {
             exchange: b.exchange,
             queue_prefix: b.queue_prefix,
             queue_type: b.queue_type,
@@ -315,12 +306,8 @@ impl Inner {
                 let lost = this.current.load(Ordering::SeqCst);
                 let mut start = (lost + 1) % this.nodes.len();
                 tracing::warn!(url = %this.nodes[lost].redacted, "connection to RabbitMQ lost; reconnecting");
-                let mut backoff = backon::ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(100))
-                    .with_max_delay(this.cfg.max_reconnect_delay)
-                    .with_jitter()
-                    .without_max_times()
-                    .build();
+                let mut backoff =
+                    Backoff::new(Duration::from_millis(100), this.cfg.max_reconnect_delay);
                 loop {
                     if this.closed.is_cancelled() {
                         break;
@@ -356,7 +343,7 @@ impl Inner {
                         Err(e) => {
                             // The next round starts where the list was left off.
                             start = (start + 1) % this.nodes.len();
-                            let wait = backoff.next().unwrap_or(this.cfg.max_reconnect_delay);
+                            let wait = backoff.pause();
                             tracing::warn!(error = %e, retry_in = ?wait, "reconnect to RabbitMQ failed");
                             *this.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
                                 Some(e.to_string());

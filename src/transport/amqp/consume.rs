@@ -14,9 +14,8 @@ use super::{
     wire,
 };
 use crate::transport::{
-    Delivery, DeliveryStream, Subscription, TransportError, TransportErrorKind,
+    Delivery, DeliveryStream, Subscription, TransportError, TransportErrorKind, backoff::Backoff,
 };
-use backon::BackoffBuilder;
 use futures::StreamExt;
 use lapin::{
     Channel, Consumer,
@@ -62,24 +61,81 @@ pub(super) async fn subscribe(
             }
         }
     }
-    let (tx, mut rx) = mpsc::channel::<Delivery>(usize::from(topo.prefetch));
-    for (session, prefetch) in first {
-        tokio::spawn(run(
-            inner.clone(),
-            topo.clone(),
-            session,
-            prefetch,
-            tx.clone(),
-        ));
-    }
+    let (tx, rx) = mpsc::channel::<Delivery>(usize::from(topo.prefetch));
+    let pumps = first
+        .into_iter()
+        .map(|(session, prefetch)| {
+            tokio::spawn(run(
+                inner.clone(),
+                topo.clone(),
+                session,
+                prefetch,
+                tx.clone(),
+            ))
+        })
+        .collect();
+    let watcher = tx.clone();
+    tokio::spawn(topology::keep_declared(
+        inner.clone(),
+        topo.clone(),
+        async move { watcher.closed().await },
+    ));
     let watcher = tx.clone();
     tokio::spawn(suspects::poll(
         inner.clone(),
         inner.suspects.group(&topo),
         async move { watcher.closed().await },
     ));
-    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|d| d.map(Ok)));
-    Ok(Box::pin(stream))
+    Ok(Box::pin(Intake {
+        rx: Some(rx),
+        pumps,
+    }))
+}
+
+/// The subscription's stream. Dropping it stops intake; the deliveries waiting in it
+/// are requeued only once every consumer is cancelled: requeued earlier, a quorum queue
+/// may hand one straight back to the consumer being cancelled, where it would arrive
+/// after `basic.cancel-ok`, be discarded by the client and come back when the channel
+/// closes, counted as a return nobody explains (a suspect).
+struct Intake {
+    /// `None` only while being dropped.
+    rx: Option<mpsc::Receiver<Delivery>>,
+    /// The channels' pumps, which end once their consumers are cancelled.
+    pumps: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl futures::Stream for Intake {
+    type Item = Result<Delivery, TransportError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.rx.as_mut() {
+            Some(rx) => rx.poll_recv(cx).map(|d| d.map(Ok)),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+impl Drop for Intake {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        // Closing makes the pumps stop, each after cancelling its consumer; dropping
+        // the receiver then drops (requeues) what waits in it.
+        rx.close();
+        let pumps = std::mem::take(&mut self.pumps);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                for pump in pumps {
+                    let _ = pump.await;
+                }
+                drop(rx);
+            });
+        }
+    }
 }
 
 /// Opens a channel and starts a consumer on it with `prefetch`, declaring the group's
@@ -215,10 +271,11 @@ async fn pump(
                     continue;
                 }
                 let delivery = to_delivery(inner, topo, &s.acks, d);
-                if tx.send(delivery).await.is_err() {
-                    // The stream was dropped; the delivery was dropped with the error and
-                    // requeued itself.
+                if let Err(unsent) = tx.send(delivery).await {
+                    // The stream was dropped; the delivery requeues itself when dropped,
+                    // after the cancel (see `Intake`).
                     stop(inner, s).await;
+                    drop(unsent);
                     return Ended::Stop;
                 }
             }
@@ -309,12 +366,7 @@ async fn resume(
     prefetch: u16,
     tx: &mpsc::Sender<Delivery>,
 ) -> Option<Session> {
-    let mut backoff = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(inner.cfg.max_reconnect_delay)
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut backoff = Backoff::new(Duration::from_millis(100), inner.cfg.max_reconnect_delay);
     loop {
         let attempt = tokio::select! {
             biased;
@@ -331,7 +383,7 @@ async fn resume(
                 return Some(s);
             }
             Err(e) => {
-                let wait = backoff.next().unwrap_or(inner.cfg.max_reconnect_delay);
+                let wait = backoff.pause();
                 tracing::warn!(group = %topo.group, error = %e, retry_in = ?wait, "could not resume consuming");
                 tokio::select! {
                     () = tx.closed() => return None,

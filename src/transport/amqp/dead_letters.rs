@@ -1,31 +1,40 @@
-//! Reading a dead-letter queue without changing it: `basic.get` with manual ack up to
-//! `limit` messages on a channel of its own, then close that channel without acking. The
-//! broker puts every message back, so nothing is lost; they only gain the `redelivered`
-//! flag. A quorum dead-letter queue (the default) puts returned messages at its back
-//! and counts the return as a delivery, so it is declared with a delivery limit that is
-//! never reached (decision 0104), and what one read returns is sorted by failure time
-//! (then id), oldest first, whatever the queue's order.
+//! Reading a dead-letter queue without changing it: `basic.consume` with manual ack on a
+//! channel of its own, as many messages as the queue held ready when the read began (a
+//! passive declare), then close that channel without acking. The broker puts every
+//! message back, so nothing is lost; they only gain the `redelivered` flag. Nothing is
+//! acked by a read: the consumers' prefetch windows grow from 256 to 4,096 messages, and
+//! a consumer that holds its whole window unacked is cancelled (what it holds stays on
+//! the channel) and the next one takes the next window (decision 0610). A quorum
+//! dead-letter queue (the default) counts the return as a delivery, so it is declared
+//! with a delivery limit that is never reached (decision 0104); what one read returns is
+//! sorted by failure time (then id), oldest first, whatever the queue's order.
 //!
-//! Replaying and purging work the same way: every message is fetched unacked; a selected
+//! Replaying and purging work the same way: every message is received unacked; a selected
 //! one is republished to the group's work queue and acked only after the broker's
 //! confirm (purge: acked at once); the rest stay unacked and go back to their places
 //! when the channel closes — or when the connection dies, whatever kills the process.
-//! The scan stops after the number of messages the queue held when it started, so dead
+//! The read stops after the number of messages the queue held when it started, so dead
 //! letters that a replay produces again are not read in the same run. See
-//! `docs/dead-letters.md` and decision 0600.
+//! `docs/dead-letters.md` and decisions 0600 and 0610.
 
 use super::{connection::Inner, publish, topology::short, wire};
 use crate::{
     envelope::Envelope,
     envelope::header,
     transport::{
-        DeadLetter, DeadLetterFilter, DeadLetterReport, DeadLetterRewrite, DeadLetterVisitor,
-        TransportError, TransportErrorKind,
+        DeadLetter, DeadLetterFilter, DeadLetterReport, DeadLetterVisitor, TransportError,
+        TransportErrorKind,
+        settle_dead_letters::{self, DeadLetterCursor},
     },
 };
+use futures::StreamExt;
 use lapin::{
-    BasicProperties, Channel,
-    options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions},
+    BasicProperties, Channel, Consumer,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+        QueueDeclareOptions,
+    },
     types::{AMQPValue, FieldTable, ShortString},
 };
 use std::{
@@ -68,40 +77,286 @@ pub(super) async fn scan(
 ) -> Result<(), TransportError> {
     let queue = dlq_queue(inner, group)?;
     let link = inner.link_bounded().await?;
-    let ch = inner.open_channel(&link).await?;
-    let mut result = Ok(());
-    let mut read = 0usize;
-    loop {
-        match inner
-            .bounded(
-                "basic.get",
-                ch.basic_get(queue.clone(), BasicGetOptions { no_ack: false }),
-            )
-            .await
-        {
-            Ok(Some(m)) => {
-                read += 1;
-                let d = m.delivery;
+    let mut reader = match Reader::open(inner, &link, &queue).await {
+        Ok(r) => r,
+        Err(e) if e.kind() == TransportErrorKind::Config => return Err(unknown_group(&queue)),
+        Err(e) => return Err(e),
+    };
+    let result = loop {
+        match reader.next(inner).await {
+            Ok(Some(r)) => {
+                let d = r.delivery;
                 if !visit(dead_letter(&d.properties, d.data)) {
-                    break;
+                    break Ok(());
                 }
             }
-            Ok(None) => break,
-            Err(e) if e.kind() == TransportErrorKind::Config && read == 0 => {
-                // No such queue (the broker closed the channel).
-                return Err(unknown_group(&queue));
-            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    // Closing the channel returns every message read to the queue.
+    reader.close(inner).await;
+    result
+}
+
+/// The first consumer's prefetch window of a [`Reader`].
+const FIRST_WINDOW: u16 = 256;
+/// The largest window: what the client may buffer of a read the visitor has not taken yet
+/// (AMQP would allow 65,535).
+const MAX_WINDOW: u16 = 4096;
+/// How long a [`Reader`] with room in its window waits for a delivery before it asks
+/// whether the queue has any ready message left.
+const IDLE: Duration = Duration::from_millis(250);
+
+/// Reads a dead-letter queue on a channel of its own, acking nothing itself: a passive
+/// declare says how many messages are ready, then consumers with manual ack deliver that
+/// many, pipelined. A consumer whose prefetch window is full of unacked messages gets no
+/// more, and none is on its way to it (every ack sent for it has been counted), so it is
+/// cancelled, its messages stay held by the channel, and the next consumer gets a window
+/// twice as large (up to [`MAX_WINDOW`]). A read that stops early holds at most one
+/// window more than it took. Everything unacked goes back when the channel closes, or
+/// when the connection dies.
+struct Reader {
+    ch: Channel,
+    queue: ShortString,
+    /// Deliveries still to take: the ready count at the start, less what was taken.
+    left: u64,
+    consumer: Option<Consumer>,
+    /// The current consumer's number, prefetch and unacked deliveries.
+    number: u64,
+    prefetch: u16,
+    held: u32,
+    /// The next consumer's window.
+    window: u16,
+    /// Deliveries taken and acked in all.
+    taken: u64,
+    acks: u64,
+}
+
+/// A delivery of a [`Reader`] and the consumer it came from (for [`Reader::acked`]).
+struct Read {
+    consumer: u64,
+    delivery: Delivery,
+}
+
+impl Reader {
+    /// Opens a channel and counts the ready messages of `queue` (a `Config` error when
+    /// there is no such queue).
+    async fn open(
+        inner: &Arc<Inner>,
+        link: &super::connection::Link,
+        queue: &ShortString,
+    ) -> Result<Self, TransportError> {
+        let ch = inner.open_channel(link).await?;
+        let declared = inner
+            .bounded(
+                "queue.declare (passive)",
+                ch.queue_declare(queue.clone(), passive(), FieldTable::default()),
+            )
+            .await;
+        match declared {
+            Ok(q) => Ok(Self {
+                ch,
+                queue: queue.clone(),
+                left: u64::from(q.message_count()),
+                consumer: None,
+                number: 0,
+                prefetch: 0,
+                held: 0,
+                window: FIRST_WINDOW,
+                taken: 0,
+                acks: 0,
+            }),
             Err(e) => {
-                result = Err(e);
-                break;
+                close_channel(inner, &ch).await;
+                Err(e)
             }
         }
     }
-    // Closing the channel returns every fetched message to the queue.
+
+    /// Whether the current consumer holds its whole window: the next delivery needs a new
+    /// consumer unless some of what it holds is acked first.
+    fn full(&self) -> bool {
+        self.consumer.is_some() && self.held >= u32::from(self.prefetch)
+    }
+
+    /// Counts an ack of a delivery: one window place free again if it came from the
+    /// current consumer.
+    fn acked(&mut self, consumer: u64) {
+        self.acks += 1;
+        if consumer == self.number {
+            self.held = self.held.saturating_sub(1);
+        }
+    }
+
+    /// The next delivery, or `None` once as many as the queue held at the start were
+    /// taken, or the queue has no ready message left.
+    async fn next(&mut self, inner: &Inner) -> Result<Option<Read>, TransportError> {
+        let mut idle = Duration::ZERO;
+        let mut empty = false;
+        while self.left > 0 {
+            if self.consumer.is_none() || self.full() {
+                self.rotate(inner).await?;
+            }
+            let Some(consumer) = self.consumer.as_mut() else {
+                return Ok(None);
+            };
+            match tokio::time::timeout(IDLE, consumer.next()).await {
+                Ok(Some(Ok(delivery))) => {
+                    self.left -= 1;
+                    self.held += 1;
+                    self.taken += 1;
+                    return Ok(Some(Read {
+                        consumer: self.number,
+                        delivery,
+                    }));
+                }
+                Ok(Some(Err(e))) => return Err(inner.error("basic.consume", &e)),
+                // The broker cancelled the consumer (the queue was deleted).
+                Ok(None) => return Ok(None),
+                // Fewer ready than at the start (another reader holds them, or they were
+                // removed): nothing came after the queue said it had none ready.
+                Err(_) if empty => return Ok(None),
+                Err(_) => {
+                    idle += IDLE;
+                    if idle >= inner.cfg.op_timeout {
+                        return Err(TransportError::new(
+                            TransportErrorKind::Timeout,
+                            format!(
+                                "RabbitMQ delivered nothing from `{}` within {}",
+                                self.queue,
+                                humantime::format_duration(inner.cfg.op_timeout)
+                            ),
+                        ));
+                    }
+                    let q = inner
+                        .bounded(
+                            "queue.declare (passive)",
+                            self.ch.queue_declare(
+                                self.queue.clone(),
+                                passive(),
+                                FieldTable::default(),
+                            ),
+                        )
+                        .await?;
+                    empty = q.message_count() == 0;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Cancels the current consumer (its deliveries stay unacked on the channel) and
+    /// starts the next with a window as large as what is left, at most `window`.
+    async fn rotate(&mut self, inner: &Inner) -> Result<(), TransportError> {
+        if let Some(c) = self.consumer.take() {
+            inner
+                .bounded(
+                    "basic.cancel",
+                    self.ch.basic_cancel(c.tag(), BasicCancelOptions::default()),
+                )
+                .await?;
+            self.window = self.window.saturating_mul(2).min(MAX_WINDOW);
+        }
+        self.prefetch = u16::try_from(self.left)
+            .unwrap_or(u16::MAX)
+            .min(self.window);
+        inner
+            .bounded(
+                "basic.qos",
+                self.ch
+                    .basic_qos(self.prefetch, BasicQosOptions { global: false }),
+            )
+            .await?;
+        let consumer = inner
+            .bounded(
+                "basic.consume",
+                self.ch.basic_consume(
+                    self.queue.clone(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+        self.consumer = Some(consumer);
+        self.number += 1;
+        self.held = 0;
+        Ok(())
+    }
+
+    /// Closes the channel: the broker puts back every delivery not acked. Waits until
+    /// the queue shows them ready again (while its count moves, see [`RETURN_WAIT`]), so
+    /// a read that follows sees them; a quorum queue takes them back after the close is
+    /// answered. Gives the ready count before the close and the last one seen after it.
+    async fn close(mut self, inner: &Arc<Inner>) -> Option<(u64, u64)> {
+        // After `basic.cancel-ok` nothing more comes: what is buffered is all it holds.
+        if let Some(c) = self.consumer.take() {
+            let cancelled = inner
+                .bounded(
+                    "basic.cancel",
+                    self.ch.basic_cancel(c.tag(), BasicCancelOptions::default()),
+                )
+                .await;
+            if cancelled.is_ok() {
+                let mut c = c;
+                while let Some(Some(Ok(_))) = futures::FutureExt::now_or_never(c.next()) {
+                    self.taken += 1;
+                }
+            }
+        }
+        let held = self.taken - self.acks;
+        let before = if held > 0 {
+            inner
+                .bounded(
+                    "queue.declare (passive)",
+                    self.ch
+                        .queue_declare(self.queue.clone(), passive(), FieldTable::default()),
+                )
+                .await
+                .ok()
+                .map(|q| u64::from(q.message_count()))
+        } else {
+            None
+        };
+        close_channel(inner, &self.ch).await;
+        let before = before?;
+        let started = tokio::time::Instant::now();
+        let (mut last, mut moved) = (before, started);
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let now = count_queue(inner, &self.queue).await.ok()?;
+            if now != last {
+                (last, moved) = (now, tokio::time::Instant::now());
+            }
+            if now >= before + held
+                || moved.elapsed() >= RETURN_WAIT
+                || started.elapsed() >= inner.cfg.op_timeout
+            {
+                return Some((before, now));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+}
+
+/// How long closing a [`Reader`] waits for the queue's count to move towards showing its
+/// messages again (100,000 can take seconds on a busy broker; the whole wait is bounded
+/// by the operation timeout).
+const RETURN_WAIT: Duration = Duration::from_secs(2);
+
+fn passive() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+async fn close_channel(inner: &Inner, ch: &Channel) {
     if ch.status().connected() {
         let _ = tokio::time::timeout(inner.cfg.op_timeout, ch.close(200, "OK".into())).await;
     }
-    result
 }
 
 pub(super) async fn read(
@@ -130,23 +385,7 @@ pub(super) async fn read(
     }
 }
 
-/// How many selected messages are republished before their confirms are awaited together.
-const BATCH: usize = 64;
-
-/// What to do with the selected dead letters.
-#[derive(Clone, Copy)]
-pub(super) enum Action<'a> {
-    /// Republish what the rewrite makes of each to the group's work queue, then remove.
-    Replay(&'a DeadLetterRewrite<'a>),
-    /// Remove.
-    Purge,
-}
-
-struct Fetched {
-    tag: u64,
-    props: BasicProperties,
-    dl: DeadLetter,
-}
+pub(super) use crate::transport::settle_dead_letters::Action;
 
 /// Replays or purges the dead letters of `group` that `filter` selects.
 pub(super) async fn settle_selected(
@@ -163,91 +402,25 @@ pub(super) async fn settle_selected(
     )?;
     let work_queue = short("the work queue name", work_queue)?;
     let link = inner.link_bounded().await?;
-    let ch = inner.open_channel(&link).await?;
-    let mut report = DeadLetterReport::default();
-    let mut budget: Option<u64> = None;
-    let mut batch: Vec<Fetched> = Vec::new();
-    // What was removed, to recognise it if the broker puts it back (below).
-    let removed: std::sync::Mutex<HashSet<Removed>> = std::sync::Mutex::default();
-    let track = |dl: &DeadLetter| {
-        removed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(removed_key(dl));
-        progress(dl);
+    let reader = match Reader::open(inner, &link, &queue).await {
+        Ok(r) => r,
+        // No such queue: the group was never declared, so it has no dead letters.
+        Err(e) if e.kind() == TransportErrorKind::Config => {
+            return Ok(DeadLetterReport::default());
+        }
+        Err(e) => return Err(e),
     };
-    let mut result = Ok(());
-    while filter.wants_more(report.selected) && budget.is_none_or(|b| b > 0) {
-        let got = inner
-            .bounded(
-                "basic.get",
-                ch.basic_get(queue.clone(), BasicGetOptions { no_ack: false }),
-            )
-            .await;
-        let m = match got {
-            Ok(Some(m)) => m,
-            Ok(None) => break,
-            Err(e) if e.kind() == TransportErrorKind::Config && report.scanned == 0 => {
-                // No such queue: the group was never declared, so it has no dead letters.
-                return Ok(report);
-            }
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
-        };
-        // `message_count` is what is left behind this one: the queue's size at the start
-        // bounds the scan, so what this replay dead-letters again is not read again.
-        let left = budget.get_or_insert(u64::from(m.message_count) + 1);
-        *left -= 1;
-        report.scanned += 1;
-        let d = m.delivery;
-        let dl = dead_letter(&d.properties, d.data);
-        if !filter.matches(&dl) {
-            continue; // stays unacked: back in its place when the channel closes
-        }
-        report.selected += 1;
-        batch.push(Fetched {
-            tag: d.delivery_tag,
-            props: d.properties,
-            dl,
-        });
-        if batch.len() >= BATCH
-            && let Err(e) = flush(
-                inner,
-                &ch,
-                &work_queue,
-                action,
-                &mut batch,
-                &mut report,
-                &track,
-            )
-            .await
-        {
-            result = Err(e);
-            break;
-        }
-    }
-    if result.is_ok()
-        && let Err(e) = flush(
-            inner,
-            &ch,
-            &work_queue,
-            action,
-            &mut batch,
-            &mut report,
-            &track,
-        )
-        .await
-    {
-        result = Err(e);
-    }
+    let mut cursor = Cursor {
+        inner,
+        reader,
+        work_queue,
+        removed: HashSet::new(),
+    };
+    let (report, mut result) =
+        settle_dead_letters::settle_selected(&mut cursor, filter, action, progress).await;
+    let removed = cursor.removed;
     // Closing the channel returns every message not acked, in order, to the queue.
-    let held = (report.scanned - report.done) as u64;
-    let mut returned = close_counting(inner, &ch, &queue, held).await;
-    let removed = removed
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut returned = close_counting(inner, cursor.reader).await;
     // RabbitMQ's quorum queues can drop acks that arrive just before their channel
     // closes and put those messages back (rabbitmq-server issue 10327): a replayed dead
     // letter would then stay beside its confirmed copy. When the queue grew by more than
@@ -286,43 +459,28 @@ fn removed_key(dl: &DeadLetter) -> Removed {
     )
 }
 
-/// Closes a channel that holds `held` unacked messages of `queue` and says whether the
-/// queue got back more than those (acks dropped at the close; or new dead letters that
-/// arrived meanwhile, which costs only a needless check).
-async fn close_counting(inner: &Arc<Inner>, ch: &Channel, queue: &ShortString, held: u64) -> bool {
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    // A round trip on the channel after its acks: the broker has taken them all.
-    let before = inner
-        .bounded(
-            "queue.declare (passive)",
-            ch.queue_declare(queue.clone(), passive, FieldTable::default()),
-        )
-        .await
-        .ok()
-        .map(|q| u64::from(q.message_count()));
-    if ch.status().connected() {
-        let _ = tokio::time::timeout(inner.cfg.op_timeout, ch.close(200, "OK".into())).await;
-    }
-    let Some(before) = before else {
+/// Closes a reader's channel and says whether its queue got back more than the reader
+/// held (acks dropped at the close; or new dead letters that arrived meanwhile, which
+/// costs only a needless check).
+async fn close_counting(inner: &Arc<Inner>, reader: Reader) -> bool {
+    let held = reader.taken - reader.acks;
+    let queue = reader.queue.clone();
+    // The passive declare on the channel after its acks: the broker has taken them all.
+    let Some((before, mut last)) = reader.close(inner).await else {
         return false;
     };
-    // The broker returns what the channel held after it closed: wait until the count
-    // stops moving (bounded).
-    let mut last = None;
+    // Wait until the count stops moving (bounded).
     for _ in 0..25 {
-        let Ok(now) = count_queue(inner, queue).await else {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(now) = count_queue(inner, &queue).await else {
             return false;
         };
-        if last == Some(now) {
+        if now == last {
             break;
         }
-        last = Some(now);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        last = now;
     }
-    last.is_some_and(|after| after > before + held)
+    last > before + held
 }
 
 /// The ready messages of `queue` (a passive declare on a channel of its own).
@@ -332,19 +490,10 @@ async fn count_queue(inner: &Arc<Inner>, queue: &ShortString) -> Result<u64, Tra
     let declared = inner
         .bounded(
             "queue.declare (passive)",
-            ch.queue_declare(
-                queue.clone(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            ),
+            ch.queue_declare(queue.clone(), passive(), FieldTable::default()),
         )
         .await;
-    if ch.status().connected() {
-        let _ = tokio::time::timeout(inner.cfg.op_timeout, ch.close(200, "OK".into())).await;
-    }
+    close_channel(inner, &ch).await;
     declared.map(|q| u64::from(q.message_count()))
 }
 
@@ -357,38 +506,33 @@ async fn remove_again(
     queue: &ShortString,
     removed: &HashSet<Removed>,
 ) -> Result<bool, TransportError> {
-    let ch = inner.open_channel(link).await?;
-    let (mut scanned, mut acked) = (0u64, 0u64);
-    let mut budget: Option<u64> = None;
+    let mut reader = Reader::open(inner, link, queue).await?;
+    let mut acked = 0u64;
     let mut result = Ok(());
-    while budget.is_none_or(|b| b > 0) {
-        let m = match inner
-            .bounded(
-                "basic.get",
-                ch.basic_get(queue.clone(), BasicGetOptions { no_ack: false }),
-            )
-            .await
-        {
-            Ok(Some(m)) => m,
+    loop {
+        let r = match reader.next(inner).await {
+            Ok(Some(r)) => r,
             Ok(None) => break,
             Err(e) => {
                 result = Err(e);
                 break;
             }
         };
-        let left = budget.get_or_insert(u64::from(m.message_count) + 1);
-        *left -= 1;
-        scanned += 1;
-        let d = m.delivery;
+        let d = r.delivery;
         if removed.contains(&removed_key(&dead_letter(&d.properties, d.data))) {
             match inner
                 .bounded(
                     "basic.ack",
-                    ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: false }),
+                    reader
+                        .ch
+                        .basic_ack(d.delivery_tag, BasicAckOptions { multiple: false }),
                 )
                 .await
             {
-                Ok(()) => acked += 1,
+                Ok(()) => {
+                    acked += 1;
+                    reader.acked(r.consumer);
+                }
                 Err(e) => {
                     result = Err(e);
                     break;
@@ -403,56 +547,72 @@ async fn remove_again(
             "dead letters the broker put back after their removal were removed again"
         );
     }
-    let returned = close_counting(inner, &ch, queue, scanned - acked).await;
+    let returned = close_counting(inner, reader).await;
     result.map(|()| returned && acked > 0)
 }
 
-/// Republishes (replay) the batch, pipelined, and acks each message whose copy the broker
-/// confirmed; purge acks them all. A message whose copy failed stays unacked.
-async fn flush(
-    inner: &Arc<Inner>,
-    ch: &Channel,
-    work_queue: &ShortString,
-    action: Action<'_>,
-    batch: &mut Vec<Fetched>,
-    report: &mut DeadLetterReport,
-    progress: &(dyn Fn(&DeadLetter) + Send + Sync),
-) -> Result<(), TransportError> {
-    let items = std::mem::take(batch);
-    let confirms: Vec<Result<(), TransportError>> = match action {
-        Action::Purge => items.iter().map(|_| Ok(())).collect(),
-        Action::Replay(rewrite) => {
-            futures::future::join_all(items.iter().map(|f| async move {
-                let out = rewrite(&f.dl);
-                let props = rewritten_properties(&f.props, &f.dl, &out)?;
-                publish::publish_raw(
-                    inner,
-                    ShortString::from(""),
-                    work_queue.clone(),
-                    &out.payload,
-                    props,
-                )
-                .await
-            }))
-            .await
-        }
-    };
-    for (f, confirmed) in items.into_iter().zip(confirms) {
-        match confirmed {
-            Ok(()) => {
-                inner
-                    .bounded(
-                        "basic.ack",
-                        ch.basic_ack(f.tag, BasicAckOptions { multiple: false }),
-                    )
-                    .await?;
-                report.done += 1;
-                progress(&f.dl);
-            }
-            Err(e) => report.fail(format!("{}: {e}", f.dl.id())),
-        }
+/// A group's dead-letter queue read by a [`Reader`], up to the number of messages it held
+/// at the start. What is read stays unacked (held) until it is removed; closing the
+/// channel puts the rest back.
+struct Cursor<'a> {
+    inner: &'a Arc<Inner>,
+    reader: Reader,
+    work_queue: ShortString,
+    /// What was removed, to recognise it if the broker puts it back.
+    removed: HashSet<Removed>,
+}
+
+impl DeadLetterCursor for Cursor<'_> {
+    /// The delivery tag, the reader's consumer it came from, and the original properties
+    /// (republished with their types).
+    type Held = (u64, u64, BasicProperties);
+
+    async fn next(&mut self) -> Result<Option<(Self::Held, DeadLetter)>, TransportError> {
+        let Some(r) = self.reader.next(self.inner).await? else {
+            return Ok(None);
+        };
+        let d = r.delivery;
+        let dl = dead_letter(&d.properties, d.data);
+        Ok(Some(((d.delivery_tag, r.consumer, d.properties), dl)))
     }
-    Ok(())
+
+    async fn republish(
+        &self,
+        items: &[(Self::Held, DeadLetter)],
+        copies: &[Envelope],
+    ) -> Vec<Result<(), TransportError>> {
+        let copies = items.iter().zip(copies);
+        futures::future::join_all(copies.map(|(((_, _, props), dl), out)| async move {
+            let props = rewritten_properties(props, dl, out)?;
+            publish::publish_raw(
+                self.inner,
+                ShortString::from(""),
+                self.work_queue.clone(),
+                &out.payload,
+                props,
+            )
+            .await
+        }))
+        .await
+    }
+
+    async fn remove(
+        &mut self,
+        (tag, consumer, _): Self::Held,
+        dl: &DeadLetter,
+    ) -> Result<(), TransportError> {
+        self.inner
+            .bounded(
+                "basic.ack",
+                self.reader
+                    .ch
+                    .basic_ack(tag, BasicAckOptions { multiple: false }),
+            )
+            .await?;
+        self.reader.acked(consumer);
+        self.removed.insert(removed_key(dl));
+        Ok(())
+    }
 }
 
 /// The properties of a replayed copy: every original property and header with its type,

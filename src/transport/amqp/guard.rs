@@ -39,10 +39,10 @@ use std::{
 use crate::envelope::limits::MAX_HEADER_DEPTH as MAX_DEPTH;
 
 /// The header the guard adds to a content header it had to change: what it changed.
-pub(crate) const DEFECT: &str = "steadfast-header-defect";
+pub(super) const DEFECT: &str = "steadfast-header-defect";
 
 /// The header that holds a header table lapin could not parse, as its raw bytes.
-pub(crate) const RAW_HEADERS: &str = "steadfast-raw-headers";
+pub(super) const RAW_HEADERS: &str = "steadfast-raw-headers";
 
 /// Larger frames are left to lapin, which refuses anything over the negotiated
 /// `frame_max` (before the tune, the connection's own frames are small).

@@ -4,7 +4,7 @@
 use super::{connection::Inner, topology::short, wire};
 use crate::{
     envelope::Envelope,
-    transport::{TransportError, TransportErrorKind},
+    transport::{TransportError, TransportErrorKind, batch_failed},
 };
 use lapin::{
     BasicProperties, Confirmation, PublisherConfirm, options::BasicPublishOptions,
@@ -74,31 +74,13 @@ pub(super) async fn publish_batch(
     inner: &Arc<Inner>,
     envelopes: &[Envelope],
 ) -> Vec<Result<(), TransportError>> {
-    let ch = match inner.publisher().await {
-        Ok(ch) => ch,
-        Err(e) => {
-            let text = e.to_string();
-            let kind = e.kind();
-            return envelopes
-                .iter()
-                .map(|_| Err(TransportError::new(kind, text.clone())))
-                .collect();
-        }
+    let ready = async {
+        let ch = inner.publisher().await?;
+        Ok((ch, short("the exchange name", inner.cfg.exchange.clone())?))
     };
-    let exchange = match short("the exchange name", inner.cfg.exchange.clone()) {
-        Ok(x) => x,
-        Err(e) => {
-            let text = e.to_string();
-            return envelopes
-                .iter()
-                .map(|_| {
-                    Err(TransportError::new(
-                        TransportErrorKind::Config,
-                        text.clone(),
-                    ))
-                })
-                .collect();
-        }
+    let (ch, exchange) = match ready.await {
+        Ok(r) => r,
+        Err(e) => return batch_failed(envelopes.len(), &e),
     };
     let mut pending = Vec::with_capacity(envelopes.len());
     for env in envelopes {

@@ -3,14 +3,20 @@
 //! idempotent, with arguments that depend only on the transport's settings and the
 //! queue's name, so workers with different retry policies can share a group.
 
-use super::connection::{Config, Inner, Link};
+use super::{
+    builder::Settings,
+    connection::{Inner, Link},
+};
 use crate::transport::{Subscription, TransportError, TransportErrorKind};
 use lapin::{
     Channel, ExchangeKind,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{
+        BasicGetOptions, BasicRejectOptions, ExchangeDeclareOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
-use std::time::Duration;
+use std::{future::Future, sync::Arc, time::Duration};
 
 /// The dead-letter queue of work queue `queue`.
 pub(super) fn dlq_name(queue: &str) -> String {
@@ -46,7 +52,7 @@ pub(super) fn short(what: &str, s: String) -> Result<ShortString, TransportError
 }
 
 impl GroupTopology {
-    pub(super) fn new(cfg: &Config, sub: &Subscription) -> Result<Self, TransportError> {
+    pub(super) fn new(cfg: &Settings, sub: &Subscription) -> Result<Self, TransportError> {
         if sub.group.is_empty() {
             return Err(TransportError::new(
                 TransportErrorKind::Config,
@@ -120,7 +126,7 @@ fn millis(d: Duration) -> AMQPValue {
     AMQPValue::LongLongInt(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn common(cfg: &Config, t: &mut FieldTable) {
+fn common(cfg: &Settings, t: &mut FieldTable) {
     if let Some(e) = cfg.queue_expiry {
         put(t, "x-expires", millis(e));
     }
@@ -142,14 +148,14 @@ pub(super) const WORK_QUEUE_DELIVERY_LIMIT: u32 = 1_000;
 
 /// The work queue's `x-delivery-limit`: [`WORK_QUEUE_DELIVERY_LIMIT`], or the user's
 /// `delivery_limit` if that is higher.
-pub(super) fn work_delivery_limit(cfg: &Config) -> u32 {
+pub(super) fn work_delivery_limit(cfg: &Settings) -> u32 {
     cfg.delivery_limit.max(WORK_QUEUE_DELIVERY_LIMIT)
 }
 
 /// Where a new quorum queue's replicas and leader go: leaders spread over the cluster
 /// (`balanced`) and, when the user set one, the number of replicas. RabbitMQ reads
 /// these only when it creates the queue; see [`declare_queue`] for existing ones.
-fn placement(cfg: &Config, t: &mut FieldTable) {
+fn placement(cfg: &Settings, t: &mut FieldTable) {
     put(t, "x-queue-leader-locator", text("balanced"));
     if let Some(n) = cfg.initial_group_size {
         put(
@@ -164,14 +170,14 @@ fn placement(cfg: &Config, t: &mut FieldTable) {
 const PLACEMENT_ARGS: [&str; 2] = ["x-queue-leader-locator", "x-quorum-initial-group-size"];
 
 /// Quorum settings under which the broker's own dead-lettering is at-least-once.
-fn at_least_once(cfg: &Config, t: &mut FieldTable) {
+fn at_least_once(cfg: &Settings, t: &mut FieldTable) {
     put(t, "x-queue-type", text("quorum"));
     put(t, "x-dead-letter-strategy", text("at-least-once"));
     put(t, "x-overflow", text("reject-publish"));
     placement(cfg, t);
 }
 
-pub(super) fn work_queue_args(cfg: &Config, topo: &GroupTopology) -> FieldTable {
+pub(super) fn work_queue_args(cfg: &Settings, topo: &GroupTopology) -> FieldTable {
     let mut t = FieldTable::default();
     match cfg.queue_type {
         super::QueueType::Quorum => {
@@ -194,7 +200,7 @@ pub(super) fn work_queue_args(cfg: &Config, topo: &GroupTopology) -> FieldTable 
 /// is the crash count), with the user's `delivery_limit` as a backstop into the DLQ. It
 /// is read with `basic.get`, one message at a time, so a dead connection returns at most
 /// the one suspect it held, never a prefetch.
-pub(super) fn suspects_queue_args(cfg: &Config, topo: &GroupTopology) -> FieldTable {
+pub(super) fn suspects_queue_args(cfg: &Settings, topo: &GroupTopology) -> FieldTable {
     let mut t = FieldTable::default();
     at_least_once(cfg, &mut t);
     put(
@@ -208,7 +214,7 @@ pub(super) fn suspects_queue_args(cfg: &Config, topo: &GroupTopology) -> FieldTa
     t
 }
 
-pub(super) fn delay_queue_args(cfg: &Config, topo: &GroupTopology, ttl: Duration) -> FieldTable {
+pub(super) fn delay_queue_args(cfg: &Settings, topo: &GroupTopology, ttl: Duration) -> FieldTable {
     let mut t = FieldTable::default();
     at_least_once(cfg, &mut t);
     put(&mut t, "x-message-ttl", millis(ttl));
@@ -222,7 +228,7 @@ pub(super) fn delay_queue_args(cfg: &Config, topo: &GroupTopology, ttl: Duration
     t
 }
 
-pub(super) fn dlq_args(cfg: &Config) -> FieldTable {
+pub(super) fn dlq_args(cfg: &Settings) -> FieldTable {
     let mut t = FieldTable::default();
     match cfg.dlq_type {
         super::QueueType::Quorum => {
@@ -412,6 +418,94 @@ pub(super) async fn declare_or_reuse(
     }
 }
 
+/// How often a consumed group's queues are kept in use when they expire
+/// (`queue_expiry`): a third of the expiry, so two rounds in a row can fail before a
+/// queue expires.
+pub(super) fn refresh_every(expiry: Duration) -> Duration {
+    (expiry / 3).max(Duration::from_millis(500))
+}
+
+/// Keeps a consumed group's queues from expiring while it is consumed: with
+/// `queue_expiry` set, every [`refresh_every`] until `done` resolves or the transport
+/// closes, declares the group's topology again and takes one `basic.get` from the
+/// dead-letter queue and each delay queue, rejecting (requeueing) what it got.
+///
+/// RabbitMQ counts consumers and `basic.get` as use, not publishing: the dead-letter
+/// and delay queues, which a worker only publishes to, expired under it with their
+/// messages, and its retries and dead letters became unroutable. A declaration renews a
+/// classic queue's lease but not a quorum queue's (RabbitMQ 3.10); a `basic.get` renews
+/// both. A message taken and requeued keeps its place in time (a delay's TTL runs from
+/// its enqueue) and gains one delivery count. The suspects queue needs none of this: it
+/// is read with `basic.get` every few seconds. The declaration also brings back a queue
+/// deleted by hand. Without `queue_expiry` this returns at once.
+pub(super) async fn keep_declared(
+    inner: Arc<Inner>,
+    topo: Arc<GroupTopology>,
+    done: impl Future<Output = ()>,
+) {
+    let Some(expiry) = inner.cfg.queue_expiry else {
+        return;
+    };
+    let every = refresh_every(expiry);
+    tokio::pin!(done);
+    loop {
+        tokio::select! {
+            () = &mut done => return,
+            () = inner.closed.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let r = async {
+            let link = inner.link_bounded().await?;
+            declare(&inner, &link, &topo).await?;
+            touch(&inner, &link, &topo).await
+        }
+        .await;
+        match r {
+            Ok(()) => tracing::debug!(group = %topo.group, "group's queues kept in use"),
+            Err(e) => tracing::warn!(
+                group = %topo.group,
+                error = %e,
+                "group's queues not kept in use this round; unused, they expire after {expiry:?}"
+            ),
+        }
+    }
+}
+
+/// One `basic.get` on the dead-letter queue and on each delay queue, what it takes
+/// rejected back to its queue at once (see [`keep_declared`]). If the reject or the
+/// channel fails, closing the channel returns the message all the same.
+async fn touch(inner: &Inner, link: &Link, topo: &GroupTopology) -> Result<(), TransportError> {
+    let ch = inner.open_channel(link).await?;
+    let r: Result<(), TransportError> = async {
+        for queue in std::iter::once(&topo.dlq).chain(topo.tiers.iter().map(|(_, q)| q)) {
+            let got = inner
+                .bounded(
+                    "basic.get",
+                    ch.basic_get(queue.clone(), BasicGetOptions { no_ack: false }),
+                )
+                .await?;
+            if let Some(m) = got {
+                inner
+                    .bounded(
+                        "basic.reject",
+                        ch.basic_reject(
+                            m.delivery.delivery_tag,
+                            BasicRejectOptions { requeue: true },
+                        ),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    match &r {
+        Err(e) if e.kind() == TransportErrorKind::Timeout => inner.abandon(ch),
+        _ => close_quietly(inner, &ch).await,
+    }
+    r
+}
+
 /// Declares the work queue. One declared by steadfast before crash attribution has the
 /// user's `delivery_limit` (default 20) as its `x-delivery-limit`, which RabbitMQ will
 /// not change: it is kept as it is, with a warning, and suspects are moved out of it
@@ -488,8 +582,8 @@ async fn declare_all(
 mod tests {
     use super::*;
 
-    fn cfg() -> Config {
-        Config {
+    fn cfg() -> Settings {
+        Settings {
             exchange: "ex".into(),
             queue_prefix: "p-".into(),
             queue_type: super::super::QueueType::Quorum,

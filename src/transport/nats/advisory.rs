@@ -9,17 +9,17 @@
 
 use super::{
     Inner,
-    acker::dedup_id,
     publish::{self, DeadLetterCopy},
+    settle::dedup_id,
     topology::GroupConsumer,
 };
-use crate::transport::{TransportError, TransportErrorKind, crash};
+use crate::transport::{TransportError, TransportErrorKind, backoff::Backoff, crash};
 use futures::StreamExt;
 use std::{collections::HashSet, sync::Arc, time::Duration};
 use tokio::task::JoinHandle;
 
 /// The listener tasks of one subscription; aborted when the last stream handle drops.
-pub(crate) struct Listener {
+pub(super) struct Listener {
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -40,7 +40,7 @@ struct MaxDeliveries {
 }
 
 /// Starts one listener per consumer of the group.
-pub(crate) async fn spawn(
+pub(super) async fn spawn(
     inner: Arc<Inner>,
     group: Arc<str>,
     consumers: &[GroupConsumer],
@@ -79,7 +79,7 @@ pub(crate) async fn spawn(
                     continue;
                 }
                 // Retry a few times: the advisory is not sent again.
-                let mut wait = Duration::from_millis(200);
+                let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
                 for attempt in 1..=8 {
                     match move_to_dead_letters(&inner, &group, &names, &adv).await {
                         Ok(()) => break,
@@ -89,8 +89,7 @@ pub(crate) async fn spawn(
                         }
                         Err(e) => {
                             tracing::warn!(seq = adv.stream_seq, error = %e, "dead-lettering after the delivery limit failed; retrying");
-                            tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(Duration::from_secs(10));
+                            tokio::time::sleep(backoff.pause()).await;
                         }
                     }
                 }

@@ -3,28 +3,31 @@
 //! [`DeliveryStream`].
 
 use super::{
-    Inner,
-    acker::{AckTarget, NatsAcker},
-    advisory,
-    publish::{MSG_ID, get, pairs},
+    Inner, advisory,
+    settle::{AckTarget, NatsAcker},
     suspects::Held,
-    topology,
+    topology, wire,
 };
 use crate::{
-    envelope::Envelope,
-    transport::crash,
     transport::{Delivery, DeliveryStream, Subscription, TransportError, TransportErrorKind},
+    transport::{backoff::Backoff, crash},
 };
 use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
 use futures::{StreamExt, stream::BoxStream};
 use std::{sync::Arc, time::Duration};
 
-/// How long the server may stay silent on a pull before the client considers the
-/// connection dead (async-nats re-issues the pull then).
-const HEARTBEAT: Duration = Duration::from_secs(5);
+/// The idle heartbeat asked of the server on a pull: silence for twice this means the
+/// pull has no request the server knows of (see `next_delivery`).
+const HEARTBEAT: Duration = Duration::from_secs(2);
 const EXPIRES: Duration = Duration::from_secs(30);
 
-pub(crate) async fn subscribe(
+/// The pauses before opening a pull again after a failure: from 200 ms up to 5 s (the
+/// client reconnects by itself; this only paces the resubscribing).
+fn reopen_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(5))
+}
+
+pub(super) async fn subscribe(
     inner: Arc<Inner>,
     sub: &Subscription,
 ) -> Result<DeliveryStream, TransportError> {
@@ -42,6 +45,7 @@ pub(crate) async fn subscribe(
             ack_wait,
             pull: None,
             failures: 0,
+            backoff: reopen_backoff(),
             _advisories: advisories.clone(),
         };
         streams.push(Box::pin(futures::stream::unfold(state, next_delivery)));
@@ -56,7 +60,10 @@ struct PullState {
     sub: Subscription,
     ack_wait: Duration,
     pull: Option<pull::Stream>,
+    /// Failures since the last message: every fifth declares the consumer again.
     failures: u32,
+    /// The pauses between tries to open the pull again, from the first failure on.
+    backoff: Backoff,
     /// Keeps the advisory listener alive as long as the stream.
     _advisories: Arc<advisory::Listener>,
 }
@@ -93,8 +100,7 @@ async fn next_delivery(mut st: PullState) -> Option<(Result<Delivery, TransportE
         }
         if st.pull.is_none() {
             if st.failures > 0 {
-                let backoff = Duration::from_millis(200 * u64::from(st.failures.min(25)));
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(st.backoff.pause()).await;
             }
             let opened = st.inner.bounded("open pull consumer", open(&st)).await;
             match opened {
@@ -117,7 +123,10 @@ async fn next_delivery(mut st: PullState) -> Option<(Result<Delivery, TransportE
         };
         match pull.next().await {
             Some(Ok(msg)) => {
-                st.failures = 0;
+                if st.failures > 0 {
+                    st.failures = 0;
+                    st.backoff = reopen_backoff();
+                }
                 match to_delivery(&st, msg) {
                     Some(d) => return Some((Ok(d), st)),
                     None => continue,
@@ -125,8 +134,21 @@ async fn next_delivery(mut st: PullState) -> Option<(Result<Delivery, TransportE
             }
             Some(Err(e)) => match e.kind() {
                 MessagesErrorKind::MissingHeartbeat => {
-                    // async-nats re-issues the pull once the connection is back.
-                    tracing::debug!(consumer = %st.consumer, "missed pull heartbeats; waiting for the connection");
+                    if st.inner.client.connection_state()
+                        == async_nats::connection::State::Connected
+                    {
+                        // Connected, yet neither messages nor heartbeats: the server holds
+                        // no request of this pull while the client counts one outstanding
+                        // (seen on nats-server 2.9 and 2.15 with thousands of messages
+                        // pending, none ack-pending, no waiting request), and async-nats
+                        // would ask again only when that request's expiry has passed, 35 s
+                        // on. A new pull asks at once.
+                        tracing::debug!(consumer = %st.consumer, "missed pull heartbeats while connected; opening the pull again");
+                        st.pull = None;
+                    } else {
+                        // async-nats re-issues the pull once the connection is back.
+                        tracing::debug!(consumer = %st.consumer, "missed pull heartbeats; waiting for the connection");
+                    }
                 }
                 MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::NoResponders => {
                     tracing::warn!(consumer = %st.consumer, error = %e, "pull consumer lost; re-declaring");
@@ -165,16 +187,11 @@ fn to_delivery(st: &PullState, msg: async_nats::jetstream::Message) -> Option<De
     let fallback_name = subject
         .strip_prefix(prefix.as_str())
         .and_then(|s| s.strip_prefix('.'));
-    let empty = async_nats::HeaderMap::new();
-    let headers = message.headers.as_ref().unwrap_or(&empty);
-    let (mut env, defect) = Envelope::read_wire(
-        "ce-",
-        pairs(headers),
-        get(headers, MSG_ID),
+    let (mut env, defect) = wire::envelope(
+        message.headers.as_ref(),
         fallback_name,
         message.payload.clone(),
     );
-    env.headers.remove(MSG_ID);
     env.attempt = attempt(
         env.attempt,
         delivered,
@@ -219,7 +236,7 @@ fn to_delivery(st: &PullState, msg: async_nats::jetstream::Message) -> Option<De
 /// with (1, or a forged value the policy's limit makes untrustworthy, then 1), plus one
 /// per earlier delivery, less the deliveries this process deferred; at most
 /// `max_attempts`, so the last attempt's failure dead-letters.
-pub(crate) fn attempt(header: u32, delivered: u64, deferred: u32, max_attempts: u32) -> u32 {
+pub(super) fn attempt(header: u32, delivered: u64, deferred: u32, max_attempts: u32) -> u32 {
     let max = max_attempts.max(1);
     let base = if header > max { 1 } else { header.max(1) };
     let earlier = delivered

@@ -9,30 +9,21 @@
 //! `docs/dead-letters.md` and decision 0600.
 
 use super::{
-    Inner, err,
-    publish::{self, MSG_ID, get, pairs},
+    Inner, err, publish,
+    wire::{self, MSG_ID},
 };
 use crate::{
     envelope::Envelope,
     transport::{
-        DeadLetter, DeadLetterFilter, DeadLetterReport, DeadLetterRewrite, DeadLetterVisitor,
-        TransportError, TransportErrorKind,
+        DeadLetter, DeadLetterFilter, DeadLetterReport, DeadLetterVisitor, TransportError,
+        TransportErrorKind,
+        settle_dead_letters::{self, DeadLetterCursor},
     },
 };
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use futures::TryStreamExt;
 
-/// How many selected dead letters are published before their PubAcks are awaited.
-const BATCH: usize = 64;
-
-/// What to do with the selected dead letters.
-#[derive(Clone, Copy)]
-pub(crate) enum Action<'a> {
-    /// Republish what the rewrite makes of each to the original subject, then delete.
-    Replay(&'a DeadLetterRewrite<'a>),
-    /// Delete.
-    Purge,
-}
+pub(super) use crate::transport::settle_dead_letters::Action;
 
 async fn dlq_stream(inner: &Inner) -> Result<Stream, TransportError> {
     let s = &inner.settings;
@@ -72,21 +63,14 @@ async fn next(
         })
         .await?;
     Ok(got.map(|m| {
-        let (mut env, _defect) = Envelope::read_wire(
-            "ce-",
-            pairs(&m.headers),
-            get(&m.headers, MSG_ID),
-            None,
-            m.payload.clone(),
-        );
-        env.headers.remove(MSG_ID);
+        let (env, _defect) = wire::envelope(Some(&m.headers), None, m.payload.clone());
         (m.sequence, DeadLetter::from_envelope(env))
     }))
 }
 
 /// How many dead letters `group` has; an error when the work stream has no consumer of
 /// that name and the dead-letter stream nothing for it (a mistyped group).
-pub(crate) async fn count(inner: &Inner, group: &str) -> Result<u64, TransportError> {
+pub(super) async fn count(inner: &Inner, group: &str) -> Result<u64, TransportError> {
     let st = dlq_stream(inner).await?;
     let subject = inner.settings.dlq_subject(group);
     let n = inner
@@ -135,7 +119,7 @@ pub(crate) async fn count(inner: &Inner, group: &str) -> Result<u64, TransportEr
 }
 
 /// Reads the dead letters of `group` oldest first, each to `visit` until it says stop.
-pub(crate) async fn scan(
+pub(super) async fn scan(
     inner: &Inner,
     group: &str,
     visit: &mut DeadLetterVisitor<'_>,
@@ -154,7 +138,7 @@ pub(crate) async fn scan(
 }
 
 /// Reads up to `limit` dead letters of `group`, oldest first, without removing them.
-pub(crate) async fn read(
+pub(super) async fn read(
     inner: &Inner,
     group: &str,
     limit: usize,
@@ -175,7 +159,7 @@ pub(crate) async fn read(
 
 /// Replays or purges the dead letters of `group` that `filter` selects (an error once
 /// the transport is closed).
-pub(crate) async fn settle_selected(
+pub(super) async fn settle_selected(
     inner: &Inner,
     group: &str,
     filter: &DeadLetterFilter,
@@ -184,79 +168,77 @@ pub(crate) async fn settle_selected(
 ) -> Result<DeadLetterReport, TransportError> {
     inner.check_open()?;
     let st = dlq_stream(inner).await?;
-    let last = st.cached_info().state.last_sequence;
-    let subject = inner.settings.dlq_subject(group);
-    let mut report = DeadLetterReport::default();
-    let mut batch: Vec<(u64, DeadLetter)> = Vec::new();
-    let mut seq = 1u64;
-    while seq <= last && filter.wants_more(report.selected) {
-        let Some((at, dl)) = next(inner, &st, &subject, seq).await? else {
-            break;
-        };
-        if at > last {
-            break;
-        }
-        seq = at + 1;
-        report.scanned += 1;
-        if !filter.matches(&dl) {
-            continue;
-        }
-        report.selected += 1;
-        batch.push((at, dl));
-        if batch.len() >= BATCH {
-            flush(inner, &st, group, action, &mut batch, &mut report, progress).await;
-        }
-    }
-    flush(inner, &st, group, action, &mut batch, &mut report, progress).await;
-    Ok(report)
+    let mut cursor = Cursor {
+        inner,
+        last: st.cached_info().state.last_sequence,
+        subject: inner.settings.dlq_subject(group),
+        st,
+        group,
+        seq: 1,
+    };
+    let (report, stopped) =
+        settle_dead_letters::settle_selected(&mut cursor, filter, action, progress).await;
+    stopped.map(|()| report)
 }
 
-async fn flush(
-    inner: &Inner,
-    st: &Stream,
-    group: &str,
-    action: Action<'_>,
-    batch: &mut Vec<(u64, DeadLetter)>,
-    report: &mut DeadLetterReport,
-    progress: &(dyn Fn(&DeadLetter) + Send + Sync),
-) {
-    let items = std::mem::take(batch);
-    let confirmed: Vec<Result<(), TransportError>> = match action {
-        Action::Purge => items.iter().map(|_| Ok(())).collect(),
-        Action::Replay(rewrite) => {
-            let outgoing = items
-                .iter()
-                .map(|(seq, dl)| {
-                    let env = rewrite(dl);
-                    let mut headers = publish::wire_headers(&env, false);
-                    headers.insert(MSG_ID, format!("replay:{group}:{seq}").as_str());
-                    Ok((destination(inner, dl), headers, env.payload.clone()))
-                })
-                .collect();
-            publish::publish_many(inner, "replay publish", outgoing).await
+/// A group's dead letters in the dead-letter stream, by sequence up to the last one the
+/// stream held at the start.
+struct Cursor<'a> {
+    inner: &'a Inner,
+    st: Stream,
+    subject: String,
+    group: &'a str,
+    seq: u64,
+    last: u64,
+}
+
+impl DeadLetterCursor for Cursor<'_> {
+    /// The dead letter's sequence in the dead-letter stream.
+    type Held = u64;
+
+    async fn next(&mut self) -> Result<Option<(u64, DeadLetter)>, TransportError> {
+        if self.seq > self.last {
+            return Ok(None);
         }
-    };
-    for ((seq, dl), ok) in items.into_iter().zip(confirmed) {
-        if let Err(e) = ok {
-            report.fail(format!("{}: {e}", dl.id()));
-            continue;
+        match next(self.inner, &self.st, &self.subject, self.seq).await? {
+            Some((at, dl)) if at <= self.last => {
+                self.seq = at + 1;
+                Ok(Some((at, dl)))
+            }
+            _ => Ok(None),
         }
-        let deleted = inner
+    }
+
+    async fn republish(
+        &self,
+        items: &[(u64, DeadLetter)],
+        copies: &[Envelope],
+    ) -> Vec<Result<(), TransportError>> {
+        let outgoing = items
+            .iter()
+            .zip(copies)
+            .map(|((seq, dl), env)| {
+                let mut headers = wire::wire_headers(env, false);
+                headers.insert(MSG_ID, format!("replay:{}:{seq}", self.group).as_str());
+                Ok((destination(self.inner, dl), headers, env.payload.clone()))
+            })
+            .collect();
+        publish::publish_many(self.inner, "replay publish", outgoing).await
+    }
+
+    /// Deleted from the dead-letter stream. An error leaves it replayed but still listed:
+    /// a second replay is absorbed by the work stream's duplicate window and the
+    /// consumers' idempotency.
+    async fn remove(&mut self, seq: u64, _dl: &DeadLetter) -> Result<(), TransportError> {
+        self.inner
             .bounded("delete dead letter", async {
-                st.delete_message(seq)
+                self.st
+                    .delete_message(seq)
                     .await
+                    .map(|_| ())
                     .map_err(|e| err(TransportErrorKind::Protocol, "deleting a dead letter", e))
             })
-            .await;
-        match deleted {
-            Ok(_) => {
-                report.done += 1;
-                progress(&dl);
-            }
-            // Replayed but still listed: a second replay is absorbed by the work stream's
-            // duplicate window and the consumers' idempotency.
-            Err(e) => report.fail(format!("{}: {e}", dl.id())),
-        }
+            .await
     }
 }
 

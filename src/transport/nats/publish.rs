@@ -1,38 +1,29 @@
-//! Publishing with PubAcks, dead-letter publishing and reading dead letters back.
+//! Publishing with PubAcks, retried while JetStream passes through an election, and
+//! dead-letter publishing.
 
-use super::{Inner, err};
+use super::{
+    Inner, err,
+    wire::{MSG_ID, get, wire_headers},
+};
 use crate::{
     envelope::{Envelope, header},
     retry::Failure,
-    transport::{TransportError, TransportErrorKind},
+    transport::{TransportError, TransportErrorKind, backoff::Backoff},
 };
 use async_nats::{HeaderMap, jetstream::context::PublishErrorKind};
 use bytes::Bytes;
-use std::{
-    borrow::Cow,
-    time::{Duration, Instant},
-};
-
-/// The header JetStream deduplicates on.
-pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
+use std::time::{Duration, Instant};
 
 /// Marks the text of a publish error that reports a passing JetStream state (no stream
 /// leader yet, no quorum, JetStream restarting on its node).
 const PASSING: &str = "JetStream temporarily unavailable";
 
-/// The longest pause between two tries of a publish while the stream has no leader.
-const MAX_RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// The first pause between two tries of a publish (or of an ack request, in
+/// `settle.rs`) while the stream or consumer has no leader.
+pub(super) const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// The wire headers of `env`: CloudEvents `ce-*`, the attempt, the others, and
-/// `Nats-Msg-Id` = the envelope id.
-pub(crate) fn wire_headers(env: &Envelope, dedup: bool) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    env.write_wire("ce-", |k, v| h.insert(k.as_ref(), v.as_ref()));
-    if dedup {
-        h.insert(MSG_ID, env.id.to_string().as_str());
-    }
-    h
-}
+/// The longest such pause.
+pub(super) const MAX_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 fn publish_error(
     subject: &str,
@@ -104,14 +95,14 @@ async fn stream_missing(inner: &Inner, subject: &str) -> bool {
 /// 2 to 10 s after its leader's node died; a cluster without quorum takes no writes)
 /// until `deadline`. The message keeps its `Nats-Msg-Id`, so a try whose PubAck was
 /// lost is not stored twice. A subject no stream captures is `Unroutable` at once.
-pub(crate) async fn publish_retrying(
+pub(super) async fn publish_retrying(
     inner: &Inner,
     subject: &str,
     headers: HeaderMap,
     payload: Bytes,
     deadline: Instant,
 ) -> Result<u64, TransportError> {
-    let mut pause = Duration::from_millis(50);
+    let mut backoff = Backoff::new(FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE);
     let mut tries = 0u32;
     loop {
         tries += 1;
@@ -149,6 +140,7 @@ pub(crate) async fn publish_retrying(
             ));
         }
         inner.jetstream_unavailable();
+        let pause = backoff.pause();
         if Instant::now() + pause >= deadline {
             return Err(TransportError::new(
                 TransportErrorKind::Connection,
@@ -159,12 +151,11 @@ pub(crate) async fn publish_retrying(
         }
         tracing::debug!(subject, tries, error = %e, "JetStream not ready for a publish; trying again");
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(MAX_RETRY_PAUSE);
     }
 }
 
 /// Sends one message; the returned future resolves with the PubAck.
-pub(crate) async fn send(
+pub(super) async fn send(
     inner: &Inner,
     subject: String,
     headers: HeaderMap,
@@ -177,7 +168,7 @@ pub(crate) async fn send(
         .map_err(|e| publish_error(&subject, &e))
 }
 
-pub(crate) async fn await_ack(
+pub(super) async fn await_ack(
     inner: &Inner,
     subject: &str,
     ack: async_nats::jetstream::context::PublishAckFuture,
@@ -195,12 +186,12 @@ pub(crate) async fn await_ack(
 }
 
 fn check_name(env: &Envelope) -> Result<(), TransportError> {
-    super::config::validate_token("message name", &env.name)
+    super::builder::validate_token("message name", &env.name)
         .map_err(|e| TransportError::new(TransportErrorKind::Rejected, e.to_string()))
 }
 
 /// Publishes `env` on `{prefix}.{name}`; `Ok` once the stream's PubAck arrived.
-pub(crate) async fn publish_one(inner: &Inner, env: &Envelope) -> Result<(), TransportError> {
+pub(super) async fn publish(inner: &Inner, env: &Envelope) -> Result<(), TransportError> {
     check_name(env)?;
     let subject = inner.settings.subject(&env.name);
     publish_retrying(
@@ -215,10 +206,10 @@ pub(crate) async fn publish_one(inner: &Inner, env: &Envelope) -> Result<(), Tra
 }
 
 /// A message ready for the wire: subject, headers, payload.
-pub(crate) type Outgoing = (String, HeaderMap, Bytes);
+pub(super) type Outgoing = (String, HeaderMap, Bytes);
 
 /// Publishes every envelope on its subject; see [`publish_many`].
-pub(crate) async fn publish_batch(
+pub(super) async fn publish_batch(
     inner: &Inner,
     envs: &[Envelope],
 ) -> Vec<Result<(), TransportError>> {
@@ -246,7 +237,7 @@ pub(crate) async fn publish_batch(
 /// with the old socket; bounding each message on its own and awaiting the PubAcks one
 /// after another made a batch of `n` take up to `n` × the request timeout to fail after
 /// a server restart (seen: publishing stalled for minutes in `tests/nats_faults`).
-pub(crate) async fn publish_many(
+pub(super) async fn publish_many(
     inner: &Inner,
     what: &str,
     outgoing: Vec<Result<Outgoing, TransportError>>,
@@ -294,22 +285,22 @@ pub(crate) async fn publish_many(
 }
 
 /// What a dead letter is made of.
-pub(crate) struct DeadLetterCopy<'a> {
-    pub(crate) group: &'a str,
+pub(super) struct DeadLetterCopy<'a> {
+    pub(super) group: &'a str,
     /// The work-stream subject it was consumed from.
-    pub(crate) subject: &'a str,
+    pub(super) subject: &'a str,
     /// The original headers as they arrived (or rebuilt from the envelope).
-    pub(crate) headers: HeaderMap,
-    pub(crate) payload: Bytes,
-    pub(crate) failure: &'a Failure,
-    pub(crate) attempts: u32,
+    pub(super) headers: HeaderMap,
+    pub(super) payload: Bytes,
+    pub(super) failure: &'a Failure,
+    pub(super) attempts: u32,
     /// Deduplication id: the same stored message dead-lettered twice by the same group
     /// (a settle retried after its PubAck) is kept once.
-    pub(crate) dedup_id: String,
+    pub(super) dedup_id: String,
 }
 
 /// Publishes a dead letter to `{prefix}-dlq.{group}` and awaits its PubAck.
-pub(crate) async fn publish_dead_letter(
+pub(super) async fn publish_dead_letter(
     inner: &Inner,
     copy: DeadLetterCopy<'_>,
 ) -> Result<(), TransportError> {
@@ -336,20 +327,4 @@ pub(crate) async fn publish_dead_letter(
     )
     .await
     .map(|_| ())
-}
-
-/// A header by name, ignoring ASCII case.
-pub(crate) fn get<'a>(h: &'a HeaderMap, key: &str) -> Option<&'a str> {
-    h.iter()
-        .find(|(k, _)| AsRef::<str>::as_ref(k).eq_ignore_ascii_case(key))
-        .and_then(|(_, v)| v.first())
-        .map(|v| v.as_str())
-}
-
-/// Every header value as `(name, value)` pairs for [`Envelope::read_wire`].
-pub(crate) fn pairs(h: &HeaderMap) -> impl Iterator<Item = (&str, Cow<'_, str>)> {
-    h.iter().flat_map(|(k, vs)| {
-        vs.iter()
-            .map(move |v| (AsRef::<str>::as_ref(k), Cow::Borrowed(v.as_str())))
-    })
 }

@@ -12,11 +12,11 @@
 
 use super::{
     Inner,
-    acker::{AckTarget, NatsAcker},
+    settle::{AckTarget, NatsAcker},
 };
 use crate::{
     envelope::Envelope,
-    transport::{Delivery, TransportError, TransportErrorKind, crash::Explained},
+    transport::{Delivery, TransportError, TransportErrorKind, backoff::Backoff, crash::Explained},
 };
 use async_nats::jetstream::kv;
 use bytes::Bytes;
@@ -27,7 +27,7 @@ use std::{
 };
 
 /// The ledger bucket.
-pub(crate) const BUCKET: &str = "steadfast-crashes";
+pub(super) const BUCKET: &str = "steadfast-crashes";
 
 /// How long a ledger entry outlives its message's last run alone.
 const ENTRY_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -39,15 +39,15 @@ const MAX_HELD: usize = 10_000;
 type SeqKey = (Arc<str>, u64);
 
 /// A suspect held back from the stream, not yet a delivery (made one when taken).
-pub(crate) struct Held {
-    pub(crate) envelope: Envelope,
-    pub(crate) defect: Option<String>,
-    pub(crate) target: AckTarget,
+pub(super) struct Held {
+    pub(super) envelope: Envelope,
+    pub(super) defect: Option<String>,
+    pub(super) target: AckTarget,
 }
 
 /// The suspects state of one transport.
 #[derive(Default)]
-pub(crate) struct Suspects {
+pub(super) struct Suspects {
     held: Mutex<HashMap<Arc<str>, VecDeque<Held>>>,
     explained: Explained<SeqKey>,
     ledger: tokio::sync::OnceCell<kv::Store>,
@@ -56,9 +56,9 @@ pub(crate) struct Suspects {
 /// A suspect's ledger entry while it runs alone: restored to `before` when the run ends
 /// in this process.
 #[derive(Debug, Clone)]
-pub(crate) struct Entry {
-    pub(crate) key: String,
-    pub(crate) before: u32,
+pub(super) struct Entry {
+    pub(super) key: String,
+    pub(super) before: u32,
 }
 
 impl Suspects {
@@ -68,23 +68,23 @@ impl Suspects {
 
     /// Remembers that this delivery went back to the server for a reason that is not a
     /// crash.
-    pub(crate) fn explain(&self, consumer: &Arc<str>, seq: u64) {
+    pub(super) fn explain(&self, consumer: &Arc<str>, seq: u64) {
         self.explained.explain((consumer.clone(), seq));
     }
 
     /// Returns of this delivery this process explains.
-    pub(crate) fn explained(&self, consumer: &Arc<str>, seq: u64) -> u32 {
+    pub(super) fn explained(&self, consumer: &Arc<str>, seq: u64) -> u32 {
         self.explained.explained(&(consumer.clone(), seq))
     }
 
     /// Forgets a settled delivery.
-    pub(crate) fn forget(&self, consumer: &Arc<str>, seq: u64) {
+    pub(super) fn forget(&self, consumer: &Arc<str>, seq: u64) {
         self.explained.forget(&(consumer.clone(), seq));
     }
 
     /// Holds a suspect of `group` until the worker takes it; `Err` gives it back when
     /// too many are held.
-    pub(crate) fn hold(&self, group: &Arc<str>, d: Held) -> Result<(), Box<Held>> {
+    pub(super) fn hold(&self, group: &Arc<str>, d: Held) -> Result<(), Box<Held>> {
         let mut held = self.lock_held();
         let q = held.entry(group.clone()).or_default();
         if q.len() >= MAX_HELD {
@@ -94,7 +94,7 @@ impl Suspects {
         Ok(())
     }
 
-    pub(crate) fn waiting(&self, group: &str) -> bool {
+    pub(super) fn waiting(&self, group: &str) -> bool {
         self.lock_held().get(group).is_some_and(|q| !q.is_empty())
     }
 
@@ -113,7 +113,7 @@ impl Suspects {
 }
 
 /// The ledger key of a delivery: bucket keys allow `[-/_=.a-zA-Z0-9]`.
-pub(crate) fn key(stream: &str, consumer: &str, seq: u64) -> String {
+pub(super) fn key(stream: &str, consumer: &str, seq: u64) -> String {
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| {
@@ -217,7 +217,7 @@ async fn write(inner: &Inner, key: &str, n: u32) -> Result<(), TransportError> {
 /// Takes the next held suspect of `group`: reads its crashes from the ledger and raises
 /// the entry for this run. Without a ledger (the bucket cannot be reached) the suspect
 /// still runs alone, uncounted; the server's `max_deliver` stays the backstop.
-pub(crate) async fn take(
+pub(super) async fn take(
     inner: &Arc<Inner>,
     group: &str,
 ) -> Result<Option<Delivery>, TransportError> {
@@ -254,17 +254,16 @@ pub(crate) async fn take(
 
 /// Puts a ledger entry back after a run alone that did not take the process down,
 /// retrying in the background for a while (the connection may be down).
-pub(crate) fn restore(inner: Arc<Inner>, entry: Entry, finished: bool) {
+pub(super) fn restore(inner: Arc<Inner>, entry: Entry, finished: bool) {
     let n = if finished { 0 } else { entry.before };
     tokio::spawn(async move {
-        let mut wait = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         for _ in 0..12 {
             match write(&inner, &entry.key, n).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::debug!(key = %entry.key, error = %e, "crash ledger not restored yet; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(10));
+                    tokio::time::sleep(backoff.pause()).await;
                 }
             }
         }

@@ -18,8 +18,8 @@ use std::{collections::BTreeSet, time::Duration};
 
 /// One durable consumer of a group and what it filters.
 #[derive(Debug, Clone)]
-pub(crate) struct GroupConsumer {
-    pub(crate) name: String,
+pub(super) struct GroupConsumer {
+    pub(super) name: String,
 }
 
 /// The description that marks a consumer as one of `group`'s.
@@ -29,7 +29,7 @@ fn description(group: &str) -> String {
 
 /// A consumer name from a group or message name: `.` and anything else a consumer name
 /// cannot hold become `_`.
-pub(crate) fn consumer_name(s: &str) -> String {
+pub(super) fn consumer_name(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -43,7 +43,7 @@ pub(crate) fn consumer_name(s: &str) -> String {
 
 /// Creates the work and dead-letter streams if they are missing; checks existing ones
 /// capture our subjects.
-pub(crate) async fn ensure_streams(inner: &Inner) -> Result<(), TransportError> {
+pub(super) async fn ensure_streams(inner: &Inner) -> Result<(), TransportError> {
     let s = &inner.settings;
     ensure_stream(
         inner,
@@ -201,13 +201,13 @@ const DEFAULT_MAX_ACK_PENDING: i64 = 1000;
 
 /// The settings a group's consumers need, derived from the subscription.
 #[derive(Debug, Clone)]
-pub(crate) struct Wanted {
+pub(super) struct Wanted {
     ack_wait: Duration,
     max_deliver: i64,
     max_ack_pending: i64,
 }
 
-pub(crate) fn wanted(inner: &Inner, sub: &Subscription) -> Wanted {
+pub(super) fn wanted(inner: &Inner, sub: &Subscription) -> Wanted {
     let ack_wait = inner
         .settings
         .ack_wait
@@ -227,20 +227,20 @@ pub(crate) fn wanted(inner: &Inner, sub: &Subscription) -> Wanted {
 }
 
 /// The ack deadline the group's consumers use (for `progress_interval`).
-pub(crate) fn ack_wait(inner: &Inner, sub: &Subscription) -> Duration {
+pub(super) fn ack_wait(inner: &Inner, sub: &Subscription) -> Duration {
     wanted(inner, sub).ack_wait
 }
 
 /// Declares the streams and `sub.group`'s consumers so that every name of `sub` is
 /// covered; returns every consumer of the group (including ones for names declared
 /// earlier, which the group keeps consuming).
-pub(crate) async fn ensure_group(
+pub(super) async fn ensure_group(
     inner: &Inner,
     sub: &Subscription,
 ) -> Result<Vec<GroupConsumer>, TransportError> {
-    super::config::validate_token("consumer group", &sub.group)?;
+    super::builder::validate_token("consumer group", &sub.group)?;
     for n in &sub.names {
-        super::config::validate_token("message name", n)?;
+        super::builder::validate_token("message name", n)?;
     }
     ensure_streams(inner).await?;
     let s = &inner.settings;

@@ -6,12 +6,12 @@
 use super::{
     Inner,
     publish::{self, DeadLetterCopy},
-    suspects,
+    suspects, wire,
 };
 use crate::{
     envelope::{Envelope, header},
     retry::Disposition,
-    transport::{Acker, TransportError, TransportErrorKind},
+    transport::{Acker, TransportError, TransportErrorKind, backoff::Backoff},
 };
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
@@ -19,30 +19,30 @@ use futures::future::BoxFuture;
 use std::{sync::Arc, time::Duration};
 
 /// Everything needed to settle one delivery.
-pub(crate) struct AckTarget {
-    pub(crate) inner: Arc<Inner>,
+pub(super) struct AckTarget {
+    pub(super) inner: Arc<Inner>,
     /// The `$JS.ACK...` subject of this delivery.
-    pub(crate) reply: Subject,
-    pub(crate) consumer: Arc<str>,
-    pub(crate) group: Arc<str>,
+    pub(super) reply: Subject,
+    pub(super) consumer: Arc<str>,
+    pub(super) group: Arc<str>,
     /// The work-stream subject it came from.
-    pub(crate) subject: String,
+    pub(super) subject: String,
     /// Its stream sequence.
-    pub(crate) seq: u64,
+    pub(super) seq: u64,
     /// The headers as they arrived (kept for the dead letter).
-    pub(crate) headers: Option<HeaderMap>,
-    pub(crate) ack_wait: Duration,
+    pub(super) headers: Option<HeaderMap>,
+    pub(super) ack_wait: Duration,
     /// Set while a suspect runs alone: its crash-ledger entry, restored when the run
     /// ends in this process.
-    pub(crate) ledger: Option<suspects::Entry>,
+    pub(super) ledger: Option<suspects::Entry>,
 }
 
-pub(crate) struct NatsAcker {
+pub(super) struct NatsAcker {
     target: Option<AckTarget>,
 }
 
 impl NatsAcker {
-    pub(crate) fn new(target: AckTarget) -> Self {
+    pub(super) fn new(target: AckTarget) -> Self {
         Self {
             target: Some(target),
         }
@@ -98,7 +98,7 @@ impl Drop for NatsAcker {
 /// with a growing pause, until the request bound is used up.
 async fn ack_request(t: &AckTarget, body: Bytes, what: &str) -> Result<(), TransportError> {
     let inner = &t.inner;
-    let mut pause = Duration::from_millis(50);
+    let mut backoff = Backoff::new(publish::FIRST_RETRY_PAUSE, publish::MAX_RETRY_PAUSE);
     inner
         .bounded(what, async {
             loop {
@@ -112,8 +112,7 @@ async fn ack_request(t: &AckTarget, body: Bytes, what: &str) -> Result<(), Trans
                 let kind = match e.kind() {
                     async_nats::RequestErrorKind::NoResponders => {
                         inner.jetstream_unavailable();
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_millis(500));
+                        tokio::time::sleep(backoff.pause()).await;
                         continue;
                     }
                     async_nats::RequestErrorKind::TimedOut => TransportErrorKind::Timeout,
@@ -260,7 +259,7 @@ async fn settle(t: &AckTarget, envelope: Envelope, d: Disposition) -> Result<(),
         Disposition::DeadLetter(failure) => {
             let headers = match &t.headers {
                 Some(h) => h.clone(),
-                None => publish::wire_headers(&envelope, true),
+                None => wire::wire_headers(&envelope, true),
             };
             let mut headers = headers;
             if let Some(id) = crate::transport::dead_letter_id(&envelope) {
@@ -290,6 +289,44 @@ async fn settle(t: &AckTarget, envelope: Envelope, d: Disposition) -> Result<(),
 }
 
 /// The dead letter's `Nats-Msg-Id`: one per group and stored message.
-pub(crate) fn dedup_id(group: &str, seq: u64) -> String {
+pub(super) fn dedup_id(group: &str, seq: u64) -> String {
     format!("dlq:{group}:{seq}")
+}
+
+/// How many deferred deliveries a process remembers before it starts over.
+const MAX_DEFERRALS_REMEMBERED: usize = 100_000;
+
+impl Inner {
+    /// How many times this process deferred `seq` on `consumer`.
+    pub(super) fn deferred(&self, consumer: &Arc<str>, seq: u64) -> u32 {
+        let map = self.deferrals.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&(consumer.clone(), seq)).copied().unwrap_or(0)
+    }
+
+    pub(super) fn record_deferral(&self, consumer: &Arc<str>, seq: u64) {
+        let mut map = self.deferrals.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: forgetting deferrals only makes a deferred message use an attempt.
+        if map.len() >= MAX_DEFERRALS_REMEMBERED {
+            map.clear();
+        }
+        *map.entry((consumer.clone(), seq)).or_insert(0) += 1;
+    }
+
+    pub(super) fn unrecord_deferral(&self, consumer: &Arc<str>, seq: u64) {
+        let mut map = self.deferrals.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (consumer.clone(), seq);
+        if let Some(n) = map.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&key);
+            }
+        }
+    }
+
+    pub(super) fn forget_deferrals(&self, consumer: &Arc<str>, seq: u64) {
+        let mut map = self.deferrals.lock().unwrap_or_else(|p| p.into_inner());
+        if !map.is_empty() {
+            map.remove(&(consumer.clone(), seq));
+        }
+    }
 }

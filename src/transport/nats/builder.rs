@@ -1,58 +1,55 @@
-//! Connecting: the builder, its settings, and URL redaction.
+//! The builder: the settings of a [`NatsTransport`], checked before it connects.
 
-use super::{Inner, NatsTransport, ServerVersion};
-use crate::transport::{TransportError, TransportErrorKind};
-use std::{
-    collections::HashMap,
-    fmt,
-    path::PathBuf,
-    sync::{Arc, Mutex, atomic::AtomicBool},
-    time::Duration,
+use super::{
+    NatsTransport,
+    connection::{self, parse_seeds, redact_url},
 };
+use crate::transport::{TransportError, TransportErrorKind};
+use std::{fmt, path::PathBuf, time::Duration};
 
 /// Settings shared by every part of the transport.
 #[derive(Debug, Clone)]
-pub(crate) struct Settings {
+pub(super) struct Settings {
     /// Subjects are `{prefix}.{message name}`.
-    pub(crate) prefix: String,
+    pub(super) prefix: String,
     /// The work stream.
-    pub(crate) stream: String,
+    pub(super) stream: String,
     /// The dead-letter stream, `{stream}_DLQ`.
-    pub(crate) dlq_stream: String,
+    pub(super) dlq_stream: String,
     /// Overrides the ack deadline derived from the handler timeout.
-    pub(crate) ack_wait: Option<Duration>,
+    pub(super) ack_wait: Option<Duration>,
     /// Overrides the group consumer's `max_ack_pending` (default: 1,000, or the
     /// worker's concurrency if larger).
-    pub(crate) max_ack_pending: Option<i64>,
+    pub(super) max_ack_pending: Option<i64>,
     /// Deliveries allowed beyond the retry policy's attempts before the server's
     /// delivery limit (`max_deliver`) stops a message.
-    pub(crate) delivery_margin: u32,
+    pub(super) delivery_margin: u32,
     /// Work stream retention (`max_age`; zero keeps messages until other limits).
-    pub(crate) max_age: Duration,
+    pub(super) max_age: Duration,
     /// Dead-letter stream retention (zero keeps them until removed).
-    pub(crate) dlq_max_age: Duration,
+    pub(super) dlq_max_age: Duration,
     /// Bound on every request to the server (acks, PubAcks, API calls).
-    pub(crate) op_timeout: Duration,
+    pub(super) op_timeout: Duration,
     /// Whether publishes set `Nats-Msg-Id`.
-    pub(crate) dedup: bool,
+    pub(super) dedup: bool,
     /// Whether an `Ack` waits for the server's reply (a request per message) instead of
     /// being published to the ack subject.
-    pub(crate) confirm_acks: bool,
+    pub(super) confirm_acks: bool,
     /// The URL with any password removed, for logs and errors.
-    pub(crate) url_redacted: String,
+    pub(super) url_redacted: String,
     /// Replicas asked for the work and dead-letter streams (`None`: the server's
     /// default for new streams, one).
-    pub(crate) replicas: Option<usize>,
+    pub(super) replicas: Option<usize>,
 }
 
 impl Settings {
     /// The subject a message name is published on.
-    pub(crate) fn subject(&self, name: &str) -> String {
+    pub(super) fn subject(&self, name: &str) -> String {
         format!("{}.{name}", self.prefix)
     }
 
     /// The dead-letter subject of a consumer group.
-    pub(crate) fn dlq_subject(&self, group: &str) -> String {
+    pub(super) fn dlq_subject(&self, group: &str) -> String {
         format!("{}-dlq.{group}", self.prefix)
     }
 }
@@ -71,25 +68,25 @@ impl Settings {
 /// ```
 #[derive(Clone)]
 pub struct NatsBuilder {
-    url: String,
-    prefix: String,
-    stream: Option<String>,
-    credentials_file: Option<PathBuf>,
-    nkey: Option<String>,
-    user_password: Option<(String, String)>,
-    token: Option<String>,
-    ping_interval: Duration,
-    replicas: Option<usize>,
-    name: Option<String>,
-    ack_wait: Option<Duration>,
-    max_ack_pending: Option<i64>,
-    delivery_margin: u32,
-    max_age: Duration,
-    dlq_max_age: Duration,
-    op_timeout: Duration,
-    connect_timeout: Duration,
-    dedup: bool,
-    confirm_acks: bool,
+    pub(super) url: String,
+    pub(super) prefix: String,
+    pub(super) stream: Option<String>,
+    pub(super) credentials_file: Option<PathBuf>,
+    pub(super) nkey: Option<String>,
+    pub(super) user_password: Option<(String, String)>,
+    pub(super) token: Option<String>,
+    pub(super) ping_interval: Duration,
+    pub(super) replicas: Option<usize>,
+    pub(super) name: Option<String>,
+    pub(super) ack_wait: Option<Duration>,
+    pub(super) max_ack_pending: Option<i64>,
+    pub(super) delivery_margin: u32,
+    pub(super) max_age: Duration,
+    pub(super) dlq_max_age: Duration,
+    pub(super) op_timeout: Duration,
+    pub(super) connect_timeout: Duration,
+    pub(super) dedup: bool,
+    pub(super) confirm_acks: bool,
 }
 
 impl fmt::Debug for NatsBuilder {
@@ -116,7 +113,7 @@ impl fmt::Debug for NatsBuilder {
 }
 
 impl NatsBuilder {
-    pub(crate) fn new(url: &str) -> Self {
+    pub(super) fn new(url: &str) -> Self {
         Self {
             url: url.to_owned(),
             prefix: "steadfast".to_owned(),
@@ -343,180 +340,15 @@ impl NatsBuilder {
                 "request_timeout must be above zero",
             ));
         }
-        let mut opts = async_nats::ConnectOptions::new()
-            .connection_timeout(self.connect_timeout)
-            .request_timeout(Some(self.op_timeout))
-            .max_reconnects(None)
-            .ping_interval(self.ping_interval)
-            .event_callback({
-                // The first `Connected` is the initial connection; later ones are
-                // reconnects.
-                let connected_before = Arc::new(AtomicBool::new(false));
-                move |event| {
-                    let again = matches!(event, async_nats::Event::Connected)
-                        && connected_before.swap(true, std::sync::atomic::Ordering::Relaxed);
-                    async move {
-                        if again {
-                            crate::transport::count_reconnect("nats");
-                        }
-                    }
-                }
-            })
-            .name(self.name.clone().unwrap_or_else(|| "steadfast".to_owned()));
-        if let Some(path) = &self.credentials_file {
-            opts = opts.credentials_file(path).await.map_err(|e| {
-                TransportError::new(
-                    TransportErrorKind::Config,
-                    format!(
-                        "cannot read NATS credentials file `{}`: {}",
-                        path.display(),
-                        e.kind()
-                    ),
-                )
-            })?;
-        }
-        if let Some(seed) = &self.nkey {
-            opts = opts.nkey(seed.clone());
-        }
-        match (self.user_password.clone(), seeds.auth) {
-            (Some((u, p)), _) | (None, UrlAuth::UserPassword(u, p)) => {
-                opts = opts.user_and_password(u, p);
-            }
-            (None, UrlAuth::Token(t)) => opts = opts.token(t),
-            (None, UrlAuth::None) => {}
-        }
-        if let Some(t) = &self.token {
-            opts = opts.token(t.clone());
-        }
-        let connect = opts.connect(seeds.addrs);
-        let client = match tokio::time::timeout(
-            self.connect_timeout + Duration::from_secs(1),
-            connect,
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                // The error text of async-nats may quote the address it was given; use
-                // only its kind, with our redacted URL.
-                return Err(TransportError::new(
-                    TransportErrorKind::Connection,
-                    format!("cannot connect to NATS at {url_redacted}: {:?}", e.kind()),
-                ));
-            }
-            Err(_) => {
-                return Err(TransportError::new(
-                    TransportErrorKind::Timeout,
-                    format!("connecting to NATS at {url_redacted} timed out"),
-                ));
-            }
-        };
-        let server = ServerVersion::parse(&client.server_info().version);
-        if !client.server_info().jetstream {
-            tracing::warn!(url = %url_redacted, "the NATS server does not announce JetStream; stream operations will fail");
-        }
-        let mut js = async_nats::jetstream::new(client.clone());
-        js.set_timeout(self.op_timeout);
-        let settings = Settings {
-            dlq_stream: format!("{stream}_DLQ"),
-            stream,
-            prefix: self.prefix,
-            ack_wait: self.ack_wait,
-            max_ack_pending: self.max_ack_pending,
-            delivery_margin: self.delivery_margin,
-            max_age: self.max_age,
-            dlq_max_age: self.dlq_max_age,
-            op_timeout: self.op_timeout,
-            dedup: self.dedup,
-            confirm_acks: self.confirm_acks,
-            url_redacted,
-            replicas: self.replicas,
-        };
-        Ok(NatsTransport {
-            inner: Arc::new(Inner {
-                client,
-                js,
-                settings,
-                server,
-                closed: AtomicBool::new(false),
-                jetstream_unavailable: std::sync::atomic::AtomicU64::new(0),
-                started: std::time::Instant::now(),
-                deferrals: Mutex::new(HashMap::new()),
-                suspects: super::suspects::Suspects::default(),
-            }),
-        })
+        connection::open(self, url_redacted, seeds, stream).await
     }
 }
 
 /// How often the client pings the server unless the builder says otherwise.
 const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Credentials found in the server URLs.
-#[derive(PartialEq, Eq)]
-enum UrlAuth {
-    None,
-    UserPassword(String, String),
-    Token(String),
-}
-
-/// The servers of a URL list, without their credentials, and those credentials.
-struct Seeds {
-    addrs: Vec<String>,
-    auth: UrlAuth,
-}
-
-/// Splits a comma-separated server list, takes the credentials out of each URL (the
-/// same in every URL that has any) and returns addresses free of secrets.
-fn parse_seeds(raw: &str, shown: &str) -> Result<Seeds, TransportError> {
-    let bad = |text: String| TransportError::new(TransportErrorKind::Config, text);
-    let mut addrs = Vec::new();
-    let mut auth = UrlAuth::None;
-    let items: Vec<&str> = raw.split(',').map(str::trim).collect();
-    for (i, item) in items.iter().enumerate() {
-        let which = format!("server {} of `{shown}`", i + 1);
-        if item.is_empty() {
-            return Err(bad(format!("{which} is empty")));
-        }
-        let with_scheme = if item.contains("://") {
-            (*item).to_owned()
-        } else {
-            format!("nats://{item}")
-        };
-        let mut u = url::Url::parse(&with_scheme)
-            .map_err(|e| bad(format!("{which} is not a URL ({e})")))?;
-        if !matches!(u.scheme(), "nats" | "tls" | "ws" | "wss") || !u.has_host() {
-            return Err(bad(format!(
-                "{which} must be nats://host:port (or tls://, ws://, wss://)"
-            )));
-        }
-        let decode = |s: &str| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        };
-        let this = match (u.username(), u.password()) {
-            ("", None) => UrlAuth::None,
-            (user, Some(pw)) => UrlAuth::UserPassword(decode(user), decode(pw)),
-            (token, None) => UrlAuth::Token(decode(token)),
-        };
-        if this != UrlAuth::None {
-            if auth != UrlAuth::None && auth != this {
-                return Err(bad(format!(
-                    "the servers of `{shown}` carry different credentials: give them once"
-                )));
-            }
-            auth = this;
-        }
-        if u.set_username("").is_err() || u.set_password(None).is_err() {
-            return Err(bad(format!("{which} cannot be used")));
-        }
-        addrs.push(u.to_string());
-    }
-    Ok(Seeds { addrs, auth })
-}
-
 /// Checks that `s` can be a subject token sequence (no spaces, wildcards or empty tokens).
-pub(crate) fn validate_token(what: &str, s: &str) -> Result<(), TransportError> {
+pub(super) fn validate_token(what: &str, s: &str) -> Result<(), TransportError> {
     let bad = s.is_empty()
         || s.split('.').any(|t| t.is_empty())
         || s.chars()
@@ -533,64 +365,9 @@ pub(crate) fn validate_token(what: &str, s: &str) -> Result<(), TransportError> 
     Ok(())
 }
 
-/// The URL with its password (and any token in the user part) replaced by `***`.
-pub(crate) fn redact_url(raw: &str) -> String {
-    raw.split(',')
-        .map(|one| match url::Url::parse(one.trim()) {
-            Ok(mut u) if u.has_host() => {
-                if u.password().is_some() {
-                    let _ = u.set_password(Some("***"));
-                } else if !u.username().is_empty() {
-                    // `nats://TOKEN@host`: the user part is the secret.
-                    let _ = u.set_username("***");
-                }
-                u.to_string()
-            }
-            // Not a URL we can parse (e.g. `host:port`): keep only what follows an `@`.
-            _ => match one.rsplit_once('@') {
-                Some((_, host)) => format!("***@{host}"),
-                None => one.trim().to_owned(),
-            },
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_lose_their_secrets() {
-        assert_eq!(
-            redact_url("nats://alice:s3cret@host:4222"),
-            "nats://alice:***@host:4222"
-        );
-        assert_eq!(redact_url("nats://tok3n@host:4222"), "nats://***@host:4222");
-        assert_eq!(redact_url("alice:s3cret@host:4222"), "***@host:4222");
-        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
-        let many = redact_url("nats://a:pw1@h1:4222,nats://b:pw2@h2:4222");
-        assert!(!many.contains("pw1") && !many.contains("pw2"), "{many}");
-    }
-
-    #[test]
-    fn seeds_lose_their_credentials() {
-        let s = parse_seeds("nats://alice:s3%40cret@h1:4222, nats://h2:4223,h3", "shown").unwrap();
-        assert_eq!(s.addrs, ["nats://h1:4222", "nats://h2:4223", "nats://h3"]);
-        assert!(s.auth == UrlAuth::UserPassword("alice".into(), "s3@cret".into()));
-        let s = parse_seeds("tls://tok3n@h1:4222", "shown").unwrap();
-        assert_eq!(s.addrs, ["tls://h1:4222"]);
-        assert!(s.auth == UrlAuth::Token("tok3n".into()));
-        for bad in [
-            "nats://a:b@h1,nats://a:c@h2",
-            "nats://h1,,nats://h2",
-            "amqp://h1",
-            "nats://h1,http://h2",
-        ] {
-            let e = parse_seeds(bad, "shown").err().expect(bad).to_string();
-            assert!(!e.contains('b') || !e.contains("a:b"), "{e}");
-        }
-    }
 
     #[test]
     fn builder_debug_hides_the_seed() {
