@@ -1,17 +1,21 @@
 //! How fast the web console's pages answer with many dead letters: 100,000 (or
 //! `BENCH_DEAD_LETTERS`) dead-lettered by a worker whose handler refuses every message,
 //! on RabbitMQ and on NATS JetStream, then `steadfast console` (the binary of this build)
-//! asked for the failure groups page, a consumer group's list page and one dead letter's
-//! page, `BENCH_REQUESTS` (default 200) times each, one request at a time.
+//! asked for the failure groups page, a consumer group's list page and the pages of the
+//! first and the last dead letter (the front and the back of the queue or stream),
+//! `BENCH_REQUESTS` (default 200) times each, one request at a time. It also prints how
+//! long the console's first full read took and whether a dead letter's page came from it.
 //!
 //! ```text
 //! cargo bench --features console --bench console
 //! BENCH_ONLY=nats BENCH_DEAD_LETTERS=10000 cargo bench --features console --bench console
+//! BENCH_CONSOLE_ARGS="--index-memory-mib 0" BENCH_REQUESTS=5 cargo bench --features console --bench console
 //! ```
 //!
 //! Prints the median and 99th percentile of each page's answer time. The queues and
 //! streams have names of their own and are deleted at the end. `AMQP_URL` and `NATS_URL`
-//! name the brokers (default the local ones); the console listens on 127.0.0.1:8100.
+//! name the brokers (default the local ones); the console listens on a loopback port the
+//! system picks.
 
 use lapin::{Connection, ConnectionProperties, options::QueueDeleteOptions};
 use std::{
@@ -25,11 +29,13 @@ use steadfast::{
     Context, Envelope, HandlerError, Message, Worker,
     transport::{Transport, amqp::AmqpTransport, nats::NatsTransport},
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[path = "../tests/cli/http.rs"]
+mod http;
 
 const TOKEN: &str = "console-bench-token-0123456789";
 const GROUP: &str = "bench";
-const PORT: u16 = 8100;
 
 #[derive(serde::Serialize, serde::Deserialize, Message)]
 #[message(name = "bench.order")]
@@ -44,28 +50,19 @@ fn env_n(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// One GET with the token: the status and the body.
-async fn get(path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", PORT))
-        .await
-        .expect("the console listens");
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{PORT}\r\nConnection: close\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(600), s.read_to_end(&mut out))
-        .await
-        .expect("the console answers within 10 minutes")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_owned())
+/// One GET with the token to the console on `port`: the status and the body.
+async fn get(port: u16, path: &str) -> (u16, String) {
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, _, body) = http::request(
+        port,
+        "GET",
+        path,
+        &[("Authorization", &bearer)],
+        "",
+        Duration::from_secs(600),
+    )
+    .await;
+    (status, body)
 }
 
 fn quantile(sorted: &[Duration], q: f64) -> Duration {
@@ -73,8 +70,9 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Dead-letters `n` messages on `t` under `GROUP`; returns the first one's id.
-async fn fill(t: Arc<dyn Transport>, n: u64) -> String {
+/// Dead-letters `n` messages on `t` under `GROUP`; returns the first and the last one's
+/// ids.
+async fn fill(t: Arc<dyn Transport>, n: u64) -> (String, String) {
     let dead = Arc::new(AtomicU64::new(0));
     let d = dead.clone();
     let worker = Worker::builder_shared(t.clone(), GROUP)
@@ -96,13 +94,14 @@ async fn fill(t: Arc<dyn Transport>, n: u64) -> String {
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
-    let mut first = None;
+    let (mut first, mut last) = (None, String::new());
     let mut sent = 0u64;
     while sent < n {
         let batch: Vec<Envelope> = (sent..(sent + 1000).min(n))
             .map(|i| Envelope::encode(&Order { n: i }).unwrap())
             .collect();
         first.get_or_insert_with(|| batch[0].id.to_string());
+        last = batch[batch.len() - 1].id.to_string();
         for r in t.publish_batch(&batch).await {
             r.expect("published");
         }
@@ -117,18 +116,23 @@ async fn fill(t: Arc<dyn Transport>, n: u64) -> String {
         "  {n} dead letters in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    first.unwrap()
+    (first.unwrap(), last)
 }
 
 async fn measure(system: &str, t: Arc<dyn Transport>, args: Vec<String>) {
     let n = env_n("BENCH_DEAD_LETTERS", 100_000);
     let requests = env_n("BENCH_REQUESTS", 200) as usize;
     eprintln!("{system}:");
-    let first = fill(t.clone(), n).await;
+    let (first, last) = fill(t.clone(), n).await;
     let mut console = tokio::process::Command::new(env!("CARGO_BIN_EXE_steadfast"))
         .arg("console")
-        .args(["--group", GROUP, "--listen", &format!("127.0.0.1:{PORT}")])
+        .args(["--group", GROUP, "--listen", "127.0.0.1:0"])
         .args(&args)
+        .args(
+            std::env::var("BENCH_CONSOLE_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .env("STEADFAST_CONSOLE_TOKEN", TOKEN)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -136,18 +140,20 @@ async fn measure(system: &str, t: Arc<dyn Transport>, args: Vec<String>) {
         .kill_on_drop(true)
         .spawn()
         .expect("the steadfast binary of this build (--features console)");
+    // It listens on a port the system chose and says which.
     let mut err = BufReader::new(console.stderr.take().unwrap()).lines();
-    while !err
-        .next_line()
-        .await
-        .unwrap()
-        .expect("the console starts")
-        .contains("steadfast console on")
-    {}
+    let port: u16 = loop {
+        let line = err.next_line().await.unwrap().expect("the console starts");
+        if let Some(at) = line.strip_prefix("steadfast console on http://127.0.0.1:") {
+            break at.trim_end_matches('/').parse().expect("a port");
+        }
+    };
+    // Keep reading what it says, so a full pipe never blocks it.
+    tokio::spawn(async move { while let Ok(Some(_)) = err.next_line().await {} });
     // The failure groups as the page shows them once the first full read is done.
     let started = Instant::now();
     loop {
-        let (s, page) = get("/").await;
+        let (s, page) = get(port, "/").await;
         assert_eq!(s, 200, "{page}");
         if page.contains("class=\"as-of\"") {
             assert!(
@@ -162,23 +168,43 @@ async fn measure(system: &str, t: Arc<dyn Transport>, args: Vec<String>) {
         "  first full read for the failure groups: {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    // The console's memory with that read kept (Linux).
+    if let Some(rss) = console
+        .id()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(str::to_owned)
+        })
+    {
+        eprintln!("  console {rss}");
+    }
     for (name, path) in [
         ("failure groups", "/".to_owned()),
         ("group list (50)", format!("/g/{GROUP}")),
-        ("one dead letter", format!("/g/{GROUP}/dl/{first}")),
+        ("first dead letter", format!("/g/{GROUP}/dl/{first}")),
+        ("last dead letter", format!("/g/{GROUP}/dl/{last}")),
     ] {
         let mut times = Vec::with_capacity(requests);
+        let mut kept = 0;
         for _ in 0..requests {
             let at = Instant::now();
-            let (s, page) = get(&path).await;
+            let (s, page) = get(port, &path).await;
             times.push(at.elapsed());
             assert_eq!(s, 200, "{page}");
+            kept += usize::from(name.ends_with("dead letter") && page.contains("class=\"as-of\""));
         }
         times.sort();
         println!(
-            "{system:8} {name:16} {n} dead letters: p50 {:7.1} ms  p99 {:7.1} ms",
+            "{system:8} {name:17} {n} dead letters: p50 {:7.1} ms  p99 {:7.1} ms{}",
             quantile(&times, 0.5).as_secs_f64() * 1e3,
-            quantile(&times, 0.99).as_secs_f64() * 1e3
+            quantile(&times, 0.99).as_secs_f64() * 1e3,
+            if kept > 0 {
+                format!("  ({kept} of {requests} from the console's read)")
+            } else {
+                String::new()
+            }
         );
     }
     let _ = console.start_kill();
@@ -213,7 +239,13 @@ async fn main() {
             .await
             .unwrap();
         let ch = c.create_channel().await.unwrap();
-        for q in [format!("{name}.{GROUP}"), format!("{name}.{GROUP}.dlq")] {
+        // The group's queues: work, dead letters, suspects and the default retry
+        // policy's delay tiers.
+        let suffixes = ["", ".dlq", ".suspects"]
+            .map(str::to_owned)
+            .into_iter()
+            .chain([1, 2, 4, 8, 300].map(|s| format!(".delay.{s}000ms")));
+        for q in suffixes.map(|s| format!("{name}.{GROUP}{s}")) {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;

@@ -76,6 +76,11 @@ pub(super) struct ConsoleArgs {
     /// the broker's current counts).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     index_every: std::time::Duration,
+    /// How much of the dead letters (MiB, estimated) that read may keep for the pages of
+    /// single dead letters, which answer from it without reading the queue or stream;
+    /// the rest of them are read from the broker when asked for (0: keep none).
+    #[arg(long, default_value_t = 128)]
+    index_memory_mib: u64,
 }
 
 /// A login: its CSRF token.
@@ -92,6 +97,8 @@ struct Console {
     /// Each consumer group's failure groups, from the last full read.
     index: Index,
     index_every: std::time::Duration,
+    /// `--index-memory-mib` in bytes.
+    index_memory: u64,
 }
 
 /// The failure groups of each consumer group, read in full in the background (every
@@ -107,6 +114,8 @@ struct Index {
     fresh: tokio::sync::Notify,
     /// Counts the actions, so a read that began before one is known as stale.
     actions: std::sync::atomic::AtomicU64,
+    /// Whether a read is under way (on RabbitMQ it holds what it has read until it ends).
+    reading: std::sync::atomic::AtomicBool,
 }
 
 /// One consumer group's last read.
@@ -117,6 +126,28 @@ struct Indexed {
     at: std::time::Instant,
     /// Whether an action happened since (the page waits briefly for a fresh read).
     stale: bool,
+    /// The dead letters of the read by id, the first ones read up to the memory budget.
+    letters: Arc<HashMap<MessageId, DeadLetter>>,
+}
+
+/// About how many bytes a kept dead letter takes: its strings, headers and body, and
+/// the map entry around them.
+fn footprint(d: &DeadLetter) -> u64 {
+    let e = &d.envelope;
+    let strings = e.name.len()
+        + e.source.as_ref().map_or(0, String::len)
+        + e.time.as_ref().map_or(0, String::len)
+        + d.reason.len()
+        + d.original_destination.len()
+        + d.failed_at.len()
+        + d.original_group.len();
+    let headers: usize = e
+        .headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 2 * std::mem::size_of::<String>())
+        .sum();
+    (std::mem::size_of::<(MessageId, DeadLetter)>() + 32 + strings + headers + e.payload.len())
+        as u64
 }
 
 impl Console {
@@ -127,11 +158,22 @@ impl Console {
         let c = Arc::clone(self);
         tokio::spawn(async move {
             loop {
+                c.index
+                    .reading
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 for g in &c.groups {
                     let began = c.index.actions.load(std::sync::atomic::Ordering::SeqCst);
                     let mut groups = Groups::default();
+                    let (mut letters, mut bytes, mut room) = (HashMap::new(), 0u64, true);
                     let rows = select(c.transport.as_ref(), g, &DeadLetterFilter::default(), |d| {
-                        groups.add(&d)
+                        groups.add(&d);
+                        if room {
+                            bytes += footprint(&d);
+                            room = bytes <= c.index_memory;
+                            if room {
+                                letters.entry(d.id()).or_insert(d);
+                            }
+                        }
                     })
                     .await
                     .map(|()| groups.json(g))
@@ -147,9 +189,13 @@ impl Console {
                                 at: std::time::Instant::now(),
                                 stale: began
                                     != c.index.actions.load(std::sync::atomic::Ordering::SeqCst),
+                                letters: Arc::new(letters),
                             },
                         );
                 }
+                c.index
+                    .reading
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 c.index.fresh.notify_waiters();
                 c.index.stale.notified().await;
             }
@@ -256,6 +302,7 @@ pub(super) async fn run(
         workers,
         index: Index::default(),
         index_every: args.index_every,
+        index_memory: args.index_memory_mib.saturating_mul(1 << 20),
     });
     state.spawn_index();
     let app = Router::new()
@@ -588,9 +635,24 @@ async fn dead_letter<'a>(
         limit: Some(1),
         ..DeadLetterFilter::default()
     };
+    let reading = || c.index.reading.load(std::sync::atomic::Ordering::SeqCst);
+    let ended = c.index.fresh.notified();
+    let was_reading = reading();
     let mut found = None;
     if let Err(e) = select(c.transport.as_ref(), group, &f, |d| found = Some(d)).await {
         return Err(Box::new(error_page(&e)));
+    }
+    // On RabbitMQ the background read holds what it has read until it ends: a dead letter
+    // not found while one ran is looked for again once it ended (waiting up to
+    // `READ_WAIT`), in what it kept, then on the broker.
+    if found.is_none() && (was_reading || reading()) {
+        let _ = tokio::time::timeout(READ_WAIT, ended).await;
+        if let Some((_, d, _)) = kept(c, group, id) {
+            return Ok((group, d));
+        }
+        if let Err(e) = select(c.transport.as_ref(), group, &f, |d| found = Some(d)).await {
+            return Err(Box::new(error_page(&e)));
+        }
     }
     found.map(|d| (group, d)).ok_or_else(|| {
         Box::new(page(
@@ -599,6 +661,29 @@ async fn dead_letter<'a>(
             "<p>No dead letter with that id (replayed or purged?).</p>",
         ))
     })
+}
+
+/// How long a dead letter's page waits for the background read to end when the dead
+/// letter was not found while it ran.
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The dead letter `id` of `group` as the last background read kept it, with when that
+/// read was made; none when it did not keep it or an action made it stale. A read older
+/// than `--index-every` is used and a new one asked for, as the failure groups page does.
+fn kept<'a>(
+    c: &'a Console,
+    group: &str,
+    id: &str,
+) -> Option<(&'a str, DeadLetter, std::time::Instant)> {
+    let group = known(c, group).ok()?;
+    let id = id.parse::<MessageId>().ok()?;
+    let groups = c.index.groups.lock().unwrap_or_else(|e| e.into_inner());
+    let read = groups.get(group).filter(|i| !i.stale)?;
+    let d = read.letters.get(&id)?.clone();
+    if read.at.elapsed() > c.index_every {
+        c.index.stale.notify_one();
+    }
+    Some((group, d, read.at))
 }
 
 fn error_page(e: &CliError) -> Response {
@@ -638,6 +723,7 @@ async fn index(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
                 rows: Ok(v),
                 at,
                 stale,
+                ..
             }) => {
                 let _ = write!(
                     body,
@@ -769,9 +855,12 @@ async fn show(
     let Some(auth) = c.auth(&headers) else {
         return redirect("/login");
     };
-    let (group, d) = match dead_letter(&c, &group, &id).await {
-        Ok(found) => found,
-        Err(r) => return *r,
+    let (group, d, kept_at) = match kept(&c, &group, &id) {
+        Some((g, d, at)) => (g, d, Some(at)),
+        None => match dead_letter(&c, &group, &id).await {
+            Ok((g, d)) => (g, d, None),
+            Err(r) => return *r,
+        },
     };
     let j = print::show_json(&d);
     let mut body = String::from("<table>");
@@ -790,7 +879,16 @@ async fn show(
         };
         let _ = write!(body, "<tr><th>{k}</th><td>{}</td></tr>", esc(&val));
     }
-    body.push_str("</table><h2>Headers</h2><table>");
+    body.push_str("</table>");
+    if let Some(at) = kept_at {
+        let _ = write!(
+            body,
+            "<p class=\"as-of\">As the console's background read found it {:.0} s ago; \
+             the actions below act on the queue or stream as it is now.</p>",
+            at.elapsed().as_secs_f64()
+        );
+    }
+    body.push_str("<h2>Headers</h2><table>");
     for pair in j["headers"].as_array().into_iter().flatten() {
         let _ = write!(
             body,

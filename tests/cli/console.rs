@@ -4,7 +4,6 @@
 //! nothing and a replay by failure group that brings every message back to the handler.
 
 use super::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "console-test-token-0123456789";
 
@@ -16,35 +15,7 @@ pub(super) async fn http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String, String) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("the console listens");
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if method == "POST" {
-        req.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
-    }
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut out))
-        .await
-        .expect("the console answers within 60 s")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_owned(), body.to_owned())
+    super::http::request(port, method, path, headers, body, Duration::from_secs(60)).await
 }
 
 fn form_value<'a>(html: &'a str, name: &str) -> &'a str {
@@ -203,6 +174,10 @@ async fn console_over(b: Broker, port: u16) {
         "{page}"
     );
     assert!(!page.contains("s3cr3t-header-value"), "{page}");
+    assert!(
+        page.contains("class=\"as-of\""),
+        "answered from the console's read: {page}"
+    );
 
     // The login: a wrong token is refused; the right one sets a strict, HttpOnly cookie.
     let (s, _, _) = http(port, "POST", "/login", &[], "token=nope").await;
@@ -306,6 +281,9 @@ async fn console_over(b: Broker, port: u16) {
     })
     .await;
     assert_eq!(settled_count(&b).await, N as u64 - 1);
+    // The console's read from before the edit no longer answers for it.
+    let (s, _, page) = http(port, "GET", &format!("/g/g/dl/{edited}"), &with_cookie, "").await;
+    assert_eq!(s, 404, "{page}");
 
     // The rest, replayed by failure group: every message back to the handler, once each.
     let (s, _, page) = http(

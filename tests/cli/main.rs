@@ -14,6 +14,8 @@ mod schema;
 mod browser;
 #[cfg(feature = "console")]
 mod console;
+#[cfg(feature = "console")]
+mod http;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
