@@ -121,29 +121,39 @@ fn note(d: &Shared, sent_us: u64, to_ack: bool) {
 
 /// Publishes `rate` messages a second for `secs` seconds through `publish`, each in a
 /// task of its own; returns how many were sent once all are confirmed.
+///
+/// Each publish says whether its message went out; the count of those is returned, and
+/// a failed one is counted and reported instead of ending the bench (the outbox's
+/// producers can time out waiting for a connection on a loaded machine).
 async fn publish_at<F, Fut>(rate: usize, secs: u64, publish: F) -> usize
 where
     F: Fn(Stamp) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
+    Fut: Future<Output = bool> + Send + 'static,
 {
     let total = rate * usize::try_from(secs).unwrap_or(1);
     let per_tick = (rate / 1000).max(1);
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = tokio::task::JoinSet::new();
-    let mut sent = 0;
-    while sent < total {
+    let (mut started, mut sent) = (0, 0);
+    while started < total {
         tick.tick().await;
-        for _ in 0..per_tick.min(total - sent) {
+        for _ in 0..per_tick.min(total - started) {
             tasks.spawn(publish(stamp()));
-            sent += 1;
+            started += 1;
         }
         while let Some(r) = tasks.try_join_next() {
-            r.expect("publish task");
+            sent += usize::from(r.expect("publish task"));
         }
     }
     while let Some(r) = tasks.join_next().await {
-        r.expect("publish task");
+        sent += usize::from(r.expect("publish task"));
+    }
+    if sent < total {
+        println!(
+            "   {} of {total} publishes failed and are not counted",
+            total - sent
+        );
     }
     sent
 }
@@ -288,6 +298,7 @@ async fn amqp_phase(p: &Phase<'_>, secs: u64) {
         async move {
             let env = Envelope::encode(&s).expect("encodes");
             t.publish(&env).await.expect("published");
+            true
         }
     };
     let t0 = Instant::now();
@@ -359,7 +370,8 @@ async fn nats_phase(p: &Phase<'_>, js: &jetstream::Context, secs: u64) {
         .subject_prefix(format!("lat{tag}"))
         .stream(stream.clone())
         .max_age(Duration::from_secs(600))
-        .dead_letter_max_age(Duration::from_secs(600));
+        .dead_letter_max_age(Duration::from_secs(600))
+        .replicas(support::nats_replicas());
     let publisher = builder.clone().connect().await.expect("NATS on NATS_URL");
     let subject = publisher.subject_for(Stamp::NAME);
     let publisher: Arc<dyn Transport> = Arc::new(publisher);
@@ -371,6 +383,7 @@ async fn nats_phase(p: &Phase<'_>, js: &jetstream::Context, secs: u64) {
         async move {
             let env = Envelope::encode(&s).expect("encodes");
             t.publish(&env).await.expect("published");
+            true
         }
     };
     let t0 = Instant::now();
@@ -468,12 +481,24 @@ async fn outbox_phase(p: &Phase<'_>, secs: u64) {
     let publish = move |_: Stamp| {
         let (pool, outbox) = (pool2.clone(), outbox2.clone());
         async move {
-            let mut tx = pool.begin().await.expect("begin");
             // Stamped once the transaction has its connection: a producer waiting for
             // the pool is the database's limit, not the relay's.
-            let s = stamp();
-            outbox.enqueue(&mut tx, &s).await.expect("enqueued");
-            tx.commit().await.expect("committed");
+            let committed = async {
+                let mut tx = pool.begin().await?;
+                outbox.enqueue(&mut tx, &stamp()).await?;
+                tx.commit().await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            };
+            match committed.await {
+                Ok(()) => true,
+                Err(e) => {
+                    static SAID: OnceLock<()> = OnceLock::new();
+                    if SAID.set(()).is_ok() {
+                        println!("   an outbox producer failed (the first such error): {e}");
+                    }
+                    false
+                }
+            }
         }
     };
     let sent = publish_at(p.rate, secs, publish).await;

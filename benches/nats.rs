@@ -226,6 +226,7 @@ fn spread(label: &str, runs: &[Figures]) {
 }
 
 fn main() {
+    support::log_from_env();
     let n: usize = std::env::var("BENCH_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -256,7 +257,8 @@ fn main() {
                 .subject_prefix(prefix.clone())
                 .stream(stream_name.clone())
                 .max_age(Duration::from_secs(600))
-                .dead_letter_max_age(Duration::from_secs(600));
+                .dead_letter_max_age(Duration::from_secs(600))
+                .replicas(support::nats_replicas());
             let t = builder.clone().connect().await.unwrap();
             let tc = builder.confirm_acks(true).connect().await.unwrap();
             // Creates the streams; every consumer below starts at the stream's beginning.

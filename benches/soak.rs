@@ -404,6 +404,9 @@ fn main() {
             let url = std::env::var("AMQP_URL")
                 .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
             let name = format!("sf-soak-{}", uuid::Uuid::now_v7().simple());
+            // The expiry cleans up after the run. The worker keeps its group's queues in
+            // use every 40 s while it runs: the dead-letter and delay queues, only
+            // published to, expired under it before it did (2 minutes into the run).
             let connect = || {
                 AmqpTransport::builder(url.clone())
                     .exchange(name.clone())
@@ -433,7 +436,8 @@ fn main() {
                 .subject_prefix(format!("soak{tag}"))
                 .stream(stream.clone())
                 .max_age(Duration::from_secs(3600))
-                .dead_letter_max_age(Duration::from_secs(3600));
+                .dead_letter_max_age(Duration::from_secs(3600))
+                .replicas(support::nats_replicas());
             let feeder: Arc<dyn Transport> =
                 Arc::new(builder.clone().connect().await.expect("NATS"));
             let side: Arc<dyn Transport> = Arc::new(builder.connect().await.expect("NATS"));

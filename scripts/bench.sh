@@ -11,7 +11,8 @@
 # Settings can be overridden by their variables (BENCH_ROUNDS, BENCH_MESSAGES,
 # BENCH_SECS, BENCH_SOAK_MESSAGES, ...; each bench's header lists its own). AMQP_URL,
 # NATS_URL and DATABASE_URL point the benches at other servers (a cluster, for
-# instance: `AMQP_URL=amqp://guest:guest@127.0.0.1:5701/%2f scripts/bench.sh amqp`).
+# instance: `AMQP_URL=amqp://guest:guest@127.0.0.1:5701/%2f scripts/bench.sh amqp`;
+# on a NATS cluster, BENCH_NATS_REPLICAS=3 makes the benches' streams R3).
 # Figures of one run share BENCH_RUN; compare figures of one run only.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -16,6 +16,17 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+/// Logs to standard error what `RUST_LOG` asks for, and nothing without it (the figures
+/// go to standard output): `RUST_LOG=steadfast=debug cargo bench --bench nats`.
+pub(crate) fn log_from_env() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
 /// CPU time (user + system) of process `pid` (a number or `self`) so far: the figures
 /// `getrusage` gives, read from `/proc/<pid>/stat` (`unsafe` is forbidden here).
 pub(crate) fn proc_cpu(pid: &str) -> Option<Duration> {
@@ -52,6 +63,15 @@ pub(crate) fn find_process(comm: &str, env: &str) -> Option<String> {
         let name = std::fs::read_to_string(e.path().join("comm")).ok()?;
         (name.trim() == comm).then(|| e.file_name().to_string_lossy().into_owned())
     })
+}
+
+/// Replicas of the streams a NATS bench creates: `BENCH_NATS_REPLICAS` (3 on a
+/// three-node cluster, so the worker and the raw client read R3 streams), default 1.
+pub(crate) fn nats_replicas() -> usize {
+    std::env::var("BENCH_NATS_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Resident memory of this process in KiB (`VmRSS`).

@@ -48,7 +48,7 @@ CONF
 
 pid() {
   local n=${1:?usage: pid <1|2|3>}
-  cat "$NC_DIR/sf-n$n/pid"
+  echo "$(cat "$NC_DIR/sf-n$n/pid")"
 }
 
 ldm() {

@@ -56,7 +56,7 @@ ctl() {
 
 pid() {
   local n=${1:?usage: pid <1|2|3>}
-  cat "$RC_DIR/sf-c$n/pid"
+  echo "$(cat "$RC_DIR/sf-c$n/pid")"
 }
 
 rc_configure() {
