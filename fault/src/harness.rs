@@ -1143,13 +1143,36 @@ fn dead_ids(dead: &[DeadLetter]) -> (HashSet<u64>, u64) {
     (ids, raw.len() as u64)
 }
 
-/// Messages still in the group's work and delay queues (AMQP: ready messages, so call
-/// it after the workers stopped to count the unacked too; NATS: pending plus ack
-/// pending of the group's consumers).
-async fn queues_empty(spec: &Spec, transport: &Arc<dyn Transport>, _after_stop: bool) -> Res<u64> {
+/// Messages still in the group's work, suspects and delay queues, handed out or not
+/// (AMQP: ready messages, plus the unacked ones while the workers run, read with
+/// `rabbitmqctl` where the harness can reach the node; NATS: pending plus ack pending
+/// of the group's consumers).
+///
+/// A delivery the workers hold unsettled shows in no ready count: a redelivery of a
+/// message already handled, or a suspect being moved to the suspects queue. Stopping
+/// the workers then would return it to the queue as "left unacked" although nothing
+/// was wrong but the moment of the stop.
+async fn queues_empty(spec: &Spec, transport: &Arc<dyn Transport>, after_stop: bool) -> Res<u64> {
     let _ = transport;
     match spec.broker {
-        Broker::Amqp => servers::amqp_queue_depth(spec).await,
+        Broker::Amqp => {
+            let ready = servers::amqp_queue_depth(spec).await?;
+            if ready > 0 || after_stop {
+                return Ok(ready);
+            }
+            match servers::amqp_unacked(spec).await {
+                Ok(Some(n)) if n > 0 => {
+                    eprintln!("0 ready but {n} unacked in the group's queues: not drained yet");
+                    Ok(n)
+                }
+                Ok(_) => Ok(0),
+                Err(e) => {
+                    // The ready count alone, as before this check existed.
+                    eprintln!("unacked messages not read: {e}");
+                    Ok(0)
+                }
+            }
+        }
         Broker::Nats => servers::nats_pending(spec).await,
     }
 }

@@ -230,18 +230,23 @@ impl Drop for NatsServer {
     }
 }
 
-/// Ready messages in the group's work queue and delay queues (after the workers stopped
-/// this includes everything they had unacked).
-pub async fn amqp_queue_depth(spec: &Spec) -> Res<u64> {
-    use lapin::{options::QueueDeclareOptions, types::FieldTable};
-    let conn = amqp_connect(&spec.broker_url).await?;
+/// The group's work, suspects and delay queues.
+fn group_queues(spec: &Spec) -> Vec<String> {
     let work = format!("{}.{}", spec.name, spec.group);
     let mut queues = vec![work.clone(), format!("{work}.suspects")];
     for d in spec.retry_policy().delay_tiers() {
         queues.push(format!("{work}.delay.{}ms", d.as_millis()));
     }
+    queues
+}
+
+/// Ready messages in the group's work, suspects and delay queues (after the workers stopped
+/// this includes everything they had unacked).
+pub async fn amqp_queue_depth(spec: &Spec) -> Res<u64> {
+    use lapin::{options::QueueDeclareOptions, types::FieldTable};
+    let conn = amqp_connect(&spec.broker_url).await?;
     let mut total = 0;
-    for q in queues {
+    for q in group_queues(spec) {
         let ch = conn
             .create_channel()
             .await
@@ -267,6 +272,53 @@ pub async fn amqp_queue_depth(spec: &Spec) -> Res<u64> {
     }
     let _ = conn.close(200, "OK".into()).await;
     Ok(total)
+}
+
+/// Messages of the group's work, suspects and delay queues that RabbitMQ handed out and that are not settled
+/// yet (`messages_unacknowledged`), which a passive `queue.declare` does not show:
+/// read with `rabbitmqctl` from the node `spec.broker_url` names. `None` for a node
+/// this harness cannot reach with `rabbitmqctl` (one not started by `scripts/brokers.sh`
+/// nor the machine's own on 5672).
+pub async fn amqp_unacked(spec: &Spec) -> Res<Option<u64>> {
+    let first = spec.broker_url.split(',').next().unwrap_or_default();
+    let port = addr_of(first)?.port();
+    let brokers = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/brokers.sh");
+    let list = [
+        "-q",
+        "list_queues",
+        "name",
+        "messages_unacknowledged",
+        "--no-table-headers",
+    ];
+    let out = match port {
+        5672 => run("rabbitmqctl", &list).await?,
+        5701..=5703 => {
+            let n = (port - 5700).to_string();
+            let mut args = vec!["rabbitmq-cluster", "ctl", n.as_str()];
+            args.extend(list);
+            run(brokers, &args).await?
+        }
+        5710 => {
+            let mut args = vec!["rabbitmq-4", "ctl"];
+            args.extend(list);
+            run(brokers, &args).await?
+        }
+        _ => return Ok(None),
+    };
+    let queues = group_queues(spec);
+    let mut total = 0;
+    for line in out.lines() {
+        let mut cols = line.split_whitespace();
+        let (Some(name), Some(n)) = (cols.next(), cols.next()) else {
+            continue;
+        };
+        if queues.iter().any(|q| q == name) {
+            total += n
+                .parse::<u64>()
+                .map_err(|e| format!("rabbitmqctl printed `{line}`: {e}"))?;
+        }
+    }
+    Ok(Some(total))
 }
 
 /// Deletes the run's queues (work, delay tiers, dead letters) and exchange, so runs do
