@@ -7,7 +7,11 @@
 //! cargo bench --all-features --bench latency
 //! BENCH_SECS=5 BENCH_ROUNDS=1 BENCH_RATES=1000 cargo bench --all-features --bench latency
 //! BENCH_ONLY=rabbitmq|nats|outbox cargo bench --all-features --bench latency
+//! BENCH_ONLY=rabbitmq BENCH_RATES=1000 BENCH_RAW_HOP=1 cargo bench --all-features --bench latency
 //! ```
+//!
+//! `BENCH_RAW_HOP=1` adds a third RabbitMQ consumer, `raw-hop`: lapin with the worker's
+//! two hand-overs and concurrent handling but none of its code (see [`hop_loop`]).
 //!
 //! Every phase publishes `rate` messages a second for `BENCH_SECS` seconds (default 15)
 //! from a transport connection of its own (one publish task per message, awaiting its
@@ -302,7 +306,7 @@ async fn amqp_phase(p: &Phase<'_>, secs: u64) {
         }
     };
     let t0 = Instant::now();
-    if p.consumer == "raw" {
+    if p.consumer == "raw" || p.consumer == "raw-hop" {
         declare(publisher.clone(), "raw").await;
         let url = std::env::var("AMQP_URL")
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
@@ -326,16 +330,20 @@ async fn amqp_phase(p: &Phase<'_>, secs: u64) {
         let d = delays.clone();
         let seen = Arc::new(AtomicUsize::new(0));
         let count = seen.clone();
-        let task = tokio::spawn(async move {
-            while count.load(Ordering::Relaxed) < total {
-                let m = consumer.next().await.expect("open").expect("delivery");
-                let s: Stamp = serde_json::from_slice(&m.data).expect("a stamp");
-                note(&d, s.sent_us, false);
-                m.ack(BasicAckOptions::default()).await.expect("acked");
-                note(&d, s.sent_us, true);
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        let task = if p.consumer == "raw" {
+            tokio::spawn(async move {
+                while count.load(Ordering::Relaxed) < total {
+                    let m = consumer.next().await.expect("open").expect("delivery");
+                    let s: Stamp = serde_json::from_slice(&m.data).expect("a stamp");
+                    note(&d, s.sent_us, false);
+                    m.ack(BasicAckOptions::default()).await.expect("acked");
+                    note(&d, s.sent_us, true);
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        } else {
+            tokio::spawn(hop_loop(consumer, d, count, total))
+        };
         let sent = publish_at(p.rate, secs, publish).await;
         wait_for(&seen, sent, "raw lapin").await;
         task.await.expect("raw loop");
@@ -357,6 +365,42 @@ async fn amqp_phase(p: &Phase<'_>, secs: u64) {
         t.close().await;
     }
     publisher.close().await;
+}
+
+/// `raw-hop`: lapin's consumer with the worker's shape and none of its code. A task
+/// forwards each delivery through a channel of the prefetch's size (as the transport's
+/// consumer task hands deliveries to the worker's stream), and a second task runs up to
+/// the prefetch of them at once as futures of its own (as the worker runs its handlers),
+/// each decoding, noting and awaiting its ack. Set against `raw` (one loop, each ack
+/// awaited in turn) and the worker, it shows what the two hand-overs and the concurrent
+/// handling cost the latency without steadfast's per-message work.
+async fn hop_loop(mut consumer: lapin::Consumer, d: Shared, count: Arc<AtomicUsize>, total: usize) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(usize::from(PREFETCH));
+    let intake = tokio::spawn(async move {
+        while let Some(m) = consumer.next().await {
+            if tx.send(m.expect("delivery")).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut running = futures::stream::FuturesUnordered::new();
+    while count.load(Ordering::Relaxed) < total {
+        tokio::select! {
+            Some(()) = running.next(), if !running.is_empty() => {}
+            m = rx.recv(), if running.len() < usize::from(PREFETCH) => {
+                let m = m.expect("the intake task runs");
+                let (d, count) = (d.clone(), count.clone());
+                running.push(async move {
+                    let s: Stamp = serde_json::from_slice(&m.data).expect("a stamp");
+                    note(&d, s.sent_us, false);
+                    m.ack(BasicAckOptions::default()).await.expect("acked");
+                    note(&d, s.sent_us, true);
+                    count.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+        }
+    }
+    intake.abort();
 }
 
 // ---- NATS ----
@@ -530,6 +574,7 @@ fn main() {
             .filter_map(|r| r.trim().parse().ok())
             .collect();
         let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+        let hop = std::env::var_os("BENCH_RAW_HOP").is_some_and(|v| v == "1");
         let client = async_nats::connect(nats_url()).await.expect("NATS on NATS_URL");
         let out = Results::new(
             "latency",
@@ -543,7 +588,10 @@ fn main() {
         for round in 1..=rounds {
             for &rate in &rates {
                 // Raw first in odd rounds, the worker first in even ones.
-                let mut order = ["raw", "steadfast"];
+                let mut order = vec!["raw", "steadfast"];
+                if hop {
+                    order.insert(1, "raw-hop");
+                }
                 if round % 2 == 0 {
                     order.reverse();
                 }
@@ -558,7 +606,7 @@ fn main() {
                     if only.is_empty() || only == "rabbitmq" {
                         amqp_phase(&phase("rabbitmq"), secs).await;
                     }
-                    if only.is_empty() || only == "nats" {
+                    if (only.is_empty() || only == "nats") && consumer != "raw-hop" {
                         nats_phase(&phase("nats"), &js, secs).await;
                     }
                 }
