@@ -274,11 +274,12 @@ pub async fn amqp_queue_depth(spec: &Spec) -> Res<u64> {
     Ok(total)
 }
 
-/// Messages of the group's work, suspects and delay queues that RabbitMQ handed out and that are not settled
-/// yet (`messages_unacknowledged`), which a passive `queue.declare` does not show:
-/// read with `rabbitmqctl` from the node `spec.broker_url` names. `None` for a node
-/// this harness cannot reach with `rabbitmqctl` (one not started by `scripts/brokers.sh`
-/// nor the machine's own on 5672).
+/// Messages of the group's work, suspects and delay queues that RabbitMQ handed out
+/// and that are not settled yet (`messages_unacknowledged`), which a passive
+/// `queue.declare` does not show: read with `rabbitmqctl` from the node
+/// `spec.broker_url` names, within 20 s. `None` for a node this harness cannot reach
+/// with `rabbitmqctl` (one not started by `scripts/brokers.sh` nor the machine's own on
+/// 5672).
 pub async fn amqp_unacked(spec: &Spec) -> Res<Option<u64>> {
     let first = spec.broker_url.split(',').next().unwrap_or_default();
     let port = addr_of(first)?.port();
@@ -290,21 +291,30 @@ pub async fn amqp_unacked(spec: &Spec) -> Res<Option<u64>> {
         "messages_unacknowledged",
         "--no-table-headers",
     ];
-    let out = match port {
-        5672 => run("rabbitmqctl", &list).await?,
-        5701..=5703 => {
-            let n = (port - 5700).to_string();
-            let mut args = vec!["rabbitmq-cluster", "ctl", n.as_str()];
-            args.extend(list);
-            run(brokers, &args).await?
-        }
-        5710 => {
-            let mut args = vec!["rabbitmq-4", "ctl"];
-            args.extend(list);
-            run(brokers, &args).await?
-        }
+    let n = port.saturating_sub(5700).to_string();
+    let (cmd, mut args) = match port {
+        5672 => ("rabbitmqctl", vec![]),
+        5701..=5703 => (brokers, vec!["rabbitmq-cluster", "ctl", n.as_str()]),
+        5710 => (brokers, vec!["rabbitmq-4", "ctl"]),
         _ => return Ok(None),
     };
+    args.extend(list);
+    let out = Command::new(cmd)
+        .args(&args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .map_err(|_| format!("{cmd} {args:?} did not answer within 20 s"))?
+        .map_err(|e| format!("cannot run {cmd}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let out = String::from_utf8_lossy(&out.stdout);
     let queues = group_queues(spec);
     let mut total = 0;
     for line in out.lines() {
