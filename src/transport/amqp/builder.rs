@@ -180,11 +180,13 @@ impl AmqpBuilder {
         self
     }
 
-    /// How many times the broker may hand out one copy of a message without it being
-    /// settled — the worker crashed, was killed or lost its connection each time —
-    /// before it dead-letters it (quorum `x-delivery-limit`, default 20). Retries are new
-    /// copies and do not count. Part of the queue's arguments: every transport declaring
-    /// the same queue must use the same value.
+    /// How many times the broker may hand out one copy of a suspect (a message run
+    /// alone after unexplained returns) without it being settled before it
+    /// dead-letters it: the suspects queue's `x-delivery-limit`, default 20. The work
+    /// queue's limit is this or 1,000, whichever is higher, a backstop only: a dead
+    /// connection's prefetch counts there too. Retries are new copies and do not count.
+    /// Part of the queues' arguments: every transport declaring the same queues must use
+    /// the same value.
     #[must_use]
     pub fn delivery_limit(mut self, n: u32) -> Self {
         self.delivery_limit = n;
