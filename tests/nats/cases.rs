@@ -636,15 +636,17 @@ async fn acks_leave_nothing_pending_in_both_modes() {
 }
 
 /// Deliveries dropped unsettled (a worker stopping with handlers still running) come back
-/// promptly to the next subscriber, as a rule once each, and nothing acked comes back.
+/// promptly to the next subscriber, once each, and nothing acked comes back.
 ///
 /// The worker gives a dropped delivery back with a `-NAK` (with a 1 ms delay, see
-/// `DROPPED_NAK_DELAY`), so the first of the two is back within a second or two, long
-/// before `ack_wait` (6 s here). nats-server 2.9 does not always redeliver the second one
-/// as promptly: in CI it has handed one of the two out twice and kept the other until
-/// `ack_wait` (got `[7, 7]` and then 10 s of nothing). At-least-once allows that, so the
-/// second one may take until `ack_wait` and one extra copy is allowed; losing one, or a
-/// first one that waits for `ack_wait` (no `-NAK` sent), fails the test.
+/// `DROPPED_NAK_DELAY`), so both are back within a second or two, long before `ack_wait`
+/// (6 s here). The next subscriber's pull is shown to be live (it receives a message)
+/// before the drop: nats-server before 2.11 mishandles a redelivery it takes up while its
+/// only pull requests are those of a subscriber that has gone (the dropped stream's
+/// request stays on the server until it expires): it skips that message until `ack_wait`
+/// and sends the stream's last message again as a first delivery (fixed in nats-server
+/// 2.11, PR #5305). With the drop racing the new pull, CI saw that as `[7, 7]` and 16 s
+/// without message 6. `docs/nats.md` tells users of older servers what this means.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_deliveries_come_back_once_each() {
     const ACK_WAIT: Duration = Duration::from_secs(6);
@@ -670,10 +672,23 @@ async fn dropped_deliveries_come_back_once_each() {
         d.settle(steadfast::Disposition::Ack).await.unwrap();
     }
     drop(stream);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut stream = nt.subscribe(&sub).await.unwrap();
+    let n_of = |d: &steadfast::transport::Delivery| {
+        serde_json::from_slice::<Job>(&d.envelope.payload)
+            .unwrap()
+            .n
+    };
+    // The new pull is live: it receives a new message.
+    nt.publish(&job(8, false, 0)).await.unwrap();
+    let d = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("the new subscriber receives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(n_of(&d), 8, "the new subscriber receives the new message");
+    d.settle(steadfast::Disposition::Ack).await.unwrap();
     let dropped_at = Instant::now();
     drop(kept);
-    let mut stream = nt.subscribe(&sub).await.unwrap();
     // Every delivery of the new stream, until both dropped ones are back, with the time
     // each came.
     let mut got: Vec<(u64, Duration)> = Vec::new();
@@ -684,10 +699,7 @@ async fn dropped_deliveries_come_back_once_each() {
             .unwrap_or_else(|_| panic!("a dropped delivery did not come back at all: {got:?}"))
             .unwrap()
             .unwrap();
-        let n = serde_json::from_slice::<Job>(&d.envelope.payload)
-            .unwrap()
-            .n;
-        got.push((n, dropped_at.elapsed()));
+        got.push((n_of(&d), dropped_at.elapsed()));
         d.settle(steadfast::Disposition::Ack).await.unwrap();
     }
     assert!(
@@ -695,11 +707,10 @@ async fn dropped_deliveries_come_back_once_each() {
         "only the dropped deliveries come back, not the acked ones: {got:?}"
     );
     assert!(
-        got[0].1 < ACK_WAIT / 2,
-        "the first dropped delivery is given back at once, not after ack_wait: {got:?}"
+        got.iter().all(|(_, at)| *at < ACK_WAIT / 2),
+        "the dropped deliveries are given back at once, not after ack_wait: {got:?}"
     );
-    // More than one extra copy would be a loop.
-    assert!(got.len() <= 3, "each dropped delivery about once: {got:?}");
+    assert_eq!(got.len(), 2, "each dropped delivery once: {got:?}");
     assert!(
         tokio::time::timeout(Duration::from_millis(500), stream.next())
             .await

@@ -50,10 +50,11 @@ impl NatsAcker {
 }
 
 /// The delay of the `-NAK` sent for a delivery dropped unsettled. Not zero on purpose:
-/// nats-server 2.9 mishandles plain `-NAK`s that reach it out of stream order just before a
-/// pull (it redelivered the later message twice, the second time as a first delivery, and
-/// left the earlier one pending until `ack_wait`); a Nak with a delay takes the server's
-/// timed-redelivery path, which has no such problem.
+/// nats-server before 2.11 (fixed by its PR #5305) loses track of a redelivery it takes up
+/// while its only pull requests belong to a subscriber that has gone: it holds that message
+/// until `ack_wait` and sends the stream's last message again as a first delivery. A plain
+/// `-NAK` is taken up at once, usually before the next pull arrives; a Nak with a delay
+/// goes through the server's pending timer (10 ms or more), which gives that pull time.
 const DROPPED_NAK_DELAY: Duration = Duration::from_millis(1);
 
 impl Drop for NatsAcker {
