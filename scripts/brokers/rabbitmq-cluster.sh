@@ -105,7 +105,10 @@ start() {
   for n in "${RC_NODES[@]}"; do
     if ! rc_port_open "$(rc_amqp_port "$n")"; then
       echo "rabbitmq-cluster: starting $(rc_node "$n") on 127.0.0.1:$(rc_amqp_port "$n")" >&2
-      rc_run "$n" setsid rabbitmq-server >"$RC_DIR/sf-c$n/server.log" 2>&1 </dev/null &
+      # From its own directory: a node keeps the working directory it starts in, and
+      # rabbitmqctl stop_app fails on a node whose directory was deleted (a CI clone's).
+      (cd "$RC_DIR/sf-c$n" && rc_run "$n" setsid rabbitmq-server) \
+        >"$RC_DIR/sf-c$n/server.log" 2>&1 </dev/null &
     fi
   done
   for n in "${RC_NODES[@]}"; do rc_await "$n"; done
