@@ -29,13 +29,13 @@ pub(crate) fn unique(tag: &str) -> String {
     format!("sf-test-{tag}-{}", uuid::Uuid::now_v7().simple())
 }
 
-/// The `container_worker` example, built by cargo with the feature set CI uses
-/// (`--workspace --all-features`) and the profile `cargo test` and nextest build examples
-/// with (`test`), so when the suite already built it this is a fingerprint check, not a
-/// second compile (with the `dev` profile it was a second build of the crate, a minute or
-/// more of CI). `--workspace` matters: features
-/// are unified over the packages selected, and without the fault-suite crate the
-/// dependencies would be built a second time with other features.
+/// The `container_worker` example as the test build itself made it: `cargo test --no-run
+/// --workspace --all-features`, the build nextest runs before the tests, which compiles
+/// every example once (as a program, not as a test) to check it builds. When the suite was
+/// built that way this is a fingerprint check of well under a second. A `cargo build
+/// --example` of its own, in either the `dev` or the `test` profile, built the proc-macro
+/// and build-script dependencies again in another profile: 141 crates, 98 s on an idle
+/// machine, and in CI one to two minutes of the first two tests that asked for it.
 pub(crate) fn example_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -63,27 +63,26 @@ pub(crate) fn example_binary() -> PathBuf {
         }
         let out = cargo
             .args([
-                "build",
+                "test",
+                "--no-run",
                 "--quiet",
                 "--workspace",
                 "--all-features",
-                "--profile",
-                "test",
-                "--example",
-                "container_worker",
                 "--message-format=json",
                 "--manifest-path",
                 concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
             ])
             .stderr(Stdio::inherit())
             .output()
-            .expect("run cargo build for the container_worker example");
+            .expect("run cargo test --no-run for the container_worker example");
         assert!(out.status.success(), "building container_worker failed");
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| {
-                v["reason"] == "compiler-artifact" && v["target"]["name"] == "container_worker"
+                v["reason"] == "compiler-artifact"
+                    && v["target"]["name"] == "container_worker"
+                    && v["profile"]["test"].as_bool() == Some(false)
             })
             .find_map(|v| v["executable"].as_str().map(PathBuf::from))
             .expect("cargo reports the container_worker executable")
