@@ -643,8 +643,8 @@ async fn acks_leave_nothing_pending_in_both_modes() {
 /// (6 s here). The next subscriber's pull is shown to be live (it receives a message)
 /// before the drop: nats-server before 2.11 mishandles a redelivery it takes up while its
 /// only pull requests are those of a subscriber that has gone (the dropped stream's
-/// request stays on the server until it expires): it skips that message until `ack_wait`
-/// and sends the stream's last message again as a first delivery (fixed in nats-server
+/// request stays on the server until it expires): it holds that message for `ack_wait` or
+/// longer and sends the stream's last message again as a first delivery (fixed in nats-server
 /// 2.11, PR #5305). With the drop racing the new pull, CI saw that as `[7, 7]` and 16 s
 /// without message 6. `docs/nats.md` tells users of older servers what this means.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
