@@ -50,7 +50,7 @@ impl NatsAcker {
 }
 
 /// The delay of the `-NAK` sent for a delivery dropped unsettled. Not zero on purpose:
-/// nats-server before 2.11 (fixed by its PR #5305) loses track of a redelivery it takes up
+/// nats-server before 2.10.14 (fixed by its PR #5305) loses track of a redelivery it takes up
 /// while its only pull requests belong to a subscriber that has gone: it holds that
 /// message for `ack_wait` or longer and sends the stream's last message again as a first
 /// delivery. A plain `-NAK` is taken up at once, usually before the next pull arrives; a
