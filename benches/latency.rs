@@ -334,11 +334,7 @@ async fn amqp_phase(p: &Phase<'_>, secs: u64) {
             tokio::spawn(async move {
                 while count.load(Ordering::Relaxed) < total {
                     let m = consumer.next().await.expect("open").expect("delivery");
-                    let s: Stamp = serde_json::from_slice(&m.data).expect("a stamp");
-                    note(&d, s.sent_us, false);
-                    m.ack(BasicAckOptions::default()).await.expect("acked");
-                    note(&d, s.sent_us, true);
-                    count.fetch_add(1, Ordering::Relaxed);
+                    raw_handle(m, &d, &count).await;
                 }
             })
         } else {
@@ -367,6 +363,16 @@ async fn amqp_phase(p: &Phase<'_>, secs: u64) {
     publisher.close().await;
 }
 
+/// What the raw consumers do with a delivery: decode its stamp, note the time to the
+/// handler, await the ack, note the time to the ack, count it.
+async fn raw_handle(m: lapin::message::Delivery, d: &Shared, count: &AtomicUsize) {
+    let s: Stamp = serde_json::from_slice(&m.data).expect("a stamp");
+    note(d, s.sent_us, false);
+    m.ack(BasicAckOptions::default()).await.expect("acked");
+    note(d, s.sent_us, true);
+    count.fetch_add(1, Ordering::Relaxed);
+}
+
 /// `raw-hop`: lapin's consumer with the worker's shape and none of its code. A task
 /// forwards each delivery through a channel of the prefetch's size (as the transport's
 /// consumer task hands deliveries to the worker's stream), and a second task runs up to
@@ -390,13 +396,7 @@ async fn hop_loop(mut consumer: lapin::Consumer, d: Shared, count: Arc<AtomicUsi
             m = rx.recv(), if running.len() < usize::from(PREFETCH) => {
                 let m = m.expect("the intake task runs");
                 let (d, count) = (d.clone(), count.clone());
-                running.push(async move {
-                    let s: Stamp = serde_json::from_slice(&m.data).expect("a stamp");
-                    note(&d, s.sent_us, false);
-                    m.ack(BasicAckOptions::default()).await.expect("acked");
-                    note(&d, s.sent_us, true);
-                    count.fetch_add(1, Ordering::Relaxed);
-                });
+                running.push(async move { raw_handle(m, &d, &count).await });
             }
         }
     }

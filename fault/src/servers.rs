@@ -40,12 +40,22 @@ pub fn with_addr(url: &str, addr: SocketAddr) -> Res<String> {
     Ok(u.to_string())
 }
 
+/// Runs `cmd args` within two minutes (a server's stop or restart takes seconds).
 async fn run(cmd: &str, args: &[&str]) -> Res<String> {
+    run_within(cmd, args, Duration::from_secs(120)).await
+}
+
+/// Runs `cmd args` and returns its standard output; the process is killed if it has not
+/// finished within `limit`.
+async fn run_within(cmd: &str, args: &[&str], limit: Duration) -> Res<String> {
     let out = Command::new(cmd)
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(limit, out)
         .await
+        .map_err(|_| format!("{cmd} {args:?} did not answer within {limit:?}"))?
         .map_err(|e| format!("cannot run {cmd}: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -299,22 +309,7 @@ pub async fn amqp_unacked(spec: &Spec) -> Res<Option<u64>> {
         _ => return Ok(None),
     };
     args.extend(list);
-    let out = Command::new(cmd)
-        .args(&args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(20), out)
-        .await
-        .map_err(|_| format!("{cmd} {args:?} did not answer within 20 s"))?
-        .map_err(|e| format!("cannot run {cmd}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd} {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let out = String::from_utf8_lossy(&out.stdout);
+    let out = run_within(cmd, &args, Duration::from_secs(20)).await?;
     let queues = group_queues(spec);
     let mut total = 0;
     for line in out.lines() {
